@@ -1,0 +1,3 @@
+"""Built-in backends: importing this package registers each one (a folder per backend)."""
+
+from . import reference, torch, torch_compile  # noqa: F401

@@ -1,0 +1,247 @@
+"""The public functions: ``linear_attention`` (a ``torch.library`` custom op) and ``decode_step``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _validate
+from .backend import (
+    Inputs,
+    Outputs,
+    Problem,
+    compute_dtype,
+    decode_config,
+    empty_sequence,
+    empty_sequence_grads,
+    encode_config,
+    get_backend,
+    resolve,
+)
+from .spec import FeatureMap, LinearAttention, PreTransform, get_feature_map
+
+
+class State(NamedTuple):
+    """The recurrent state: ``S [N, H, F, Dv]`` and ``z [N, H, F]`` in the canonical layout."""
+
+    S: torch.Tensor
+    z: torch.Tensor
+
+
+def _attention(
+    norm: bool, affine: str, coeffs: list[float], scale: float, normalize: bool, eps: float
+) -> LinearAttention:
+    fm = FeatureMap("custom", PreTransform(norm, affine), tuple(coeffs))  # type: ignore[arg-type]
+    return LinearAttention(fm, scale, normalize, eps)
+
+
+_OPT = torch.Tensor | None
+
+
+@torch.library.custom_op("rebased_kernels::linear_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: _OPT,
+    q_bias: _OPT,
+    k_weight: _OPT,
+    k_bias: _OPT,
+    S0: _OPT,
+    z0: _OPT,
+    cu_seqlens: _OPT,
+    norm: bool,
+    affine: str,
+    coeffs: list[float],
+    scale: float,
+    normalize: bool,
+    eps: float,
+    backend: str,
+    config: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = Inputs(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
+    _validate.check_finite(dict(zip(Inputs._fields, x)))
+    attn = _attention(norm, affine, coeffs, scale, normalize, eps)
+    if q.shape[1] == 0:
+        return tuple(empty_sequence(x, attn))
+    be = get_backend(backend)
+    return tuple(t.contiguous() for t in be.forward(x, attn, decode_config(be, config), cu_seqlens))
+
+
+@_fwd_op.register_fake
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, norm, affine, coeffs, scale, normalize, eps, backend, config):
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    fm = FeatureMap("custom", PreTransform(norm, affine), tuple(coeffs))
+    F, Dv, dt = fm.num_features(D), v.shape[-1], compute_dtype(v.dtype)
+    return v.new_empty(B, T, H, Dv), v.new_empty(N, H, F, Dv, dtype=dt), v.new_empty(N, H, F, dt)
+
+
+@torch.library.custom_op("rebased_kernels::linear_attention_bwd", mutates_args=())
+def _bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: _OPT,
+    q_bias: _OPT,
+    k_weight: _OPT,
+    k_bias: _OPT,
+    S0: _OPT,
+    z0: _OPT,
+    cu_seqlens: _OPT,
+    do: torch.Tensor,
+    dS: torch.Tensor,
+    dz: torch.Tensor,
+    norm: bool,
+    affine: str,
+    coeffs: list[float],
+    scale: float,
+    normalize: bool,
+    eps: float,
+    backend: str,
+    config: str,
+) -> list[torch.Tensor]:
+    x = Inputs(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
+    attn = _attention(norm, affine, coeffs, scale, normalize, eps)
+    grads = Outputs(do, dS, dz)
+    if q.shape[1] == 0:
+        g = empty_sequence_grads(x, grads)
+    else:
+        be = get_backend(backend)
+        g = be.backward(x, attn, decode_config(be, config), cu_seqlens, grads)
+    # absent inputs get an empty placeholder; custom ops cannot return None
+    return [q.new_empty(0) if t is None else t.contiguous() for t in g]
+
+
+@_bwd_op.register_fake
+def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, do, dS, dz, *args):
+    x = (q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
+    return [q.new_empty(0) if t is None else torch.empty_like(t) for t in x]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:10])
+    ctx.args = inputs[10:]
+
+
+def _backward(ctx, do, dS, dz):
+    saved = ctx.saved_tensors
+    grads = _bwd_op(*saved, do, dS, dz, *ctx.args)
+    present = [t is not None for t in saved[:9]]
+    return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 9
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _problem(attn: LinearAttention, q: torch.Tensor, v: torch.Tensor, varlen: bool) -> Problem:
+    return Problem(attn, q.shape[-1], v.shape[-1], q.dtype, q.device.type, varlen)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str | FeatureMap = "rebased",
+    *,
+    q_weight: torch.Tensor | None = None,
+    q_bias: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    normalize: bool = True,
+    eps: float = 1e-5,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    config: dict | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, State]:
+    """Causal linear attention with a polynomial kernel on pre-transformed q, k.
+
+    ``o_i = sum_{j<=i} sim(q_i, k_j) v_j / (sum_{j<=i} sim(q_i, k_j) + eps)`` with
+    ``sim = sum_p c_p (scale * q'_i . k'_j)^p`` and ``x' = weight * LN(x) + bias`` as the
+    feature map says (``rebased``: ``(scale * q'.k')^2`` on LayerNormed, affine q, k).
+    Without ``normalize`` the denominator is dropped.
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; one float dtype, one device.
+        feature_map: a preset name (``rebased``, ``x2``, ``norm_x2``, ``gamma_x2``,
+            ``gamma_x_beta_x2``, ``based``) or a ``FeatureMap``.
+        q_weight, q_bias, k_weight, k_bias: ``[H, D]`` or ``[D]``; missing weights mean 1,
+            missing biases 0; passing one the feature map does not use raises.
+        scale: defaults to ``D ** -0.5``.
+        initial_state: ``(S [N, H, F, Dv], z [N, H, F])`` from an earlier call.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: int32/int64 ``[N + 1]`` offsets of N sequences packed along T (B == 1).
+        backend: a registered name or ``"auto"``; config: that backend's tunables.
+
+    Returns:
+        ``o [B, T, H, Dv]`` in v's dtype, or ``(o, State(S, z))`` with S, z in float32
+        (float64 for float64 inputs), N = B or the number of packed sequences.
+
+    Raises:
+        ValueError / TypeError for bad shapes, dtypes, devices, parameters, states,
+        ``cu_seqlens`` or non-finite values; RuntimeError for an unavailable backend.
+    """
+    fm = get_feature_map(feature_map)
+    _validate.check_qkv(q, k, v, ndim=4)
+    params = (q_weight, q_bias, k_weight, k_bias)
+    _validate.check_params(fm, q, params)
+    B, T, H, D = q.shape
+    scale = D**-0.5 if scale is None else float(scale)
+    _validate.check_scalars(scale, eps)
+    N = B if cu_seqlens is None else _validate.check_cu_seqlens(cu_seqlens, B, T, q.device)
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = _validate.check_state(
+            initial_state, N, H, fm.num_features(D), v.shape[-1], q.device, "initial_state"
+        )
+    attn = LinearAttention(fm, scale, normalize, eps)
+    be = resolve(backend, _problem(attn, q, v, cu_seqlens is not None))
+    cfg = encode_config(decode_config(be, encode_config(config or {})))
+    o, S, z = _fwd_op(
+        q, k, v, *params, S0, z0, cu_seqlens,
+        fm.pre.norm, fm.pre.affine, list(fm.coeffs), scale, normalize, eps, be.name, cfg,
+    )  # fmt: skip
+    return (o, State(S, z)) if output_final_state else o
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    feature_map: str | FeatureMap = "rebased",
+    *,
+    q_weight: torch.Tensor | None = None,
+    q_bias: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    normalize: bool = True,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """One token per sequence: the O(1)-per-token inference path.
+
+    ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``
+    (no denominator without ``normalize``), equal to the last row of ``linear_attention``
+    over the whole prefix. q, k: ``[B, H, D]``; v: ``[B, H, Dv]``; state:
+    ``(S [B, H, F, Dv], z [B, H, F])``. Returns ``(o [B, H, Dv] in v's dtype, State)``.
+    """
+    fm = get_feature_map(feature_map)
+    _validate.check_qkv(q, k, v, ndim=3)
+    params = (q_weight, q_bias, k_weight, k_bias)
+    _validate.check_params(fm, q, params)
+    B, H, D = q.shape
+    scale = D**-0.5 if scale is None else float(scale)
+    _validate.check_scalars(scale, eps)
+    S, z = _validate.check_state(state, B, H, fm.num_features(D), v.shape[-1], q.device, "state")
+    x = Inputs(q, k, v, *params, S.to(compute_dtype(v.dtype)), z.to(compute_dtype(v.dtype)))
+    _validate.check_finite(dict(zip(Inputs._fields, x)))
+    attn = LinearAttention(fm, scale, normalize, eps)
+    be = resolve(backend, _problem(attn, q, v, False))
+    o, S, z = be.decode_step(x, attn)
+    return o, State(S, z)
