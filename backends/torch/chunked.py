@@ -58,20 +58,35 @@ class _Terms(NamedTuple):
     z: torch.Tensor  # [B, H, F]
 
 
-def _prepare(x: Inputs, attn: LinearAttention) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+def chunk_layout(x: Inputs, attn: LinearAttention) -> Layout:
+    """The feature layout tensors a call needs (built outside compiled regions)."""
+    dt = compute_dtype(x.v.dtype)
+    return layout(attn.feature_map, x.q.shape[-1], attn.scale, x.q.device, dt)
+
+
+def _prepare(x: Inputs, attn: LinearAttention) -> tuple[torch.Tensor, torch.Tensor]:
     dt = compute_dtype(x.v.dtype)
     fm = attn.feature_map
     qp = pre_transform(x.q.to(dt), fm.pre, x.q_weight, x.q_bias)  # [B, T, H, D]
     kp = pre_transform(x.k.to(dt), fm.pre, x.k_weight, x.k_bias)  # [B, T, H, D]
-    return qp, kp, layout(fm, x.q.shape[-1], attn.scale, x.q.device, dt)
+    return qp, kp
 
 
 def _attend(
-    qp: torch.Tensor, kp: torch.Tensor, x: Inputs, attn: LinearAttention, lt: Layout, C: int
+    qp: torch.Tensor,
+    kp: torch.Tensor,
+    x: Inputs,
+    attn: LinearAttention,
+    lt: Layout,
+    C: int,
+    valid: torch.Tensor | None,
 ) -> _Terms:
     dt = qp.dtype
     q_c, k_c, v_c = _chunks(qp, C), _chunks(kp, C), _chunks(x.v.to(dt), C)
-    valid = _chunks(torch.ones_like(x.v[..., :1], dtype=dt), C)
+    mask = torch.ones_like(x.v[..., :1], dtype=dt)  # [B, T, H, 1]
+    if valid is not None:
+        mask = mask * valid.to(dt)[None, :, None, None]
+    valid = _chunks(mask, C)
     s = attn.scale * q_c @ k_c.transpose(-1, -2)
     A = polynomial(s, lt.coeffs).tril()
     phi_q = phi_with(q_c, lt)
@@ -93,10 +108,20 @@ def _attend(
     return _Terms(q_c, k_c, v_c, valid, s, A, phi_q, phi_k, S_before, z_before, den, out, S, z)
 
 
-def chunked_forward(x: Inputs, attn: LinearAttention, chunk_size: int) -> Outputs:
-    """Causal linear attention for T >= 1, exact in exact arithmetic for any chunk size."""
-    qp, kp, lt = _prepare(x, attn)
-    t = _attend(qp, kp, x, attn, lt, chunk_size)
+def chunked_forward(
+    x: Inputs,
+    lt: Layout,
+    valid: torch.Tensor | None,
+    attn: LinearAttention,
+    chunk_size: int,
+) -> Outputs:
+    """Causal linear attention for T >= 1, exact in exact arithmetic for any chunk size.
+
+    ``valid [T]`` (optional, 1 or 0) marks padding tokens whose keys must not enter the
+    final state; padding sits at the end, so no real token attends to it.
+    """
+    qp, kp = _prepare(x, attn)
+    t = _attend(qp, kp, x, attn, lt, chunk_size, valid)
     return Outputs(_unchunk(t.out, x.q.shape[1]).to(x.v.dtype), t.S, t.z)
 
 
@@ -105,10 +130,17 @@ def _exclusive_suffix_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.flip(torch.cumsum(torch.flip(t, (dim,)), dim), (dim,)) - t
 
 
-def chunked_backward(x: Inputs, attn: LinearAttention, chunk_size: int, grads: Outputs) -> Inputs:
+def chunked_backward(
+    x: Inputs,
+    lt: Layout,
+    valid: torch.Tensor | None,
+    grads: Outputs,
+    attn: LinearAttention,
+    chunk_size: int,
+) -> Inputs:
     """Gradients of ``chunked_forward`` for every present input (None for absent ones)."""
-    qp, kp, lt = _prepare(x, attn)
-    t = _attend(qp, kp, x, attn, lt, chunk_size)
+    qp, kp = _prepare(x, attn)
+    t = _attend(qp, kp, x, attn, lt, chunk_size, valid)
     dt, T, fm = qp.dtype, x.q.shape[1], attn.feature_map
     do = _chunks(grads.o.to(dt), chunk_size)  # [B, H, N, C, Dv]
     dS_final, dz_final = grads.S.to(dt), grads.z.to(dt)

@@ -1,8 +1,9 @@
 """``torch_compile``: the ``torch`` backend's chunked algorithm through ``torch.compile``.
 
-Compiled once per (kernel, chunk size, direction) with dynamic shapes, so a new sequence
-length or batch size does not recompile. The backward is the ``torch`` backend's
-hand-written chunked backward, compiled the same way.
+Shapes are static for the compiler, and T is padded up to a bucket (the next power of two,
+at least one chunk) with the padding masked out of the state, so a new sequence length
+recompiles only when it enters a new bucket: log2(T) graphs, not one per length. The
+backward is the ``torch`` backend's hand-written chunked backward, compiled the same way.
 """
 
 from __future__ import annotations
@@ -11,11 +12,21 @@ from functools import partial
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F_
 
 from rebased_kernels.backend import Backend, Inputs, Outputs, register
 from rebased_kernels.spec import LinearAttention
 
-from ..torch.chunked import chunked_backward, chunked_forward
+from ..torch.chunked import chunk_layout, chunked_backward, chunked_forward
+
+
+def bucket(T: int, C: int) -> int:
+    """The padded length: the next power of two >= T, and at least C."""
+    return max(C, 1 << (T - 1).bit_length())
+
+
+def _pad_T(t: torch.Tensor, T_pad: int) -> torch.Tensor:
+    return F_.pad(t, (0, 0, 0, 0, 0, T_pad - t.shape[1]))
 
 
 class TorchCompileBackend(Backend):
@@ -26,31 +37,35 @@ class TorchCompileBackend(Backend):
     def __init__(self) -> None:
         self._compiled: dict[tuple, Callable] = {}
 
-    def unavailable_reason(self) -> str | None:
-        if not hasattr(torch, "compile"):
-            return "this torch has no torch.compile"
-        return None
-
-    def _compiled_fn(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+    def _fn(self, direction: str, attn: LinearAttention, C: int) -> Callable:
+        key = (direction, attn, C)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(make(), dynamic=True, fullgraph=True)
+            impl = chunked_forward if direction == "fwd" else chunked_backward
+            self._compiled[key] = torch.compile(
+                partial(impl, attn=attn, chunk_size=C), dynamic=False, fullgraph=True
+            )
         return self._compiled[key]
 
+    def _padded(self, x: Inputs, C: int) -> tuple[Inputs, torch.Tensor]:
+        T = x.q.shape[1]
+        T_pad = bucket(T, C)
+        valid = (torch.arange(T_pad, device=x.q.device) < T).to(x.v.dtype)  # [T_pad]
+        return x._replace(q=_pad_T(x.q, T_pad), k=_pad_T(x.k, T_pad), v=_pad_T(x.v, T_pad)), valid
+
     def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
-        C = config["chunk_size"]
-        fn = self._compiled_fn(
-            ("fwd", attn, C), lambda: partial(chunked_forward, attn=attn, chunk_size=C)
-        )
-        return Outputs(*fn(x))
+        C, T = config["chunk_size"], x.q.shape[1]
+        xp, valid = self._padded(x, C)
+        o, S, z = self._fn("fwd", attn, C)(xp, chunk_layout(x, attn), valid)
+        return Outputs(o[:, :T], S, z)
 
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
-        C = config["chunk_size"]
-        fn = self._compiled_fn(
-            ("bwd", attn, C), lambda: partial(chunked_backward, attn=attn, chunk_size=C)
-        )
-        return Inputs(*fn(x, grads=grads))
+        C, T = config["chunk_size"], x.q.shape[1]
+        xp, valid = self._padded(x, C)
+        gp = grads._replace(o=_pad_T(grads.o, xp.q.shape[1]))
+        g = self._fn("bwd", attn, C)(xp, chunk_layout(x, attn), valid, gp)
+        return g._replace(q=g.q[:, :T], k=g.k[:, :T], v=g.v[:, :T])
 
 
 register(TorchCompileBackend())
