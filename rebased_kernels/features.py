@@ -6,6 +6,7 @@ Shared by the PyTorch-level backends and the default decode step. The float64 or
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -87,7 +88,7 @@ def layout(fm: FeatureMap, D: int, scale: float, device: torch.device, dtype: to
         weights = torch.tensor(feature_weights(fm, D, scale), dtype=dtype, device=device)
         indices = tuple(
             torch.tensor([i for i, _ in entries if len(i) == p], dtype=torch.long, device=device)
-            .reshape(-1, p)
+            .reshape(math.comb(D + p - 1, p), p)
             for p in fm.powers
         )
         dcoeffs = tuple(p * c for p, c in enumerate(fm.coeffs))[1:] or (0.0,)

@@ -75,7 +75,7 @@ def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, norm, aff
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     fm = FeatureMap("custom", PreTransform(norm, affine), tuple(coeffs))
     F, Dv, dt = fm.num_features(D), v.shape[-1], compute_dtype(v.dtype)
-    return v.new_empty(B, T, H, Dv), v.new_empty(N, H, F, Dv, dtype=dt), v.new_empty(N, H, F, dt)
+    return v.new_empty(B, T, H, Dv), v.new_empty(N, H, F, Dv, dtype=dt), v.new_empty(N, H, F, dtype=dt)
 
 
 @torch.library.custom_op("rebased_kernels::linear_attention_bwd", mutates_args=())
@@ -139,6 +139,25 @@ def _problem(attn: LinearAttention, q: torch.Tensor, v: torch.Tensor, varlen: bo
     return Problem(attn, q.shape[-1], v.shape[-1], q.dtype, q.device.type, varlen)
 
 
+@torch.compiler.assume_constant_result
+def _plan(
+    backend: str,
+    norm: bool,
+    affine: str,
+    coeffs: tuple[float, ...],
+    D: int,
+    Dv: int,
+    dtype: torch.dtype,
+    device_type: str,
+    varlen: bool,
+    config_items: tuple,
+) -> tuple[str, str]:
+    """The backend name and encoded configuration for a call (a constant under compile)."""
+    attn = _attention(norm, affine, list(coeffs), 1.0, True, 0.0)
+    be = resolve(backend, Problem(attn, D, Dv, dtype, device_type, varlen))
+    return be.name, encode_config(decode_config(be, encode_config(dict(config_items))))
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -199,11 +218,13 @@ def linear_attention(
             initial_state, N, H, fm.num_features(D), v.shape[-1], q.device, "initial_state"
         )
     attn = LinearAttention(fm, scale, normalize, eps)
-    be = resolve(backend, _problem(attn, q, v, cu_seqlens is not None))
-    cfg = encode_config(decode_config(be, encode_config(config or {})))
+    name, cfg = _plan(
+        backend, fm.pre.norm, fm.pre.affine, fm.coeffs, D, v.shape[-1], q.dtype,
+        q.device.type, cu_seqlens is not None, tuple(sorted((config or {}).items())),
+    )  # fmt: skip
     o, S, z = _fwd_op(
         q, k, v, *params, S0, z0, cu_seqlens,
-        fm.pre.norm, fm.pre.affine, list(fm.coeffs), scale, normalize, eps, be.name, cfg,
+        fm.pre.norm, fm.pre.affine, list(fm.coeffs), scale, normalize, eps, name, cfg,
     )  # fmt: skip
     return (o, State(S, z)) if output_final_state else o
 

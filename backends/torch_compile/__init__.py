@@ -40,6 +40,9 @@ class TorchCompileBackend(Backend):
     def _fn(self, direction: str, attn: LinearAttention, C: int) -> Callable:
         key = (direction, attn, C)
         if key not in self._compiled:
+            # each (shape bucket, dtype) is its own static graph of one code object
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 256)
             impl = chunked_forward if direction == "fwd" else chunked_backward
             self._compiled[key] = torch.compile(
                 partial(impl, attn=attn, chunk_size=C), dynamic=False, fullgraph=True

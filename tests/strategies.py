@@ -1,0 +1,145 @@
+"""Problem draws for the property tests: fresh random inputs, never zeros."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from hypothesis import strategies as st
+
+import rebased_kernels as rk
+from rebased_kernels import reference
+from rebased_kernels.backend import compute_dtype, registered
+from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
+
+DEVICE = os.environ.get("REBASED_KERNELS_TEST_DEVICE", "cpu")
+PROFILE = os.environ.get("REBASED_KERNELS_PROFILE", "ci")
+
+CUBIC = FeatureMap("cubic", PreTransform(True, "gamma_beta"), (0.0, 0.0, 1.0, 0.1))
+"""A user-defined kernel: s^2 + s^3 / 10 on LayerNormed q, k (positive for |s| < 10)."""
+
+FEATURE_MAPS = (*PRESETS.values(), CUBIC)
+
+CI_EXAMPLES = {"torch_compile": 2, "reference": 4}
+"""Per-backend example counts under the ``ci`` profile where compilation dominates."""
+
+CI_DTYPES = {"torch_compile": (torch.float32, torch.float64)}
+CI_SHAPES = {"torch_compile": dict(B=1, H=2, D=16, Dv=8)}
+"""Under ``ci``, compiled backends draw fewer dtypes and shapes: each new one compiles."""
+
+
+def backends_under_test() -> list[str]:
+    """Every registered backend that runs here, on the test device."""
+    names = []
+    for name, be in sorted(registered().items()):
+        if be.unavailable_reason() is None and DEVICE.split(":")[0] in be.device_types:
+            names.append(name)
+    return names
+
+
+def examples(backend: str, default: int) -> int:
+    if PROFILE == "ci":
+        return CI_EXAMPLES.get(backend, default)
+    return default
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    B: int
+    T: int
+    H: int
+    D: int
+    Dv: int
+    dtype: torch.dtype
+    fm: FeatureMap
+    normalize: bool
+    params: bool
+    param_shape: str  # "HD" or "D"
+    state: bool
+    config: tuple
+    seed: int
+
+    @property
+    def attn(self) -> LinearAttention:
+        return LinearAttention(self.fm, self.D**-0.5, self.normalize)
+
+
+@st.composite
+def cases(draw, backend: str, max_T: int = 160, min_T: int = 1) -> Case:
+    be = registered()[backend]
+    dtypes = [d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16) if d in be.dtypes]
+    if PROFILE == "ci":
+        dtypes = [d for d in dtypes if d in CI_DTYPES.get(backend, dtypes)]
+    fms = [fm for fm in FEATURE_MAPS if be.max_degree is None or fm.degree <= be.max_degree]
+    # D >= 4: LayerNorm over D = 2 maps every vector to +-1, with gradients that are pure
+    # cancellation (ill-conditioned in any float32 implementation)
+    D = draw(st.sampled_from([4, 8, 16]))
+    if be.max_D is not None:
+        D = min(D, be.max_D)
+    configs = be.configs() or [{}]
+    case = Case(
+        backend=backend,
+        B=draw(st.integers(1, 2)),
+        T=draw(st.integers(min_T, max_T)),
+        H=draw(st.integers(1, 3)),
+        D=D,
+        Dv=draw(st.integers(1, 16 if be.max_Dv is None else min(16, be.max_Dv))),
+        dtype=draw(st.sampled_from(dtypes)),
+        fm=draw(st.sampled_from(fms)),
+        normalize=draw(st.booleans()),
+        params=draw(st.booleans()),
+        param_shape=draw(st.sampled_from(["HD", "D"])),
+        state=draw(st.booleans()),
+        config=tuple(sorted(draw(st.sampled_from(configs)).items())),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if PROFILE == "ci" and backend in CI_SHAPES:
+        case = replace(case, **CI_SHAPES[backend])
+    return case
+
+
+def make_inputs(case: Case, T: int | None = None, B: int | None = None) -> dict:
+    """Random q, k, v, feature-map parameters and (optionally) an initial state."""
+    g = torch.Generator().manual_seed(case.seed)
+    T = case.T if T is None else T
+    B = case.B if B is None else B
+    H, D, Dv = case.H, case.D, case.Dv
+
+    def randn(*shape, std=1.0, mean=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean).to(case.dtype).to(DEVICE)
+
+    kw = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
+    pshape = (H, D) if case.param_shape == "HD" else (D,)
+    if case.params and case.fm.pre.uses_gamma:
+        kw["q_weight"], kw["k_weight"] = randn(*pshape, std=0.3, mean=1.0), randn(*pshape, std=0.3, mean=1.0)
+    if case.params and case.fm.pre.uses_beta:
+        kw["q_bias"], kw["k_bias"] = randn(*pshape, std=0.3), randn(*pshape, std=0.3)
+    if case.state:
+        prefix = replace(case, state=False, seed=case.seed + 1)
+        p = make_inputs(prefix, T=int(torch.randint(1, 9, (1,), generator=g)), B=B)
+        _, S, z = reference.quadratic(
+            p["q"], p["k"], p["v"], case.attn, tuple(p.get(n) for n in PARAM_NAMES)
+        )
+        dt = compute_dtype(case.dtype)
+        kw["initial_state"] = (S.to(dt), z.to(dt))
+    return kw
+
+
+PARAM_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias")
+
+
+def run(case: Case, kw: dict, **extra):
+    """``rk.linear_attention`` on the case's backend, returning (o, S, z)."""
+    o, state = rk.linear_attention(
+        **kw, feature_map=case.fm, normalize=case.normalize, backend=case.backend,
+        config=dict(case.config), output_final_state=True, **extra,
+    )  # fmt: skip
+    return o, state.S, state.z
+
+
+def oracle(case: Case, kw: dict):
+    """The float64 quadratic form on the same inputs."""
+    params = tuple(kw.get(n) for n in PARAM_NAMES)
+    return reference.quadratic(kw["q"], kw["k"], kw["v"], case.attn, params, kw.get("initial_state"))

@@ -1,0 +1,183 @@
+"""The seven properties, for every available backend, against the float64 oracle."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import (
+    PARAM_NAMES,
+    Case,
+    backends_under_test,
+    cases,
+    examples,
+    make_inputs,
+    oracle,
+    run,
+)
+
+import rebased_kernels as rk
+from rebased_kernels.backend import registered
+from rebased_kernels.testing import TOLERANCE, assert_close, rel_err
+
+BACKENDS = backends_under_test()
+
+
+def property_test(default_examples: int = 25, **case_kwargs):
+    """Run the decorated check on hypothesis draws, per backend, with its example budget."""
+
+    def wrap(check):
+        @pytest.mark.parametrize("backend", BACKENDS)
+        def test(backend):
+            @settings(max_examples=examples(backend, default_examples))
+            @given(case=cases(backend, **case_kwargs), data=st.data())
+            def inner(case: Case, data):
+                check(case, data)
+
+            inner()
+
+        test.__name__ = check.__name__
+        test.__doc__ = check.__doc__
+        return test
+
+    return wrap
+
+
+def _poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+@property_test()
+def test_forward_and_gradients_match_reference(case: Case, data) -> None:
+    """1. o, S, z and the gradients of q, k, v, the four parameters and the state."""
+    kw = make_inputs(case)
+    leaves = {n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}
+    if "initial_state" in kw:
+        leaves["S0"], leaves["z0"] = kw["initial_state"]
+    leaves = {n: t.detach().requires_grad_(True) for n, t in leaves.items()}
+    ours_kw = {**kw, **{n: leaves[n] for n in kw if n in leaves}}
+    ref_kw = dict(ours_kw)
+    if "S0" in leaves:
+        ours_kw["initial_state"] = ref_kw["initial_state"] = (leaves["S0"], leaves["z0"])
+    out = run(case, ours_kw)
+    ref = oracle(case, ref_kw)
+    for name, a, b in zip(("o", "S", "z"), out, ref):
+        assert a.dtype == (case.dtype if name == "o" else a.dtype)
+        assert_close(a, b, case.dtype, f"{case} {name}")
+    g = torch.Generator().manual_seed(case.seed + 7)
+    cots = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    loss = sum((a.double() * c.to(a.device)).sum() for a, c in zip(out, cots))
+    ref_loss = sum((b * c.to(b.device)).sum() for b, c in zip(ref, cots))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    ref_grads = torch.autograd.grad(ref_loss, list(leaves.values()))
+    for name, a, b, t in zip(leaves, grads, ref_grads, leaves.values()):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert_close(a, b, case.dtype, f"{case} d{name}")
+
+
+@property_test(min_T=2)
+def test_causal(case: Case, data) -> None:
+    """2. Changing q, k, v after position t leaves the outputs up to t unchanged."""
+    t = data.draw(st.integers(0, case.T - 2))
+    kw = make_inputs(case)
+    o1 = run(case, kw)[0]
+    changed = dict(kw)
+    g = torch.Generator().manual_seed(case.seed + 3)
+    for n in ("q", "k", "v"):
+        x = kw[n].clone()
+        noise = torch.randn(x[:, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
+        x[:, t + 1 :] = noise.to(x.dtype).to(x.device)
+        changed[n] = x
+    o2 = run(case, changed)[0]
+    # equal up to rounding (BLAS may order a row's zero terms differently); a leak from
+    # the x10 perturbation would be O(1)
+    assert_close(o2[:, : t + 1], o1[:, : t + 1], case.dtype, f"{case} prefix up to {t}")
+    assert rel_err(o2[:, t + 1 :], o1[:, t + 1 :]) > TOLERANCE[case.dtype]
+
+
+@property_test()
+def test_chunk_size_invariant(case: Case, data) -> None:
+    """3. Every configuration of the tuning space computes the same function."""
+    configs = registered()[case.backend].configs()
+    if len(configs) < 2:
+        return
+    other = data.draw(st.sampled_from(configs))
+    kw = make_inputs(case)
+    a = run(case, kw)
+    b = run(replace(case, config=tuple(sorted(other.items()))), kw)
+    for x, y, n in zip(a, b, "oSz"):
+        assert_close(x, y, case.dtype, f"{case} {n} vs config {other}")
+
+
+@property_test(min_T=2)
+def test_split_with_state_equals_one_run(case: Case, data) -> None:
+    """4. Running [0, t) then [t, T) from the carried state equals one run."""
+    t = data.draw(st.integers(1, case.T - 1))
+    kw = make_inputs(case)
+    full = run(case, kw)
+    first = run(case, {**kw, "q": kw["q"][:, :t], "k": kw["k"][:, :t], "v": kw["v"][:, :t]})
+    second_kw = {**kw, "q": kw["q"][:, t:], "k": kw["k"][:, t:], "v": kw["v"][:, t:]}
+    second_kw["initial_state"] = (first[1], first[2])
+    second = run(case, second_kw)
+    assert_close(torch.cat([first[0], second[0]], dim=1), full[0], case.dtype, "o")
+    assert_close(second[1], full[1], case.dtype, "S")
+    assert_close(second[2], full[2], case.dtype, "z")
+
+
+@property_test(max_T=60, min_T=0)
+def test_cu_seqlens_equals_separate_runs(case: Case, data) -> None:
+    """5. Packing sequences along T with ``cu_seqlens`` equals running each alone."""
+    lengths = data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=4))
+    seqs = [make_inputs(replace(case, seed=case.seed + i), T=n, B=1) for i, n in enumerate(lengths)]
+    packed = {n: torch.cat([s[n] for s in seqs], dim=1) for n in ("q", "k", "v")}
+    for n in PARAM_NAMES:
+        if n in seqs[0]:
+            packed[n] = seqs[0][n]
+    if case.state:
+        packed["initial_state"] = tuple(torch.cat([s["initial_state"][i] for s in seqs]) for i in (0, 1))
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    o, S, z = run(case, packed, cu_seqlens=bounds.to(packed["q"].device))
+    for i, s in enumerate(seqs):
+        s = {**s, **{n: packed[n] for n in PARAM_NAMES if n in packed}}
+        o_i, S_i, z_i = run(case, s)
+        assert_close(o[:, bounds[i] : bounds[i + 1]], o_i, case.dtype, f"o of sequence {i}")
+        assert_close(S[i : i + 1], S_i, case.dtype, f"S of sequence {i}")
+        assert_close(z[i : i + 1], z_i, case.dtype, f"z of sequence {i}")
+
+
+@property_test(max_T=40)
+def test_decode_steps_equal_full_run(case: Case, data) -> None:
+    """6. Token-by-token ``decode_step`` from the same state equals the full run."""
+    kw = make_inputs(case)
+    o_full, S_full, z_full = run(case, kw)
+    params = {n: kw[n] for n in PARAM_NAMES if n in kw}
+    if "initial_state" in kw:
+        state = kw["initial_state"]
+    else:
+        F = case.fm.num_features(case.D)
+        _, state = rk.linear_attention(
+            kw["q"][:, :0], kw["k"][:, :0], kw["v"][:, :0], case.fm, output_final_state=True
+        )
+        assert state.S.shape == (case.B, case.H, F, case.Dv)
+    outs = []
+    for t in range(case.T):
+        o_t, state = rk.decode_step(
+            kw["q"][:, t], kw["k"][:, t], kw["v"][:, t], state, case.fm,
+            normalize=case.normalize, backend=case.backend, **params,
+        )  # fmt: skip
+        outs.append(o_t)
+    assert_close(torch.stack(outs, dim=1), o_full, case.dtype, "decoded o")
+    assert_close(state.S, S_full, case.dtype, "S")
+    assert_close(state.z, z_full, case.dtype, "z")
+
+
+def test_tolerance_rule_catches_errors() -> None:
+    """The comparison is able to fail: a perturbed result or a NaN does not pass."""
+    ref = torch.randn(64, dtype=torch.float64)
+    assert rel_err(ref * (1 + 2 * TOLERANCE[torch.float32]), ref) > TOLERANCE[torch.float32]
+    assert rel_err(_poisoned_like(ref), ref) == float("inf")
+    with pytest.raises(AssertionError):
+        assert_close(ref + 1e-3, ref, torch.float32, "perturbed")
