@@ -141,5 +141,9 @@ def phi_backward(x: torch.Tensor, dphi: torch.Tensor, lt: Layout) -> torch.Tenso
         g_p = g[..., start : start + idx.shape[0]]
         start += idx.shape[0]
         for r in range(idx.shape[1]):
-            dx = dx.index_add(-1, idx[:, r], g_p * _monomials(x, idx, skip=r))
+            # scatter-add over the index column as a product with its one-hot [F_p, D]:
+            # index_add here was miscompiled by inductor's vectorised CPU code (torch 2.13:
+            # out-of-bounds writes, wrong dq/dk in torch_compile), and a matmul is faster
+            one_hot = torch.nn.functional.one_hot(idx[:, r], x.shape[-1]).to(x.dtype)
+            dx = dx + (g_p * _monomials(x, idx, skip=r)) @ one_hot
     return dx

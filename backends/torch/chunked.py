@@ -126,8 +126,8 @@ def chunked_forward(
 
 
 def _exclusive_suffix_sum(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``out_m = sum_{n > m} t_n`` along dim."""
-    return torch.flip(torch.cumsum(torch.flip(t, (dim,)), dim), (dim,)) - t
+    """``out_m = sum_{n > m} t_n`` along dim (total minus the inclusive prefix)."""
+    return t.sum(dim, keepdim=True) - torch.cumsum(t, dim)
 
 
 def chunked_backward(
