@@ -79,7 +79,8 @@ def check_state(
         if not isinstance(t, torch.Tensor) or list(t.shape) != shape:
             got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"{what}.{name} is {got} but must be {shape} ([N, H, F{', Dv' if name == 'S' else ''}], "
+                f"{what}.{name} is {got} but must be {shape} "
+                f"({'[N, H, F, Dv]' if name == 'S' else '[N, H, F]'}, "
                 f"F = {F} features for this feature map and D)"
             )
         if t.dtype not in (torch.float32, torch.float64):
@@ -91,12 +92,19 @@ def check_state(
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int, device: torch.device) -> int:
     """Validate FlashAttention-style packing offsets; returns N, the number of sequences."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
         raise ValueError("cu_seqlens must be an int32 or int64 tensor [N + 1]")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens has shape {_shape(cu_seqlens)} but must be [N + 1] with N >= 1")
+        raise ValueError(
+            f"cu_seqlens has shape {_shape(cu_seqlens)} but must be [N + 1] with N >= 1"
+        )
     if B != 1:
-        raise ValueError(f"with cu_seqlens the batch must be 1 (sequences packed along T), got B={B}")
+        raise ValueError(
+            f"with cu_seqlens the batch must be 1 (sequences packed along T), got B={B}"
+        )
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     bounds = cu_seqlens.tolist()

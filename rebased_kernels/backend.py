@@ -10,9 +10,11 @@ when it has a native kernel. Registering a backend enrols it in the property tes
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -43,7 +45,7 @@ class Inputs(NamedTuple):
 
 
 class Outputs(NamedTuple):
-    """o: ``[B, T, H, Dv]`` in v's dtype; S: ``[N, H, F, Dv]``, z: ``[N, H, F]`` in the state dtype."""
+    """o ``[B, T, H, Dv]`` in v's dtype; S ``[N, H, F, Dv]``, z ``[N, H, F]`` (state dtype)."""
 
     o: torch.Tensor
     S: torch.Tensor
@@ -129,7 +131,9 @@ class Backend:
         if cu_seqlens is None:
             return self.forward_dense(x, attn, config)
         parts = [
-            empty_sequence(part, attn) if part.q.shape[1] == 0 else self.forward_dense(part, attn, config)
+            empty_sequence(part, attn)
+            if part.q.shape[1] == 0
+            else self.forward_dense(part, attn, config)
             for part in split_sequences(x, cu_seqlens)
         ]
         return Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
@@ -145,7 +149,9 @@ class Backend:
         """``backward_dense``, or one call per packed sequence when ``cu_seqlens`` is given."""
         if cu_seqlens is None:
             return self.backward_dense(x, attn, config, grads)
-        g_parts = split_sequences(Inputs(grads.o, grads.o, grads.o, S0=grads.S, z0=grads.z), cu_seqlens)
+        g_parts = split_sequences(
+            Inputs(grads.o, grads.o, grads.o, S0=grads.S, z0=grads.z), cu_seqlens
+        )
         results = []
         for part, g in zip(split_sequences(x, cu_seqlens), g_parts):
             part_grads = Outputs(g.v, g.S0, g.z0)
@@ -155,9 +161,7 @@ class Backend:
                 results.append(self.backward_dense(part, attn, config, part_grads))
         return Inputs(*(_merge(field, ts) for field, ts in zip(Inputs._fields, zip(*results))))
 
-    def decode_step(
-        self, x: Inputs, attn: LinearAttention
-    ) -> Outputs:
+    def decode_step(self, x: Inputs, attn: LinearAttention) -> Outputs:
         """One token: q, k ``[B, H, D]``, v ``[B, H, Dv]``, state in ``x.S0, x.z0``.
 
         ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``.
@@ -186,7 +190,7 @@ def split_sequences(x: Inputs, cu_seqlens: torch.Tensor) -> list[Inputs]:
             S0=None if x.S0 is None else x.S0[n : n + 1],
             z0=None if x.z0 is None else x.z0[n : n + 1],
         )
-        for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:]))
+        for n, (bos, eos) in enumerate(itertools.pairwise(bounds))
     ]
 
 
@@ -273,7 +277,11 @@ def resolve(name: str, problem: Problem) -> Backend:
     if name == "auto":
         for candidate in AUTO_ORDER.get(problem.device_type, ("torch",)):
             backend = _REGISTRY.get(candidate)
-            if backend and not backend.unavailable_reason() and not backend.unsupported_reason(problem):
+            if (
+                backend
+                and not backend.unavailable_reason()
+                and not backend.unsupported_reason(problem)
+            ):
                 return backend
         return get_backend("torch")
     backend = get_backend(name)

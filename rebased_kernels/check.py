@@ -37,28 +37,50 @@ def _inputs(B, T, H, D, Dv, dtype, device, fm, seed):
 
     x = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
     if fm.pre.uses_gamma:
-        x["q_weight"], x["k_weight"] = randn(H, D, std=0.3, mean=1.0), randn(H, D, std=0.3, mean=1.0)
+        x["q_weight"], x["k_weight"] = (
+            randn(H, D, std=0.3, mean=1.0),
+            randn(H, D, std=0.3, mean=1.0),
+        )
     if fm.pre.uses_beta:
         x["q_bias"], x["k_bias"] = randn(H, D, std=0.3), randn(H, D, std=0.3)
     return x
 
 
-def check_one(backend: str, feature_map: str, dtype: torch.dtype, device: str, shape=(2, 100, 2, 16, 16), seed=0) -> CheckRow:
+def check_one(
+    backend: str,
+    feature_map: str,
+    dtype: torch.dtype,
+    device: str,
+    shape=(2, 100, 2, 16, 16),
+    seed=0,
+) -> CheckRow:
     """Forward and gradient errors (worst relative norm error) of one backend/map/dtype."""
     fm = get_feature_map(feature_map)
     B, T, H, D, Dv = shape
     be = get_backend(backend)
     from .backend import Problem
 
-    reason = be.unsupported_reason(Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, torch.device(device).type))
-    row = CheckRow(backend, fm.name, str(dtype).replace("torch.", ""), float("nan"), float("nan"), TOLERANCE[dtype], reason)
+    reason = be.unsupported_reason(
+        Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, torch.device(device).type)
+    )
+    row = CheckRow(
+        backend,
+        fm.name,
+        str(dtype).replace("torch.", ""),
+        float("nan"),
+        float("nan"),
+        TOLERANCE[dtype],
+        reason,
+    )
     if reason:
         return row
     x = _inputs(B, T, H, D, Dv, dtype, device, fm, seed)
     o = linear_attention(**x, feature_map=fm, backend=backend)
     params = tuple(x.get(n) for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
     ref = reference.quadratic(x["q"], x["k"], x["v"], LinearAttention(fm, D**-0.5), params)[0]
-    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
+    cot = torch.randn(
+        o.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    ).to(device)
     leaves = list(x.values())
     ours = torch.autograd.grad((o.double() * cot).sum(), leaves)
     theirs = torch.autograd.grad((ref * cot).sum(), leaves)
@@ -67,12 +89,20 @@ def check_one(backend: str, feature_map: str, dtype: torch.dtype, device: str, s
     return row
 
 
-def check_all(device: str, feature_maps: list[str], dtypes: list[torch.dtype], backends: list[str] | None = None, progress: bool = True) -> list[CheckRow]:
+def check_all(
+    device: str,
+    feature_maps: list[str],
+    dtypes: list[torch.dtype],
+    backends: list[str] | None = None,
+    progress: bool = True,
+) -> list[CheckRow]:
     """``check_one`` for every available backend (or the named ones), map and dtype."""
     from tqdm import tqdm
 
     names = backends or [
-        n for n, be in sorted(registered().items()) if n != "reference" and be.unavailable_reason() is None
+        n
+        for n, be in sorted(registered().items())
+        if n != "reference" and be.unavailable_reason() is None
     ]
     jobs = [(b, f, d) for b in names for f in feature_maps for d in dtypes]
     rows = []
@@ -82,11 +112,15 @@ def check_all(device: str, feature_maps: list[str], dtypes: list[torch.dtype], b
 
 
 def format_table(rows: list[CheckRow]) -> str:
-    head = f"{'backend':<15}{'feature map':<17}{'dtype':<10}{'fwd rel err':>12}{'bwd rel err':>13}{'tol':>8}  result"
+    head = (
+        f"{'backend':<15}{'feature map':<17}{'dtype':<10}"
+        f"{'fwd rel err':>12}{'bwd rel err':>13}{'tol':>8}  result"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         result = f"skip: {r.skipped}" if r.skipped else ("pass" if r.passed else "FAIL")
         lines.append(
-            f"{r.backend:<15}{r.feature_map:<17}{r.dtype:<10}{r.forward_err:>12.2e}{r.backward_err:>13.2e}{r.tolerance:>8.0e}  {result}"
+            f"{r.backend:<15}{r.feature_map:<17}{r.dtype:<10}{r.forward_err:>12.2e}"
+            f"{r.backward_err:>13.2e}{r.tolerance:>8.0e}  {result}"
         )
     return "\n".join(lines)

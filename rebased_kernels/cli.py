@@ -8,19 +8,33 @@ import sys
 
 import torch
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _info(args: argparse.Namespace) -> int:
     import rebased_kernels as rk
 
-    print(f"rebased-kernels {rk.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(
+        f"rebased-kernels {rk.__version__}  python {platform.python_version()}  "
+        f"torch {torch.__version__}"
+    )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"cuda:{i}  {p.name}  sm_{p.major}{p.minor}  {p.total_memory / 2**30:.0f} GiB  ({p.multi_processor_count} SMs)")
+            print(
+                f"cuda:{i}  {p.name}  sm_{p.major}{p.minor}  "
+                f"{p.total_memory / 2**30:.0f} GiB  ({p.multi_processor_count} SMs)"
+            )
     else:
-        print(f"no CUDA device; cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        print(
+            f"no CUDA device; cpu: {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads"
+        )
     print()
     print(f"{'backend':<15}{'available':<11}tuning space / why not")
     for b in rk.backends():
@@ -34,22 +48,34 @@ def _check(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
-    rows = check_all(device, args.feature_maps.split(","), dtypes, args.backends.split(",") if args.backends else None)
+    rows = check_all(
+        device,
+        args.feature_maps.split(","),
+        dtypes,
+        args.backends.split(",") if args.backends else None,
+    )
     print(format_table(rows))
     failed = [r for r in rows if r.skipped is None and not r.passed]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} cases passed or were skipped as unsupported; {len(failed)} failed (device {device})")
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} cases passed or were skipped as "
+        f"unsupported; {len(failed)} failed (device {device})"
+    )
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebased-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="devices, backends, and why a backend is unavailable").set_defaults(fn=_info)
+    sub.add_parser("info", help="devices, backends, and why a backend is unavailable").set_defaults(
+        fn=_info
+    )
     check = sub.add_parser("check", help="every available backend against the float64 oracle")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     check.add_argument("--dtypes", default="float64,float32,bfloat16")
     check.add_argument("--feature-maps", default="rebased,based,gamma_x2")
-    check.add_argument("--backends", default=None, help="comma-separated names (default: all available)")
+    check.add_argument(
+        "--backends", default=None, help="comma-separated names (default: all available)"
+    )
     check.set_defaults(fn=_check)
     args = parser.parse_args(argv)
     return args.fn(args)

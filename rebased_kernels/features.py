@@ -80,15 +80,18 @@ class Layout(NamedTuple):
 _LAYOUT_CACHE: dict[tuple, Layout] = {}
 
 
-def layout(fm: FeatureMap, D: int, scale: float, device: torch.device, dtype: torch.dtype) -> Layout:
+def layout(
+    fm: FeatureMap, D: int, scale: float, device: torch.device, dtype: torch.dtype
+) -> Layout:
     """The layout tensors for ``fm`` at feature dim D (cached per device and dtype)."""
     key = (fm.powers, fm.coeffs, D, scale, str(device), dtype)
     if key not in _LAYOUT_CACHE:
         entries = feature_layout(D, fm.powers)
         weights = torch.tensor(feature_weights(fm, D, scale), dtype=dtype, device=device)
         indices = tuple(
-            torch.tensor([i for i, _ in entries if len(i) == p], dtype=torch.long, device=device)
-            .reshape(math.comb(D + p - 1, p), p)
+            torch.tensor(
+                [i for i, _ in entries if len(i) == p], dtype=torch.long, device=device
+            ).reshape(math.comb(D + p - 1, p), p)
             for p in fm.powers
         )
         dcoeffs = tuple(p * c for p, c in enumerate(fm.coeffs))[1:] or (0.0,)

@@ -48,7 +48,12 @@ class ReBasedAttention(nn.Module):
         if head_dim < 1:
             raise ValueError(f"d_model={d_model} is too small for {num_heads} heads: pass head_dim")
         self.H, self.D, self.Dv = num_heads, feature_dim, head_dim
-        self.norm_scope, self.normalize, self.eps, self.backend = norm_scope, normalize, eps, backend
+        self.norm_scope, self.normalize, self.eps, self.backend = (
+            norm_scope,
+            normalize,
+            eps,
+            backend,
+        )
         fm = get_feature_map(feature_map)
         self.joint_norm = norm_scope == "all_heads" and fm.pre.norm
         if self.joint_norm:  # the kernel sees pre-normalised q, k

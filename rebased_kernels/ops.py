@@ -1,4 +1,4 @@
-"""The public functions: ``linear_attention`` (a ``torch.library`` custom op) and ``decode_step``."""
+"""The public functions: ``linear_attention`` (a ``torch.library`` custom op), ``decode_step``."""
 
 from __future__ import annotations
 
@@ -70,12 +70,35 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, norm, affine, coeffs, scale, normalize, eps, backend, config):
+def _(
+    q,
+    k,
+    v,
+    q_weight,
+    q_bias,
+    k_weight,
+    k_bias,
+    S0,
+    z0,
+    cu_seqlens,
+    norm,
+    affine,
+    coeffs,
+    scale,
+    normalize,
+    eps,
+    backend,
+    config,
+):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     fm = FeatureMap("custom", PreTransform(norm, affine), tuple(coeffs))
     F, Dv, dt = fm.num_features(D), v.shape[-1], compute_dtype(v.dtype)
-    return v.new_empty(B, T, H, Dv), v.new_empty(N, H, F, Dv, dtype=dt), v.new_empty(N, H, F, dtype=dt)
+    return (
+        v.new_empty(B, T, H, Dv),
+        v.new_empty(N, H, F, Dv, dtype=dt),
+        v.new_empty(N, H, F, dtype=dt),
+    )
 
 
 @torch.library.custom_op("rebased_kernels::linear_attention_bwd", mutates_args=())
@@ -217,7 +240,6 @@ def linear_attention(
         S0, z0 = _validate.check_state(
             initial_state, N, H, fm.num_features(D), v.shape[-1], q.device, "initial_state"
         )
-    attn = LinearAttention(fm, scale, normalize, eps)
     name, cfg = _plan(
         backend, fm.pre.norm, fm.pre.affine, fm.coeffs, D, v.shape[-1], q.dtype,
         q.device.type, cu_seqlens is not None, tuple(sorted((config or {}).items())),

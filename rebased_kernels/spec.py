@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 Affine = Literal["none", "gamma", "gamma_beta"]
@@ -62,9 +62,7 @@ class PreTransform:
 
     def __post_init__(self) -> None:
         if self.affine not in ("none", "gamma", "gamma_beta"):
-            raise ValueError(
-                f"affine={self.affine!r} is not one of 'none', 'gamma', 'gamma_beta'"
-            )
+            raise ValueError(f"affine={self.affine!r} is not one of 'none', 'gamma', 'gamma_beta'")
 
     @property
     def uses_gamma(self) -> bool:
@@ -94,9 +92,7 @@ class FeatureMap:
         if not coeffs or all(c == 0.0 for c in coeffs):
             raise ValueError(f"feature map {self.name!r}: coeffs must have a non-zero entry")
         if any(not math.isfinite(c) or c < 0.0 for c in coeffs):
-            raise ValueError(
-                f"feature map {self.name!r}: coeffs {coeffs} must be finite and >= 0"
-            )
+            raise ValueError(f"feature map {self.name!r}: coeffs {coeffs} must be finite and >= 0")
 
     @property
     def degree(self) -> int:
@@ -154,7 +150,7 @@ class LinearAttention:
     eps: float = 1e-5
 
 
-@lru_cache(maxsize=None)
+@cache
 def feature_layout(D: int, powers: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], int], ...]:
     """The canonical layout: ``(index multiset, multinomial)`` per feature, in order."""
     layout = []

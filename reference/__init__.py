@@ -82,7 +82,7 @@ def quadratic(
     fm = attn.feature_map
     qp, kp = _transformed(q, k, attn, params)
     v = v.to(f64)
-    B, T, H, D = qp.shape
+    B, T, H, _ = qp.shape
     s = attn.scale * torch.einsum("bihd,bjhd->bhij", qp, kp)
     A = sum(c * s**p for p, c in enumerate(fm.coeffs))
     A = A * torch.ones(T, T, dtype=torch.bool, device=q.device).tril()

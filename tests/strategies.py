@@ -69,7 +69,9 @@ class Case:
 @st.composite
 def cases(draw, backend: str, max_T: int = 160, min_T: int = 1) -> Case:
     be = registered()[backend]
-    dtypes = [d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16) if d in be.dtypes]
+    dtypes = [
+        d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16) if d in be.dtypes
+    ]
     if PROFILE == "ci":
         dtypes = [d for d in dtypes if d in CI_DTYPES.get(backend, dtypes)]
     fms = [fm for fm in FEATURE_MAPS if be.max_degree is None or fm.degree <= be.max_degree]
@@ -108,12 +110,19 @@ def make_inputs(case: Case, T: int | None = None, B: int | None = None) -> dict:
     H, D, Dv = case.H, case.D, case.Dv
 
     def randn(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean).to(case.dtype).to(DEVICE)
+        return (
+            (torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean)
+            .to(case.dtype)
+            .to(DEVICE)
+        )
 
     kw = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
     pshape = (H, D) if case.param_shape == "HD" else (D,)
     if case.params and case.fm.pre.uses_gamma:
-        kw["q_weight"], kw["k_weight"] = randn(*pshape, std=0.3, mean=1.0), randn(*pshape, std=0.3, mean=1.0)
+        kw["q_weight"], kw["k_weight"] = (
+            randn(*pshape, std=0.3, mean=1.0),
+            randn(*pshape, std=0.3, mean=1.0),
+        )
     if case.params and case.fm.pre.uses_beta:
         kw["q_bias"], kw["k_bias"] = randn(*pshape, std=0.3), randn(*pshape, std=0.3)
     if case.state:
@@ -142,4 +151,6 @@ def run(case: Case, kw: dict, **extra):
 def oracle(case: Case, kw: dict):
     """The float64 quadratic form on the same inputs."""
     params = tuple(kw.get(n) for n in PARAM_NAMES)
-    return reference.quadratic(kw["q"], kw["k"], kw["v"], case.attn, params, kw.get("initial_state"))
+    return reference.quadratic(
+        kw["q"], kw["k"], kw["v"], case.attn, params, kw.get("initial_state")
+    )

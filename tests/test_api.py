@@ -24,24 +24,113 @@ BAD_CALLS = [
     ("k differs", lambda q, k, v: ((q, k[:, :5], v), {}), ValueError, "q and k must match"),
     ("v differs", lambda q, k, v: ((q, k, v[:, :5]), {}), ValueError, "v must match q"),
     ("mixed dtypes", lambda q, k, v: ((q, k.double(), v), {}), ValueError, "one dtype"),
-    ("int dtype", lambda q, k, v: ((q.int(), k.int(), v.int()), {}), ValueError, "supported dtypes"),
+    (
+        "int dtype",
+        lambda q, k, v: ((q.int(), k.int(), v.int()), {}),
+        ValueError,
+        "supported dtypes",
+    ),
     ("not a tensor", lambda q, k, v: ((q.tolist(), k, v), {}), TypeError, "torch.Tensor"),
-    ("bias to gamma_x2", lambda q, k, v: ((q, k, v, "gamma_x2"), {"q_bias": torch.zeros(16)}), ValueError, "does not use"),
-    ("weight to x2", lambda q, k, v: ((q, k, v, "x2"), {"k_weight": torch.ones(16)}), ValueError, "does not use"),
-    ("param shape", lambda q, k, v: ((q, k, v), {"q_weight": torch.ones(3, 16)}), ValueError, r"\[H, D\]"),
+    (
+        "bias to gamma_x2",
+        lambda q, k, v: ((q, k, v, "gamma_x2"), {"q_bias": torch.zeros(16)}),
+        ValueError,
+        "does not use",
+    ),
+    (
+        "weight to x2",
+        lambda q, k, v: ((q, k, v, "x2"), {"k_weight": torch.ones(16)}),
+        ValueError,
+        "does not use",
+    ),
+    (
+        "param shape",
+        lambda q, k, v: ((q, k, v), {"q_weight": torch.ones(3, 16)}),
+        ValueError,
+        r"\[H, D\]",
+    ),
     ("unknown map", lambda q, k, v: ((q, k, v, "rebase"), {}), ValueError, "unknown feature map"),
-    ("unknown backend", lambda q, k, v: ((q, k, v), {"backend": "cuda_magic"}), ValueError, "unknown backend"),
+    (
+        "unknown backend",
+        lambda q, k, v: ((q, k, v), {"backend": "cuda_magic"}),
+        ValueError,
+        "unknown backend",
+    ),
     ("bad scale", lambda q, k, v: ((q, k, v), {"scale": -1.0}), ValueError, "scale"),
-    ("NaN input", lambda q, k, v: ((q.index_fill(1, torch.tensor([3]), float("nan")), k, v), {}), ValueError, "NaN or Inf"),
-    ("Inf input", lambda q, k, v: ((q, k, v.index_fill(1, torch.tensor([0]), float("inf"))), {}), ValueError, "NaN or Inf"),
-    ("state shape", lambda q, k, v: ((q, k, v), {"initial_state": (torch.zeros(1, 2, 100, 8), torch.zeros(1, 2, 100))}), ValueError, "F = 136"),
-    ("state not pair", lambda q, k, v: ((q, k, v), {"initial_state": torch.zeros(1, 2, 136, 8)}), ValueError, "pair"),
-    ("state dtype", lambda q, k, v: ((q, k, v), {"initial_state": (torch.zeros(1, 2, 136, 8, dtype=torch.half), torch.zeros(1, 2, 136))}), ValueError, "float32 or float64"),
-    ("cu_seqlens float", lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0.0, 10.0])}), ValueError, "int32 or int64"),
-    ("cu_seqlens end", lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0, 4, 9])}), ValueError, "end at T=10"),
-    ("cu_seqlens order", lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0, 6, 4, 10])}), ValueError, "never decrease"),
-    ("cu_seqlens batch", lambda q, k, v: ((q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), {"cu_seqlens": torch.tensor([0, 10])}), ValueError, "batch must be 1"),
-    ("bad config", lambda q, k, v: ((q, k, v), {"config": {"block": 3}}), ValueError, "no tunables"),
+    (
+        "NaN input",
+        lambda q, k, v: ((q.index_fill(1, torch.tensor([3]), float("nan")), k, v), {}),
+        ValueError,
+        "NaN or Inf",
+    ),
+    (
+        "Inf input",
+        lambda q, k, v: ((q, k, v.index_fill(1, torch.tensor([0]), float("inf"))), {}),
+        ValueError,
+        "NaN or Inf",
+    ),
+    (
+        "state shape",
+        lambda q, k, v: (
+            (q, k, v),
+            {"initial_state": (torch.zeros(1, 2, 100, 8), torch.zeros(1, 2, 100))},
+        ),
+        ValueError,
+        "F = 136",
+    ),
+    (
+        "state not pair",
+        lambda q, k, v: ((q, k, v), {"initial_state": torch.zeros(1, 2, 136, 8)}),
+        ValueError,
+        "pair",
+    ),
+    (
+        "state dtype",
+        lambda q, k, v: (
+            (q, k, v),
+            {
+                "initial_state": (
+                    torch.zeros(1, 2, 136, 8, dtype=torch.half),
+                    torch.zeros(1, 2, 136),
+                )
+            },
+        ),
+        ValueError,
+        "float32 or float64",
+    ),
+    (
+        "cu_seqlens float",
+        lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0.0, 10.0])}),
+        ValueError,
+        "int32 or int64",
+    ),
+    (
+        "cu_seqlens end",
+        lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0, 4, 9])}),
+        ValueError,
+        "end at T=10",
+    ),
+    (
+        "cu_seqlens order",
+        lambda q, k, v: ((q, k, v), {"cu_seqlens": torch.tensor([0, 6, 4, 10])}),
+        ValueError,
+        "never decrease",
+    ),
+    (
+        "cu_seqlens batch",
+        lambda q, k, v: (
+            (q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)),
+            {"cu_seqlens": torch.tensor([0, 10])},
+        ),
+        ValueError,
+        "batch must be 1",
+    ),
+    (
+        "bad config",
+        lambda q, k, v: ((q, k, v), {"config": {"block": 3}}),
+        ValueError,
+        "no tunables",
+    ),
 ]
 
 
@@ -62,7 +151,7 @@ def test_decode_step_validates_too() -> None:
     q, k, v = (t[:, 0] for t in _qkv())
     with pytest.raises(ValueError, match="must be 3-D"):
         rk.decode_step(q[None], k, v, (torch.zeros(1, 2, 136, 8), torch.zeros(1, 2, 136)))
-    with pytest.raises(ValueError, match="state.S"):
+    with pytest.raises(ValueError, match=r"state\.S"):
         rk.decode_step(q, k, v, (torch.zeros(1, 2, 13, 8), torch.zeros(1, 2, 136)))
 
 
@@ -101,7 +190,9 @@ def test_backend_that_cannot_run_a_call_says_why(monkeypatch) -> None:
 def test_empty_sequence(backend) -> None:
     q, k, v = _qkv(T=0)
     S0, z0 = torch.rand(1, 2, 136, 8), torch.rand(1, 2, 136)
-    o, state = rk.linear_attention(q, k, v, backend=backend, initial_state=(S0, z0), output_final_state=True)
+    o, state = rk.linear_attention(
+        q, k, v, backend=backend, initial_state=(S0, z0), output_final_state=True
+    )
     assert o.shape == (1, 0, 2, 8)
     assert torch.equal(state.S, S0) and torch.equal(state.z, z0)
     o, state = rk.linear_attention(q, k, v, backend=backend, output_final_state=True)
@@ -119,11 +210,33 @@ def test_custom_op_passes_opcheck() -> None:
     from rebased_kernels.ops import _fwd_op
 
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 20, 2, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (4, 4, 3))
+    q, k, v = (
+        torch.randn(1, 20, 2, d, generator=g, dtype=torch.float64, requires_grad=True)
+        for d in (4, 4, 3)
+    )
     w = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
     S0 = torch.randn(1, 2, 10, 3, generator=g, dtype=torch.float64, requires_grad=True)
     z0 = torch.rand(1, 2, 10, generator=g, dtype=torch.float64, requires_grad=True)
-    args = (q, k, v, w, w, w, w, S0, z0, None, True, "gamma_beta", [0.0, 0.0, 1.0], 0.5, True, 1e-5, "torch", '{"chunk_size": 16}')
+    args = (
+        q,
+        k,
+        v,
+        w,
+        w,
+        w,
+        w,
+        S0,
+        z0,
+        None,
+        True,
+        "gamma_beta",
+        [0.0, 0.0, 1.0],
+        0.5,
+        True,
+        1e-5,
+        "torch",
+        '{"chunk_size": 16}',
+    )
     torch.library.opcheck(_fwd_op, args)
 
 
@@ -143,7 +256,9 @@ def test_layer_compiles_fullgraph_without_graph_breaks() -> None:
 @pytest.mark.parametrize("feature_map", ["rebased", "based", "gamma_x2"])
 def test_layer_cache_generation_matches_full_forward(norm_scope, feature_map) -> None:
     torch.manual_seed(1)
-    layer = rk.ReBasedAttention(d_model=24, num_heads=3, feature_dim=4, feature_map=feature_map, norm_scope=norm_scope)
+    layer = rk.ReBasedAttention(
+        d_model=24, num_heads=3, feature_dim=4, feature_map=feature_map, norm_scope=norm_scope
+    )
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))

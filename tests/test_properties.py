@@ -137,7 +137,9 @@ def test_cu_seqlens_equals_separate_runs(case: Case, data) -> None:
         if n in seqs[0]:
             packed[n] = seqs[0][n]
     if case.state:
-        packed["initial_state"] = tuple(torch.cat([s["initial_state"][i] for s in seqs]) for i in (0, 1))
+        packed["initial_state"] = tuple(
+            torch.cat([s["initial_state"][i] for s in seqs]) for i in (0, 1)
+        )
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     o, S, z = run(case, packed, cu_seqlens=bounds.to(packed["q"].device))
     for i, s in enumerate(seqs):

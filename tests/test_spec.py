@@ -43,12 +43,19 @@ def test_quadratic_and_recurrent_forms_agree(fm: FeatureMap, normalize: bool) ->
     B, T, H, D, Dv = 2, 33, 3, 6, 5
     q, k = (torch.randn(B, T, H, D, generator=g, dtype=f64) for _ in range(2))
     v = torch.randn(B, T, H, Dv, generator=g, dtype=f64)
-    params = (1 + 0.2 * torch.randn(H, D, generator=g, dtype=f64), 0.2 * torch.randn(H, D, generator=g, dtype=f64)) * 2
+    params = (
+        1 + 0.2 * torch.randn(H, D, generator=g, dtype=f64),
+        0.2 * torch.randn(H, D, generator=g, dtype=f64),
+    ) * 2
     F = fm.num_features(D)
-    state = (torch.randn(B, H, F, Dv, generator=g, dtype=f64), torch.rand(B, H, F, generator=g, dtype=f64))
+    state = (
+        torch.randn(B, H, F, Dv, generator=g, dtype=f64),
+        torch.rand(B, H, F, generator=g, dtype=f64),
+    )
     attn = LinearAttention(fm, D**-0.5, normalize)
     for a, b in zip(
-        reference.quadratic(q, k, v, attn, params, state), reference.recurrent(q, k, v, attn, params, state)
+        reference.quadratic(q, k, v, attn, params, state),
+        reference.recurrent(q, k, v, attn, params, state),
     ):
         assert rel_err(a, b) < 1e-12
 
@@ -59,7 +66,17 @@ def test_rebased_with_identity_affine_is_norm_x2() -> None:
     q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
     ones, zeros = torch.ones(H, D), torch.zeros(H, D)
     for backend in ("reference", "torch"):
-        a = rk.linear_attention(q, k, v, "rebased", q_weight=ones, q_bias=zeros, k_weight=ones, k_bias=zeros, backend=backend)
+        a = rk.linear_attention(
+            q,
+            k,
+            v,
+            "rebased",
+            q_weight=ones,
+            q_bias=zeros,
+            k_weight=ones,
+            k_bias=zeros,
+            backend=backend,
+        )
         b = rk.linear_attention(q, k, v, "norm_x2", backend=backend)
         assert rel_err(a, b) < 1e-6
 
@@ -71,7 +88,9 @@ def test_user_defined_cubic_runs_end_to_end_on_torch() -> None:
     q, k = (torch.randn(B, T, H, D, generator=g, dtype=f64, requires_grad=True) for _ in range(2))
     v = torch.randn(B, T, H, Dv, generator=g, dtype=f64, requires_grad=True)
     w = (1 + 0.1 * torch.randn(H, D, generator=g, dtype=f64)).requires_grad_(True)
-    o, state = rk.linear_attention(q, k, v, CUBIC, q_weight=w, k_weight=w, backend="torch", output_final_state=True)
+    o, state = rk.linear_attention(
+        q, k, v, CUBIC, q_weight=w, k_weight=w, backend="torch", output_final_state=True
+    )
     assert state.S.shape == (B, H, CUBIC.num_features(D), Dv)
     ref = reference.quadratic(q, k, v, LinearAttention(CUBIC, D**-0.5), (w, None, w, None))
     assert_close(o, ref[0], f64, "o")
@@ -92,7 +111,12 @@ def test_similarity_helper_and_degree() -> None:
 
 @pytest.mark.parametrize(
     "coeffs, match",
-    [((), "non-zero"), ((0.0, 0.0), "non-zero"), ((1.0, -1.0), ">= 0"), ((float("nan"),), "finite")],
+    [
+        ((), "non-zero"),
+        ((0.0, 0.0), "non-zero"),
+        ((1.0, -1.0), ">= 0"),
+        ((float("nan"),), "finite"),
+    ],
 )
 def test_bad_feature_maps_are_rejected(coeffs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -236,9 +236,7 @@ def forward_kernel(q, k, v, S0, z0, i0, i1, w, P, C, normalize, o, S_out, z_out)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def backward_kernel(
-    q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq, dk, dv, dS0, dz0
-):
+def backward_kernel(q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq, dk, dv, dS0, dz0):
     """Gradients w.r.t. q', k', v, S0, z0, written in place.
 
     dq, dk ``[B, T, H, D]``, dv ``[B, T, H, Dv]``, dS0 ``[B, H, F, Dv]``, dz0 ``[B, H, F]``.

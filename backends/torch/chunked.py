@@ -169,8 +169,12 @@ def chunked_backward(
     dq_c = attn.scale * ds @ t.k_c + phi_backward(t.q_c, dphi_q, lt)  # [B, H, N, C, D]
     dk_c = attn.scale * ds.transpose(-1, -2) @ t.q_c + phi_backward(t.k_c, dphi_k, lt)
 
-    dq, dqw, dqb = pre_transform_backward(x.q.to(dt), fm.pre, x.q_weight, x.q_bias, _unchunk(dq_c, T))
-    dk, dkw, dkb = pre_transform_backward(x.k.to(dt), fm.pre, x.k_weight, x.k_bias, _unchunk(dk_c, T))
+    dq, dqw, dqb = pre_transform_backward(
+        x.q.to(dt), fm.pre, x.q_weight, x.q_bias, _unchunk(dq_c, T)
+    )
+    dk, dkw, dkb = pre_transform_backward(
+        x.k.to(dt), fm.pre, x.k_weight, x.k_bias, _unchunk(dk_c, T)
+    )
     dS0 = dz0 = None
     if x.S0 is not None:
         dS0 = (dS_final + dS_b.sum(2)).to(x.S0.dtype)

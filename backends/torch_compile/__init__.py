@@ -8,8 +8,9 @@ backward is the ``torch`` backend's hand-written chunked backward, compiled the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F_
