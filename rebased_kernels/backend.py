@@ -217,16 +217,16 @@ def empty_sequence(x: Inputs, attn: LinearAttention) -> Outputs:
     Dv = x.v.shape[-1]
     F = attn.feature_map.num_features(D)
     dt = compute_dtype(x.v.dtype)
-    S = x.S0.to(dt, copy=True) if x.S0 is not None else x.v.new_zeros(B, H, F, Dv, dtype=dt)
-    z = x.z0.to(dt, copy=True) if x.z0 is not None else x.v.new_zeros(B, H, F, dtype=dt)
+    S = x.S0.to(dt) if x.S0 is not None else x.v.new_zeros(B, H, F, Dv, dtype=dt)
+    z = x.z0.to(dt) if x.z0 is not None else x.v.new_zeros(B, H, F, dtype=dt)
     return Outputs(x.v.new_empty(B, 0, H, Dv), S, z)
 
 
 def empty_sequence_grads(x: Inputs, grads: Outputs) -> Inputs:
     """The gradients for T = 0: the state's gradient passes through to the initial state."""
     zeros = [None if t is None else torch.zeros_like(t) for t in x[:7]]
-    dS0 = None if x.S0 is None else grads.S.to(x.S0.dtype, copy=True)
-    dz0 = None if x.z0 is None else grads.z.to(x.z0.dtype, copy=True)
+    dS0 = None if x.S0 is None else grads.S.to(x.S0.dtype)
+    dz0 = None if x.z0 is None else grads.z.to(x.z0.dtype)
     return Inputs(*zeros, dS0, dz0)
 
 

@@ -39,6 +39,24 @@ def _attention(
 _OPT = torch.Tensor | None
 
 
+def _unaliased(outputs, inputs) -> list[torch.Tensor]:
+    """Contiguous outputs that share no memory with the op's inputs or each other.
+
+    A backend may legally pass a tensor through (e.g. dS0 = dS when T = 1), but a custom
+    op's outputs must not alias; such outputs are copied.
+    """
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    out = []
+    for t in outputs:
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out.append(t)
+    return out
+
+
 @torch.library.custom_op("rebased_kernels::linear_attention_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor,
@@ -66,7 +84,8 @@ def _fwd_op(
     if q.shape[1] == 0:
         return tuple(empty_sequence(x, attn))
     be = get_backend(backend)
-    return tuple(t.contiguous() for t in be.forward(x, attn, decode_config(be, config), cu_seqlens))
+    out = be.forward(x, attn, decode_config(be, config), cu_seqlens)
+    return tuple(_unaliased(out, (*x, cu_seqlens)))
 
 
 @_fwd_op.register_fake
@@ -134,7 +153,7 @@ def _bwd_op(
         be = get_backend(backend)
         g = be.backward(x, attn, decode_config(be, config), cu_seqlens, grads)
     # absent inputs get an empty placeholder; custom ops cannot return None
-    return [q.new_empty(0) if t is None else t.contiguous() for t in g]
+    return _unaliased([q.new_empty(0) if t is None else t for t in g], (*x, do, dS, dz))
 
 
 @_bwd_op.register_fake

@@ -13,6 +13,7 @@ from strategies import (
     Case,
     backends_under_test,
     cases,
+    dtypes_under_test,
     examples,
     make_inputs,
     oracle,
@@ -26,14 +27,21 @@ from rebased_kernels.testing import TOLERANCE, assert_close, rel_err
 BACKENDS = backends_under_test()
 
 
+BACKEND_DTYPES = [
+    pytest.param(b, d, id=f"{b}-{str(d).replace('torch.', '')}")
+    for b in BACKENDS
+    for d in dtypes_under_test(b)
+]
+
+
 def property_test(default_examples: int = 25, **case_kwargs):
-    """Run the decorated check on hypothesis draws, per backend, with its example budget."""
+    """Run the decorated check on hypothesis draws, per backend and dtype, with its budget."""
 
     def wrap(check):
-        @pytest.mark.parametrize("backend", BACKENDS)
-        def test(backend):
+        @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+        def test(backend, dtype):
             @settings(max_examples=examples(backend, default_examples))
-            @given(case=cases(backend, **case_kwargs), data=st.data())
+            @given(case=cases(backend, dtype, **case_kwargs), data=st.data())
             def inner(case: Case, data):
                 check(case, data)
 

@@ -89,11 +89,13 @@ def _load(src, b, t0, h, m, dst):
 @njit(cache=True)
 def _store(src, m, dst, b, t0, h, add):
     """``dst[b, t0:t0+m, h] (+)= src[:m]``: src ``[C, E]``, dst ``[B, T, H, E]``."""
+    E = dst.shape[3]
     for i in range(m):
-        for e in range(dst.shape[3]):
-            if add:
+        if add:
+            for e in range(E):
                 dst[b, t0 + i, h, e] += src[i, e]
-            else:
+        else:
+            for e in range(E):
                 dst[b, t0 + i, h, e] = src[i, e]
 
 
@@ -181,9 +183,10 @@ def _attend(PhiQ, PhiQT, A, V, S, z, m, P, normalize, out, den):
             rowsum = P[_ZERO]
             for j in range(i + 1):
                 rowsum += A[i, j]
-            den[i] = den[i] + rowsum + P[_EPS]
+            d = den[i] + rowsum + P[_EPS]
+            den[i] = d
             for e in range(Dv):
-                out[i, e] = out[i, e] / den[i]
+                out[i, e] = out[i, e] / d
 
 
 @njit(cache=True)
@@ -196,6 +199,47 @@ def _update_state(PhiKT, V, m, S, z):
         for i in range(m):
             acc += PhiKT[f, i]
         z[f] = acc
+
+
+@njit(cache=True)
+def _normalize_backward(PhiQT, A, z, m, P, dphiT, ds, dO, den, dden):
+    """Turn the raw products with ``do`` into those with ``dnum``, for normalize=True.
+
+    In: dphiT ``[F, C]`` = S do^T, ds ``[C, C]`` = do V^T (lower), dO ``[C, Dv]`` = do.
+    Out: ``den [m]`` (with eps), ``dden [m] = -(do . out) / den`` with
+    ``do . out = (do . (phi_q S) + do . (A V)) / den`` (the first term is ``PhiQ . dphiT``,
+    the second ``A . ds``, so out is never formed), ``dO = dnum = do / den``,
+    ``ds = dnum V^T + dden``, ``dphiT = (dnum S^T + dden z^T)^T``.
+    """
+    F = PhiQT.shape[0]
+    Dv = dO.shape[1]
+    zero = P[_ZERO]
+    for i in range(m):
+        den[i] = zero
+        dden[i] = zero  # accumulates do . (phi_q S) first
+    for f in range(F):
+        zf = z[f]
+        for i in range(m):
+            den[i] += PhiQT[f, i] * zf
+            dden[i] += PhiQT[f, i] * dphiT[f, i]
+    for i in range(m):
+        rowsum = zero
+        adot = zero
+        for j in range(i + 1):
+            rowsum += A[i, j]
+            adot += A[i, j] * ds[i, j]
+        d = den[i] + rowsum + P[_EPS]
+        g = -((dden[i] + adot) / d) / d
+        den[i] = d
+        dden[i] = g
+        for e in range(Dv):
+            dO[i, e] = dO[i, e] / d
+        for j in range(i + 1):
+            ds[i, j] = ds[i, j] / d + g
+    for f in range(F):
+        zf = z[f]
+        for i in range(m):
+            dphiT[f, i] = dphiT[f, i] / den[i] + zf * dden[i]
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -250,7 +294,7 @@ def backward_kernel(q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq,
     F = w.shape[0]
     N = (T + C - 1) // C
     dt = q.dtype
-    scale, zero, dc1, dc2 = P[_SCALE], P[_ZERO], P[_C1], P[_DC2]
+    scale, dc1, dc2 = P[_SCALE], P[_C1], P[_DC2]
     for bh in prange(B * H):
         b, h = bh // H, bh % H
         S = np.zeros((F, Dv), dt)  # [F, Dv]: S before the chunk (pass 1), G after it (pass 2)
@@ -264,15 +308,14 @@ def backward_kernel(q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq,
         dQ, dK = np.empty((C, D), dt), np.empty((C, D), dt)  # [C, D]
         QT, KT = np.empty((D + 1, C), dt), np.empty((D + 1, C), dt)  # [D + 1, C]
         dxT = np.empty((D + 1, C), dt)  # [D + 1, C]
-        V, out, dV = np.empty((C, Dv), dt), np.empty((C, Dv), dt), np.empty((C, Dv), dt)
+        V, dV = np.empty((C, Dv), dt), np.empty((C, Dv), dt)  # [C, Dv]
         dO = np.empty((C, Dv), dt)  # [C, Dv]: do, then dnum = do / den
         VT, dOT = np.empty((Dv, C), dt), np.empty((Dv, C), dt)  # [Dv, C]
         PhiQT, PhiKT = np.empty((F, C), dt), np.empty((F, C), dt)  # [F, C]
         dphiT = np.empty((F, C), dt)  # [F, C]
-        PhiQ, PhiK = np.empty((C, F), dt), np.empty((C, F), dt)  # [C, F]
+        PhiK = np.empty((C, F), dt)  # [C, F]
         s, A, AT = np.empty((C, C), dt), np.empty((C, C), dt), np.empty((C, C), dt)  # [C, C]
         ds, dsT = np.empty((C, C), dt), np.empty((C, C), dt)  # [C, C]
-        den = np.empty(C, dt)  # [C]
 
         for n in range(N):  # pass 1: forward over chunks
             t0 = n * C
@@ -281,31 +324,19 @@ def backward_kernel(q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq,
             _load(do, b, t0, h, m, dO)
             _features(QT, m, i0, i1, w, PhiQT)
             _features(KT, m, i0, i1, w, PhiKT)
-            _transpose(PhiQT, F, m, PhiQ)
             _scores(Q, KT, m, P, s, A)
-            _attend(PhiQ, PhiQT, A, V, S, z, m, P, normalize, out, den)
-            if normalize:  # dnum = do / den, dden = -(do . out) / den
-                for i in range(m):
-                    acc = zero
-                    for e in range(Dv):
-                        acc += dO[i, e] * out[i, e]
-                    dden_t[t0 + i] = -acc / den[i]
-                    den_t[t0 + i] = den[i]
-                    for e in range(Dv):
-                        dO[i, e] = dO[i, e] / den[i]
-            dden = dden_t[t0 : t0 + m]  # [m]
-            # dphi_q^T = S dnum^T + z dden^T  [F, C]
-            _transpose(dO, m, Dv, dOT)
-            for f in range(F):
-                for i in range(m):
-                    dphiT[f, i] = z[f] * dden[i]
-            _mm(S, dOT, dphiT, F, Dv, m, FULL)
-            # ds = scale * tril(dnum V^T + dden) * sim'(s)  [C, C]
+            # raw products with do: ds = do V^T (lower), dphiT = S do^T
             _transpose(V, m, Dv, VT)
-            for i in range(m):
-                for j in range(m):
-                    ds[i, j] = dden[i]
+            _transpose(dO, m, Dv, dOT)
+            ds[:m, :m] = 0
             _mm(dO, VT, ds, m, Dv, m, OUT_LOWER)
+            dphiT[:, :m] = 0
+            _mm(S, dOT, dphiT, F, Dv, m, FULL)
+            if normalize:  # now dnum, ds = dnum V^T + dden, dphiT = dphi_q^T
+                _normalize_backward(
+                    PhiQT, A, z, m, P, dphiT, ds, dO, den_t[t0 : t0 + m], dden_t[t0 : t0 + m]
+                )
+            # ds = scale * tril(dA) * sim'(s)  [C, C]
             for i in range(m):
                 for j in range(i + 1):
                     ds[i, j] = scale * ds[i, j] * (dc2 * s[i, j] + dc1)
@@ -333,16 +364,18 @@ def backward_kernel(q, k, v, S0, z0, do, dS, dz, i0, i1, w, P, C, normalize, dq,
             _load_chunk(q, k, v, b, t0, h, m, Q, K, V, QT, KT)
             _load(do, b, t0, h, m, dO)
             for i in range(m):
+                d = den_t[t0 + i]
                 for e in range(Dv):
-                    dO[i, e] = dO[i, e] / den_t[t0 + i]
+                    dO[i, e] = dO[i, e] / d
             _features(QT, m, i0, i1, w, PhiQT)
             _features(KT, m, i0, i1, w, PhiKT)
             _transpose(PhiKT, F, m, PhiK)
             # dphi_k^T = G V^T + Gz  [F, C]; dk += phi_backward(k, dphi_k)
             _transpose(V, m, Dv, VT)
             for f in range(F):
+                zf = z[f]
                 for i in range(m):
-                    dphiT[f, i] = z[f]
+                    dphiT[f, i] = zf
             _mm(S, VT, dphiT, F, Dv, m, FULL)
             _features_backward(KT, m, i0, i1, w, dphiT, dxT)
             _transpose(dxT, D, m, dK)
