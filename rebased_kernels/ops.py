@@ -82,7 +82,7 @@ def _fwd_op(
     _validate.check_finite(dict(zip(Inputs._fields, x)))
     attn = _attention(norm, affine, coeffs, scale, normalize, eps)
     if q.shape[1] == 0:
-        return tuple(empty_sequence(x, attn))
+        return tuple(_unaliased(empty_sequence(x, attn), x))
     be = get_backend(backend)
     out = be.forward(x, attn, decode_config(be, config), cu_seqlens)
     return tuple(_unaliased(out, (*x, cu_seqlens)))

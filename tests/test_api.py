@@ -286,3 +286,31 @@ def test_layer_trains() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_torch_compile_does_not_recompile_per_sequence_length() -> None:
+    """Lengths in one power-of-two bucket share one graph; a new bucket adds one."""
+    from torch._dynamo.utils import counters
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    g = torch.Generator().manual_seed(6)
+    w = 1 + 0.1 * torch.randn(3, 8, generator=g)
+
+    def call(T: int) -> None:
+        q, k = torch.randn(2, T, 3, 8, generator=g), torch.randn(2, T, 3, 8, generator=g)
+        v = torch.randn(2, T, 3, 4, generator=g)
+        o = rk.linear_attention(
+            q, k, v, "gamma_x2", q_weight=w, k_weight=w, backend="torch_compile"
+        )
+        ref = rk.linear_attention(q, k, v, "gamma_x2", q_weight=w, k_weight=w, backend="torch")
+        assert rel_err(o, ref) < 1e-5
+
+    call(70)  # bucket 128
+    before = graphs()
+    for T in (65, 99, 128):
+        call(T)
+    assert graphs() == before
+    call(129)  # bucket 256
+    assert graphs() == before + 1

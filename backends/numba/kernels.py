@@ -34,7 +34,7 @@ triangle is wanted (e <= i); ``a`` upper-triangular (k >= i). Within the 4 x 4 d
 blocks the zeros of a triangular ``a`` must be stored, and ``OUT_LOWER`` writes there too."""
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _mm(a, b, out, M, K, E, tri):
     """``out[:M, :E] += a[:M, :K] @ b[:K, :E]``: a ``[>=M, >=K]``, b ``[>=K, >=E]``."""
     m4 = M - M % 4
@@ -78,7 +78,7 @@ def _mm(a, b, out, M, K, E, tri):
                 out[i, e] += a0 * b[kk, e]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _load(src, b, t0, h, m, dst):
     """``dst[:m] = src[b, t0:t0+m, h]``: src ``[B, T, H, E]``, dst ``[C, E]``."""
     for i in range(m):
@@ -86,7 +86,7 @@ def _load(src, b, t0, h, m, dst):
             dst[i, e] = src[b, t0 + i, h, e]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _store(src, m, dst, b, t0, h, add):
     """``dst[b, t0:t0+m, h] (+)= src[:m]``: src ``[C, E]``, dst ``[B, T, H, E]``."""
     E = dst.shape[3]
@@ -99,7 +99,7 @@ def _store(src, m, dst, b, t0, h, add):
                 dst[b, t0 + i, h, e] = src[i, e]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _transpose(src, rows, cols, dst):
     """``dst[:cols, :rows] = src[:rows, :cols].T``."""
     for i in range(rows):
@@ -107,7 +107,7 @@ def _transpose(src, rows, cols, dst):
             dst[e, i] = src[i, e]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _load_chunk(q, k, v, b, t0, h, m, Q, K, V, QT, KT):
     """Q, K ``[C, D]``, V ``[C, Dv]`` and QT, KT ``[D + 1, C]`` (row D all ones)."""
     D = Q.shape[1]
@@ -120,7 +120,7 @@ def _load_chunk(q, k, v, b, t0, h, m, Q, K, V, QT, KT):
     KT[D, :m] = 1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _features(xT, m, i0, i1, w, phiT):
     """``phiT[:, :m] = phi(x)^T``: xT ``[D + 1, C]`` (row D all ones), phiT ``[F, C]``."""
     for f in range(w.shape[0]):
@@ -129,7 +129,7 @@ def _features(xT, m, i0, i1, w, phiT):
             phiT[f, i] = wf * xT[a, i] * xT[c, i]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _features_backward(xT, m, i0, i1, w, dphiT, dxT):
     """``dxT[:, :m] = (dphi . dphi/dx)^T``: xT, dxT ``[D + 1, C]``, dphiT ``[F, C]``.
 
@@ -144,7 +144,7 @@ def _features_backward(xT, m, i0, i1, w, dphiT, dxT):
             dxT[c, i] += g * xT[a, i]
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _scores(Q, KT, m, P, s, A):
     """``s = scale * Q K^T`` and ``A = sim(s)`` on ``j <= i``, zero above (``j < m``).
 
@@ -161,7 +161,7 @@ def _scores(Q, KT, m, P, s, A):
         A[i, i + 1 : m] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _attend(PhiQ, PhiQT, A, V, S, z, m, P, normalize, out, den):
     """``out[:m] = (PhiQ S + A V) / den`` with ``den = PhiQ z + rowsum(A) + eps``.
 
@@ -189,7 +189,7 @@ def _attend(PhiQ, PhiQT, A, V, S, z, m, P, normalize, out, den):
                 out[i, e] = out[i, e] / d
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _update_state(PhiKT, V, m, S, z):
     """``S += PhiK^T V``, ``z += colsum(PhiK)``: PhiKT ``[F, C]``, S ``[F, Dv]``, z ``[F]``."""
     F, Dv = S.shape
@@ -201,7 +201,7 @@ def _update_state(PhiKT, V, m, S, z):
         z[f] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=False)
 def _normalize_backward(PhiQT, A, z, m, P, dphiT, ds, dO, den, dden):
     """Turn the raw products with ``do`` into those with ``dnum``, for normalize=True.
 
