@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from .spec import FeatureMap
@@ -128,7 +129,13 @@ def check_finite(named: dict[str, torch.Tensor | None]) -> None:
     if os.environ.get("REBASED_KERNELS_CHECK_FINITE", "1") == "0":
         return
     for name, t in named.items():
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+        if t is None or not t.numel():
+            continue
+        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+            finite = bool(np.isfinite(t.detach().numpy()).all())  # no thread-pool start-up
+        else:
+            finite = bool(torch.isfinite(t).all())
+        if not finite:
             raise ValueError(
                 f"{name} contains NaN or Inf: the kernels would return garbage; "
                 "fix the input (set REBASED_KERNELS_CHECK_FINITE=0 to skip this check)"

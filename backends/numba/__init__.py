@@ -17,7 +17,13 @@ import torch
 
 from rebased_kernels.backend import Backend, Inputs, Outputs, compute_dtype, register
 from rebased_kernels.features import pre_transform, pre_transform_backward
-from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
+from rebased_kernels.spec import (
+    LAYER_NORM_EPS,
+    FeatureMap,
+    LinearAttention,
+    feature_layout,
+    feature_weights,
+)
 
 
 @lru_cache(maxsize=64)
@@ -35,8 +41,20 @@ def _layout(fm: FeatureMap, D: int, scale: float, eps: float, dtype: torch.dtype
     return i0, i1, w, P
 
 
+@lru_cache(maxsize=16)
+def _identity_affine(H: int, D: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only ``(ones [H, D], zeros [H, D])`` standing in for absent gamma and beta."""
+    np_dt = np.float64 if dtype == torch.float64 else np.float32
+    ones, zeros = np.ones((H, D), dtype=np_dt), np.zeros((H, D), dtype=np_dt)
+    ones.setflags(write=False)
+    zeros.setflags(write=False)
+    return ones, zeros
+
+
 def _np(t: torch.Tensor, dt: torch.dtype) -> np.ndarray:
     """A C-contiguous numpy view of ``t`` in dtype ``dt`` (copies only when needed)."""
+    if t.dtype == dt and t.is_contiguous():
+        return t.detach().numpy()
     return t.detach().to(dt).contiguous().numpy()
 
 
@@ -133,6 +151,30 @@ class NumbaBackend(Backend):
             dS0.to(x.S0.dtype) if has_state else None,
             dz0.to(x.z0.dtype) if has_state else None,
         )
+
+    def decode_step(self, x: Inputs, attn: LinearAttention) -> Outputs:
+        from .decode import decode_kernel
+
+        dt = x.S0.dtype
+        fm = attn.feature_map
+        B, H, D = x.q.shape
+        F, Dv = fm.num_features(D), x.v.shape[-1]
+        ones, zeros = _identity_affine(H, D, dt)
+
+        def param(p: torch.Tensor | None, used: bool, default: np.ndarray) -> np.ndarray:
+            return _np(p.expand(H, D), dt) if used and p is not None else default
+
+        o = torch.empty(B, H, Dv, dtype=dt)
+        S, z = torch.empty(B, H, F, Dv, dtype=dt), torch.empty(B, H, F, dtype=dt)
+        i0, i1, w, P = _layout(fm, D, float(attn.scale), float(attn.eps), dt)
+        decode_kernel(
+            _np(x.q, dt), _np(x.k, dt), _np(x.v, dt), _np(x.S0, dt), _np(x.z0, dt),
+            param(x.q_weight, fm.pre.uses_gamma, ones), param(x.q_bias, fm.pre.uses_beta, zeros),
+            param(x.k_weight, fm.pre.uses_gamma, ones), param(x.k_bias, fm.pre.uses_beta, zeros),
+            fm.pre.norm, LAYER_NORM_EPS, i0, i1, w, P, bool(attn.normalize),
+            o.numpy(), S.numpy(), z.numpy(),
+        )  # fmt: skip
+        return Outputs(o.to(x.v.dtype), S, z)
 
 
 register(NumbaBackend())
