@@ -80,8 +80,9 @@ def _bench_backend(name: str, x: dict, params: dict, device: str, shape: tuple) 
         o = rk.linear_attention(**x, **params, backend=name)
         o.backward(torch.ones_like(o))
 
-    _, state = rk.linear_attention(**x, **params, backend=name, output_final_state=True)
-    step = [t[:, -1].detach() for t in (x["q"], x["k"], x["v"])]
+    with torch.no_grad():
+        _, state = rk.linear_attention(**x, **params, backend=name, output_final_state=True)
+    step = [t[:, -1].detach().contiguous() for t in (x["q"], x["k"], x["v"])]
     p = {n: t.detach() for n, t in params.items()}
 
     def decode():
