@@ -12,6 +12,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                      threads=torch.get_num_threads(), torch=torch.__version__),
         shape=dict(B=B, T=T, H=H, D=D, Dv=Dv), dtype=args.dtype, device=args.device,
         matmul_gflops=matmul_gflops(args.device),
-        command="python -m rebased_kernels.bench " + " ".join(argv or []),
+        command=" ".join(["python -m rebased_kernels.bench", *(argv or sys.argv[1:])]),
     )  # fmt: skip
     record.update(bench(B, T, H, D, Dv, dtype, args.device, names))
     peak = record["matmul_gflops"]

@@ -1,0 +1,1 @@
+"""Training utilities: synthetic data (MQAR) for ReBased experiments."""
