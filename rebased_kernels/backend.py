@@ -161,10 +161,14 @@ class Backend:
                 results.append(self.backward_dense(part, attn, config, part_grads))
         return Inputs(*(_merge(field, ts) for field, ts in zip(Inputs._fields, zip(*results))))
 
-    def decode_step(self, x: Inputs, attn: LinearAttention) -> Outputs:
+    def decode_step(
+        self, x: Inputs, attn: LinearAttention, out: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Outputs:
         """One token: q, k ``[B, H, D]``, v ``[B, H, Dv]``, state in ``x.S0, x.z0``.
 
         ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``.
+        With ``out`` (contiguous, state dtype; may be ``x.S0, x.z0`` themselves) the new
+        state is written there.
         """
         fm = attn.feature_map
         dt = x.S0.dtype
@@ -176,6 +180,8 @@ class Backend:
         o = torch.einsum("bhf,bhfe->bhe", phi_q, S)
         if attn.normalize:
             o = o / ((phi_q * z).sum(-1, keepdim=True) + attn.eps)
+        if out is not None:
+            S, z = out[0].copy_(S), out[1].copy_(z)
         return Outputs(o.to(x.v.dtype), S, z)
 
 

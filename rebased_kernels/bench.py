@@ -89,12 +89,16 @@ def _bench_backend(name: str, x: dict, params: dict, device: str, shape: tuple) 
     def decode():
         return rk.decode_step(*step, state, **p, backend=name)
 
+    def decode_inplace():
+        return rk.decode_step(*step, state, **p, backend=name, inplace=True)
+
     f_ms, fb_ms = median_ms(fwd, device), median_ms(fwd_bwd, device, repeats=7)
     d_us = median_ms(decode, device, warmup=20, repeats=200) * 1e3
+    di_us = median_ms(decode_inplace, device, warmup=20, repeats=200) * 1e3
     flops = chunked_flops(B, T, H, D, Dv, F, C)
     return dict(
         backend=name, forward_ms=f_ms, forward_backward_ms=fb_ms, decode_us=d_us,
-        forward_gflops=flops / f_ms / 1e6, chunk_size=C,
+        decode_inplace_us=di_us, forward_gflops=flops / f_ms / 1e6, chunk_size=C,
     )  # fmt: skip
 
 
@@ -124,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         f"shape B,T,H,D,Dv = {args.shape}  {args.dtype}  {args.device}  matmul {peak:.0f} GFLOP/s"
     )
     print(
-        f"{'backend':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'decode us':>11}"
+        f"{'backend':<15}{'fwd ms':>9}{'fwd+bwd ms':>12}{'decode us':>11}{'in place':>10}"
         f"{'fwd GFLOP/s':>13}{'of peak':>9}"
     )
     for r in record["rows"]:
         print(
             f"{r['backend']:<15}{r['forward_ms']:>9.2f}{r['forward_backward_ms']:>12.2f}"
-            f"{r['decode_us']:>11.1f}{r['forward_gflops']:>13.1f}{r['forward_gflops'] / peak:>9.1%}"
+            f"{r['decode_us']:>11.1f}{r['decode_inplace_us']:>10.1f}"
+            f"{r['forward_gflops']:>13.1f}{r['forward_gflops'] / peak:>9.1%}"
         )
     if args.out:
         with open(args.out, "w") as f:

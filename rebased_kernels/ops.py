@@ -285,6 +285,7 @@ def decode_step(
     normalize: bool = True,
     eps: float = 1e-5,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, State]:
     """One token per sequence: the O(1)-per-token inference path.
 
@@ -292,6 +293,8 @@ def decode_step(
     (no denominator without ``normalize``), equal to the last row of ``linear_attention``
     over the whole prefix. q, k: ``[B, H, D]``; v: ``[B, H, Dv]``; state:
     ``(S [B, H, F, Dv], z [B, H, F])``. Returns ``(o [B, H, Dv] in v's dtype, State)``.
+    With ``inplace=True`` the given state tensors (contiguous, float32 or float64 as the
+    inputs' compute dtype) are updated and returned, saving a state-sized allocation.
     """
     fm = get_feature_map(feature_map)
     _validate.check_qkv(q, k, v, ndim=3)
@@ -301,10 +304,19 @@ def decode_step(
     scale = D**-0.5 if scale is None else float(scale)
     _validate.check_scalars(scale, eps)
     S, z = _validate.check_state(state, B, H, fm.num_features(D), v.shape[-1], q.device, "state")
-    x = Inputs(q, k, v, *params, S.to(compute_dtype(v.dtype)), z.to(compute_dtype(v.dtype)))
+    dt = compute_dtype(v.dtype)
+    out = None
+    if inplace:
+        if not (S.dtype == z.dtype == dt and S.is_contiguous() and z.is_contiguous()):
+            raise ValueError(
+                f"inplace=True needs a contiguous {dt} state (got S {S.dtype}, z {z.dtype}); "
+                "pass the state a previous call returned, or inplace=False"
+            )
+        out = (S, z)
+    x = Inputs(q, k, v, *params, S.to(dt), z.to(dt))
     attn = LinearAttention(fm, scale, normalize, eps)
     be = resolve(backend, _problem(attn, q, v, False))
-    o, S, z = be.decode_step(x, attn)
+    o, S, z = be.decode_step(x, attn, out)
     # o depends on every input: one small check per step instead of one per input
     _validate.check_finite({"decode_step's output (so q, k, v, the state or a parameter)": o})
     return o, State(S, z)

@@ -160,7 +160,9 @@ def test_cu_seqlens_equals_separate_runs(case: Case, data) -> None:
 
 @property_test(max_T=40)
 def test_decode_steps_equal_full_run(case: Case, data) -> None:
-    """6. Token-by-token ``decode_step`` from the same state equals the full run."""
+    """6. Token-by-token ``decode_step`` from the same state equals the full run
+    (functional, or updating the state in place)."""
+    inplace = data.draw(st.booleans())
     kw = make_inputs(case)
     o_full, S_full, z_full = run(case, kw)
     params = {n: kw[n] for n in PARAM_NAMES if n in kw}
@@ -172,12 +174,15 @@ def test_decode_steps_equal_full_run(case: Case, data) -> None:
             kw["q"][:, :0], kw["k"][:, :0], kw["v"][:, :0], case.fm, output_final_state=True
         )
         assert state.S.shape == (case.B, case.H, F, case.Dv)
+    state = tuple(t.clone() for t in state)
+    buffers = state
     outs = []
     for t in range(case.T):
         o_t, state = rk.decode_step(
             kw["q"][:, t], kw["k"][:, t], kw["v"][:, t], state, case.fm,
-            normalize=case.normalize, backend=case.backend, **params,
+            normalize=case.normalize, backend=case.backend, inplace=inplace, **params,
         )  # fmt: skip
+        assert (state.S is buffers[0] and state.z is buffers[1]) == inplace
         outs.append(o_t)
     assert_close(torch.stack(outs, dim=1), o_full, case.dtype, "decoded o")
     assert_close(state.S, S_full, case.dtype, "S")

@@ -152,7 +152,9 @@ class NumbaBackend(Backend):
             dz0.to(x.z0.dtype) if has_state else None,
         )
 
-    def decode_step(self, x: Inputs, attn: LinearAttention) -> Outputs:
+    def decode_step(
+        self, x: Inputs, attn: LinearAttention, out: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Outputs:
         from .decode import decode_kernel
 
         dt = x.S0.dtype
@@ -165,7 +167,12 @@ class NumbaBackend(Backend):
             return _np(p.expand(H, D), dt) if used and p is not None else default
 
         o = torch.empty(B, H, Dv, dtype=dt)
-        S, z = torch.empty(B, H, F, Dv, dtype=dt), torch.empty(B, H, F, dtype=dt)
+        # in place is safe: the kernel reads S[b, h, f, e] just before writing it
+        S, z = (
+            out
+            if out is not None
+            else (torch.empty(B, H, F, Dv, dtype=dt), torch.empty(B, H, F, dtype=dt))
+        )
         i0, i1, w, P = _layout(fm, D, float(attn.scale), float(attn.eps), dt)
         decode_kernel(
             _np(x.q, dt), _np(x.k, dt), _np(x.v, dt), _np(x.S0, dt), _np(x.z0, dt),
