@@ -83,6 +83,8 @@ class Backend:
     tuning_space: ClassVar[dict[str, tuple]] = {}
     """Tunables and their candidate values, e.g. ``{"chunk_size": (16, 32, 64)}``."""
     default_config: ClassVar[dict[str, Any]] = {}
+    compiles: ClassVar[bool] = False
+    """Whether the first call compiles (or loads compiled code): ``info`` times it."""
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run on this machine (None when it can)."""

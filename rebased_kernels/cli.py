@@ -36,10 +36,25 @@ def _info(args: argparse.Namespace) -> int:
             f"{torch.get_num_threads()} threads"
         )
     print()
-    print(f"{'backend':<15}{'available':<11}tuning space / why not")
+    from .backend import get_backend
+    from .registry_info import first_call_seconds
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(
+        f"{'backend':<15}{'available':<11}{'first call':>12}{'next call':>11}  "
+        "tuning space / why not"
+    )
     for b in rk.backends():
+        first = nxt = "-"
+        if b.available and get_backend(b.name).compiles:
+            t0, t1 = first_call_seconds(b.name, device)
+            first, nxt = f"{t0:.2f} s", f"{t1 * 1e3:.1f} ms"
         detail = b.reason if not b.available else (b.tuning_space or "-")
-        print(f"{b.name:<15}{'yes' if b.available else 'no':<11}{detail}")
+        print(f"{b.name:<15}{'yes' if b.available else 'no':<11}{first:>12}{nxt:>11}  {detail}")
+    print(
+        "\nfirst call: a tiny float32 forward+backward including compilation, or loading the "
+        "compiled code from the disk cache"
+    )
     return 0
 
 

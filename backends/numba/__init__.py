@@ -88,6 +88,7 @@ class NumbaBackend(Backend):
     max_degree: ClassVar[int | None] = 2
     tuning_space: ClassVar[dict[str, tuple]] = {"chunk_size": (16, 32, 64, 128)}
     default_config: ClassVar[dict[str, Any]] = {"chunk_size": 64}
+    compiles: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
         try:
