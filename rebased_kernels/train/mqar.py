@@ -153,29 +153,33 @@ def _sample_distinct(gen: torch.Generator, rows: int, pool: int, k: int) -> torc
     return scores.topk(k, dim=1, sorted=True).indices
 
 
-def _block(cfg: MQARConfig, gen: torch.Generator, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    V, L, kv = cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs
+def _fill_block(
+    cfg: MQARConfig, gen: torch.Generator, inputs: torch.Tensor, labels: torch.Tensor
+) -> None:
+    """Fill one block in place: ``inputs`` and ``labels`` are int64 [rows, seq_len] views."""
+    V, kv, rows = cfg.vocab_size, cfg.num_kv_pairs, inputs.shape[0]
     C, half = 2 * kv, cfg.vocab_size // 2
 
     keys = _sample_distinct(gen, rows, half - 1, kv) + 1  # [rows, kv] in [1, V/2)
     values = _sample_distinct(gen, rows, V - half, kv) + half  # [rows, kv] in [V/2, V)
 
-    # Gumbel-top-k == sequential proportional sampling without replacement, order included.
+    # Gumbel-top-k: top-kv of log p(g) - log E, E ~ Exp(1) (E = -log U), is the same draw as
+    # sequential proportional sampling without replacement, order included.
     logp = torch.from_numpy(np.log(cfg.gap_probs())).to(torch.float32)
-    noise = torch.empty((rows, logp.numel()), dtype=torch.float32).exponential_(generator=gen)
-    gaps = (logp - noise.log_()).topk(kv, dim=1, sorted=True).indices  # [rows, kv]
+    u = torch.rand((rows, logp.numel()), generator=gen)
+    scores = u.log_().neg_().log_().neg_().add_(logp)
+    gaps = scores.topk(kv, dim=1, sorted=True).indices  # [rows, kv], gaps[:, i] for key i
     pos = C + 2 * gaps
 
     if cfg.random_non_queries:
-        inputs = torch.randint(0, V, (rows, L), generator=gen)
+        torch.randint(0, V, inputs.shape, generator=gen, out=inputs)
     else:
-        inputs = torch.zeros((rows, L), dtype=torch.int64)
+        inputs.zero_()
     inputs[:, 0:C:2] = keys
     inputs[:, 1:C:2] = values
     inputs.scatter_(1, pos, keys)
-    labels = torch.full((rows, L), IGNORE_INDEX, dtype=torch.int64)
+    labels.fill_(IGNORE_INDEX)
     labels.scatter_(1, pos, values)
-    return inputs, labels
 
 
 def _generate(
@@ -193,7 +197,7 @@ def _generate(
         gen.manual_seed(int(child.generate_state(1, dtype=np.uint64)[0]))
         lo = b * rows_per_block
         hi = min(N, lo + rows_per_block)
-        inputs[lo:hi], labels[lo:hi] = _block(cfg, gen, hi - lo)
+        _fill_block(cfg, gen, inputs[lo:hi], labels[lo:hi])
     return inputs.to(device), labels.to(device)
 
 
