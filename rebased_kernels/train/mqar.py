@@ -35,10 +35,12 @@ Differences from Zoology: odd ``seq_len`` is allowed (the last position is then 
 filler) and ``vocab_size > seq_len`` is not required; the random streams differ (torch
 instead of numpy), the distributions do not.
 
-Speed (measured on the 2-core CPU dev machine, torch 2.13): 100,000 examples at
-``seq_len=2048``, ``num_kv_pairs=64``, ``vocab_size=8192`` in about 4.7 s (~21k
-examples/s, ~44M tokens/s; the two int64 outputs alone take 3.3 GB); 20,000 examples at
-``seq_len=512``, ``num_kv_pairs=32`` in about 0.25 s.
+Speed (measured on the 2-core CPU dev machine, torch 2.13, one process): 100,000 examples
+at ``seq_len=2048``, ``num_kv_pairs=64``, ``vocab_size=8192`` in 3.5-4.1 s (~25k examples/s,
+~55M tokens/s; the two int64 outputs alone take 3.3 GB, sampling scratch is bounded by
+blocks of ~8M elements); 20,000 examples at ``seq_len=512``, ``num_kv_pairs=32`` in 0.19 s.
+Large ``num_kv_pairs`` is slower (keys/values then come from a top-k over the half
+vocabulary): 20,000 x 2048 with ``num_kv_pairs=512`` takes ~2.3 s.
 """
 
 from __future__ import annotations
