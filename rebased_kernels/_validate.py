@@ -124,18 +124,19 @@ def check_scalars(scale: float, eps: float) -> None:
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite (numpy on CPU: no thread-pool start-up)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(named: dict[str, torch.Tensor | None]) -> None:
     """Raise on NaN/Inf inputs; ``REBASED_KERNELS_CHECK_FINITE=0`` skips (one sync per call)."""
     if os.environ.get("REBASED_KERNELS_CHECK_FINITE", "1") == "0":
         return
     for name, t in named.items():
-        if t is None or not t.numel():
-            continue
-        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-            finite = bool(np.isfinite(t.detach().numpy()).all())  # no thread-pool start-up
-        else:
-            finite = bool(torch.isfinite(t).all())
-        if not finite:
+        if t is not None and t.numel() and not is_finite(t):
             raise ValueError(
                 f"{name} contains NaN or Inf: the kernels would return garbage; "
                 "fix the input (set REBASED_KERNELS_CHECK_FINITE=0 to skip this check)"

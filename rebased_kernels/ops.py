@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 
 from . import _validate
 from .backend import (
+    Backend,
     Inputs,
     Outputs,
     Problem,
@@ -270,6 +272,27 @@ def linear_attention(
     return (o, State(S, z)) if output_final_state else o
 
 
+@lru_cache(maxsize=64)
+def _decode_plan(
+    backend: str,
+    feature_map: str | FeatureMap,
+    D: int,
+    Dv: int,
+    dtype: torch.dtype,
+    device_type: str,
+    scale: float | None,
+    normalize: bool,
+    eps: float,
+) -> tuple[FeatureMap, LinearAttention, Backend, int]:
+    """What a decode step with these settings runs (resolved once: the step is per token)."""
+    fm = get_feature_map(feature_map)
+    scale = D**-0.5 if scale is None else float(scale)
+    _validate.check_scalars(scale, eps)
+    attn = LinearAttention(fm, scale, normalize, eps)
+    be = resolve(backend, Problem(attn, D, Dv, dtype, device_type, False))
+    return fm, attn, be, fm.num_features(D)
+
+
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -296,14 +319,15 @@ def decode_step(
     With ``inplace=True`` the given state tensors (contiguous, float32 or float64 as the
     inputs' compute dtype) are updated and returned, saving a state-sized allocation.
     """
-    fm = get_feature_map(feature_map)
     _validate.check_qkv(q, k, v, ndim=3)
+    B, H, D = q.shape
+    Dv = v.shape[-1]
+    fm, attn, be, F = _decode_plan(
+        backend, feature_map, D, Dv, q.dtype, q.device.type, scale, normalize, eps
+    )
     params = (q_weight, q_bias, k_weight, k_bias)
     _validate.check_params(fm, q, params)
-    B, H, D = q.shape
-    scale = D**-0.5 if scale is None else float(scale)
-    _validate.check_scalars(scale, eps)
-    S, z = _validate.check_state(state, B, H, fm.num_features(D), v.shape[-1], q.device, "state")
+    S, z = _validate.check_state(state, B, H, F, Dv, q.device, "state")
     dt = compute_dtype(v.dtype)
     out = None
     if inplace:
@@ -313,10 +337,8 @@ def decode_step(
                 "pass the state a previous call returned, or inplace=False"
             )
         out = (S, z)
-    x = Inputs(q, k, v, *params, S.to(dt), z.to(dt))
-    attn = LinearAttention(fm, scale, normalize, eps)
-    be = resolve(backend, _problem(attn, q, v, False))
-    o, S, z = be.decode_step(x, attn, out)
+    S0, z0 = (S, z) if S.dtype == z.dtype == dt else (S.to(dt), z.to(dt))
+    o, S, z = be.decode_step(Inputs(q, k, v, *params, S0, z0), attn, out)
     # o depends on every input: one small check per step instead of one per input
     _validate.check_finite({"decode_step's output (so q, k, v, the state or a parameter)": o})
     return o, State(S, z)

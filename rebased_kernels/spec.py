@@ -93,6 +93,11 @@ class FeatureMap:
             raise ValueError(f"feature map {self.name!r}: coeffs must have a non-zero entry")
         if any(not math.isfinite(c) or c < 0.0 for c in coeffs):
             raise ValueError(f"feature map {self.name!r}: coeffs {coeffs} must be finite and >= 0")
+        # hashed once: a feature map keys the per-token caches of the decode path
+        object.__setattr__(self, "_hash", hash((self.name, self.pre, coeffs)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
 
     @property
     def degree(self) -> int:

@@ -61,7 +61,7 @@ def _identity_affine(H: int, D: int, dtype: torch.dtype) -> tuple[np.ndarray, np
 def _np(t: torch.Tensor, dt: torch.dtype) -> np.ndarray:
     """A C-contiguous numpy view of ``t`` in dtype ``dt`` (copies only when needed)."""
     if t.dtype == dt and t.is_contiguous():
-        return t.detach().numpy()
+        return (t.detach() if t.requires_grad else t).numpy()
     return t.detach().to(dt).contiguous().numpy()
 
 
@@ -196,7 +196,8 @@ class NumbaBackend(Backend):
             S, z = out
         else:
             S, z = torch.from_numpy(S_out), torch.from_numpy(z_out)
-        return Outputs(torch.from_numpy(o).to(x.v.dtype), S, z)
+        o_t = torch.from_numpy(o)
+        return Outputs(o_t if o_t.dtype == x.v.dtype else o_t.to(x.v.dtype), S, z)
 
 
 register(NumbaBackend())
