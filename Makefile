@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format info check clean
+.PHONY: demo test lint format clean gpu-check
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,20 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# On the GPU machine (its python3 has torch; nothing to download): install this checkout
+# without dependencies, then oracle check, the property suite with the `gpu` profile on CUDA,
+# and side-by-side timings; results go to $(OUT) (the device tool's output folder).
+OUT ?= out
+gpu-check:
+	mkdir -p $(OUT)
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	python3 -m rebased_kernels.cli info | tee $(OUT)/info.txt
+	python3 -m rebased_kernels.cli check --device cuda --dtypes float32,bfloat16,float16 | tee $(OUT)/check.txt
+	REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda python3 -m pytest -q \
+		-p no:cacheprovider tests/test_properties.py --junitxml=$(OUT)/properties.xml
+	python3 -m rebased_kernels.bench --device cuda --dtype bfloat16 --shape 4,16384,16,16,64 \
+		--out $(OUT)/bench-T16384.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache .ruff_cache
