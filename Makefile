@@ -40,8 +40,10 @@ gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	python3 -m rebased_kernels.cli info | tee $(OUT)/info.txt
 	python3 -m rebased_kernels.cli check --device cuda --dtypes float32,bfloat16,float16 | tee $(OUT)/check.txt
+	# torch_compile is left to CI: 200 random shapes would each compile a graph
 	REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda python3 -m pytest -q \
-		-p no:cacheprovider tests/test_properties.py --junitxml=$(OUT)/properties.xml
+		-p no:cacheprovider tests/test_properties.py -k "not torch_compile" \
+		--junitxml=$(OUT)/properties.xml
 	python3 -m rebased_kernels.bench --device cuda --dtype bfloat16 --shape 4,16384,16,16,64 \
 		--out $(OUT)/bench-T16384.json
 
