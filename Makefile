@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check
+.PHONY: demo test lint format clean gpu-check bench-compare
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,17 @@ gpu-check:
 		--junitxml=$(OUT)/properties.xml
 	python3 -m rebased_kernels.bench --device cuda --dtype bfloat16 --shape 4,16384,16,16,64 \
 		--out $(OUT)/bench-T16384.json
+
+# Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
+# `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.
+BASE ?= HEAD~1
+HEAD ?= HEAD
+FACTOR ?= 1.10
+MACHINE ?= cpu-2core
+bench-compare: $(STAMP)
+	$(PY) -m rebased_kernels.benchgate --factor $(FACTOR) \
+		$$(ls asv_bench/results/$(MACHINE)/$$(git rev-parse --short=8 $(BASE))-*.json) \
+		$$(ls asv_bench/results/$(MACHINE)/$$(git rev-parse --short=8 $(HEAD))-*.json)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache .ruff_cache
