@@ -78,6 +78,32 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _train_mqar(args: argparse.Namespace) -> int:
+    from .train.loop import TrainConfig, train
+    from .train.model import ModelConfig
+    from .train.mqar import MQARConfig
+
+    data = MQARConfig(
+        vocab_size=args.vocab, seq_len=args.seq_len, num_kv_pairs=args.kv_pairs,
+        num_examples=args.examples,
+    )  # fmt: skip
+    model = ModelConfig(
+        vocab_size=args.vocab, d_model=args.d_model, seq_len=args.seq_len, mixer=args.mixer,
+        num_heads=args.heads, backend=args.backend,
+    )  # fmt: skip
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(
+        model=model, data=data, test_examples=args.test_examples, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs, max_steps=args.steps, seed=args.seed,
+        eval_every=args.eval_every, out_dir=args.out, device=device,
+    )  # fmt: skip
+    result = train(cfg)
+    print(f"test accuracy {result['test_acc']:.4f} after {result['steps']} steps")
+    if args.out:
+        print(f"metrics: {args.out}/metrics.jsonl")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebased-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         "--backends", default=None, help="comma-separated names (default: all available)"
     )
     check.set_defaults(fn=_check)
+    train = sub.add_parser("train", help="train a model with the kernels (MQAR)")
+    mqar = train.add_subparsers(dest="task", required=True).add_parser(
+        "mqar", help="multi-query associative recall (the paper's Sec. 5.1-5.3)"
+    )
+    mqar.add_argument("--mixer", default="rebased", help="a feature-map preset or 'attention'")
+    mqar.add_argument("--d-model", type=int, default=64)
+    mqar.add_argument("--heads", type=int, default=12)
+    mqar.add_argument("--seq-len", type=int, default=256)
+    mqar.add_argument("--kv-pairs", type=int, default=16)
+    mqar.add_argument("--vocab", type=int, default=8192)
+    mqar.add_argument("--examples", type=int, default=100_000, help="training examples")
+    mqar.add_argument("--test-examples", type=int, default=3000)
+    mqar.add_argument("--lr", type=float, default=1e-3)
+    mqar.add_argument("--batch-size", type=int, default=64)
+    mqar.add_argument("--epochs", type=int, default=1)
+    mqar.add_argument("--steps", type=int, default=None, help="overrides --epochs")
+    mqar.add_argument("--eval-every", type=int, default=100)
+    mqar.add_argument("--seed", type=int, default=0)
+    mqar.add_argument("--backend", default="auto")
+    mqar.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    mqar.add_argument("--out", default=None, help="folder for metrics.jsonl")
+    mqar.set_defaults(fn=_train_mqar)
     args = parser.parse_args(argv)
     return args.fn(args)
 
