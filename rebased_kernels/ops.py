@@ -179,10 +179,6 @@ def _backward(ctx, do, dS, dz):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _problem(attn: LinearAttention, q: torch.Tensor, v: torch.Tensor, varlen: bool) -> Problem:
-    return Problem(attn, q.shape[-1], v.shape[-1], q.dtype, q.device.type, varlen)
-
-
 @torch.compiler.assume_constant_result
 def _plan(
     backend: str,
