@@ -104,6 +104,15 @@ def _train_mqar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_mqar(args: argparse.Namespace) -> int:
+    from .train.sweep import markdown, sweep
+
+    rows = sweep(args.config, args.out)
+    print(markdown(rows))
+    print(f"written: {args.out}/results.md, results.json, runs.jsonl")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebased-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     mqar.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     mqar.add_argument("--out", default=None, help="folder for metrics.jsonl")
     mqar.set_defaults(fn=_train_mqar)
+    sweep = sub.add_parser("sweep", help="a grid of training runs (MQAR)")
+    sweep_mqar = sweep.add_subparsers(dest="task", required=True).add_parser(
+        "mqar", help="mixers x d_model x L x kv x lr x seeds; best lr per cell"
+    )
+    sweep_mqar.add_argument("config", help="the sweep file (YAML, see rebased_kernels.train.sweep)")
+    sweep_mqar.add_argument("--out", default="sweep-out", help="folder for the results")
+    sweep_mqar.set_defaults(fn=_sweep_mqar)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,71 @@
+"""The MQAR sweep: grid expansion, best-lr-per-cell selection, the written tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rebased_kernels.cli import main
+from rebased_kernels.train.sweep import load_sweep, summarise, sweep
+
+SPEC = """
+mixer: [rebased, based]
+d_model: [16]
+seq_len: [32]
+kv_pairs: 4
+lr: [0.001, 0.01]
+seed: [0, 1]
+vocab: 64
+"""
+
+
+def test_best_lr_per_cell_and_mean_std(tmp_path) -> None:
+    (tmp_path / "s.yaml").write_text(SPEC)
+    # a fake trainer: rebased likes lr 0.01, based likes 0.001; seeds add 0.1
+    table = {("rebased", 0.01): 0.8, ("rebased", 0.001): 0.5, ("based", 0.001): 0.6}
+
+    def fake(point, fixed):
+        assert fixed["vocab"] == 64
+        return table.get((point["mixer"], point["lr"]), 0.1) + 0.1 * point["seed"]
+
+    rows = sweep(tmp_path / "s.yaml", tmp_path / "out", run=fake, progress=False)
+    by_mixer = {r["mixer"]: r for r in rows}
+    assert by_mixer["rebased"]["best_lr"] == 0.01 and by_mixer["based"]["best_lr"] == 0.001
+    assert by_mixer["rebased"]["mean"] == pytest.approx(0.85)
+    assert by_mixer["rebased"]["std"] == pytest.approx(0.05)
+    runs = (tmp_path / "out" / "runs.jsonl").read_text().splitlines()
+    assert len(runs) == 2 * 2 * 2  # mixers x lrs x seeds
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"] == rows
+    assert (
+        "| rebased | 16 | 32 | 4 | 0.01 | 0.850 +- 0.050 | 2 |"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
+
+
+def test_summarise_keeps_cells_apart() -> None:
+    runs = [
+        dict(mixer="rebased", d_model=d, seq_len=32, kv_pairs=4, lr=lr, seed=0, test_acc=acc)
+        for d, lr, acc in [(16, 0.1, 0.2), (16, 0.2, 0.3), (32, 0.1, 0.9), (32, 0.2, 0.4)]
+    ]
+    best = {r["d_model"]: r["best_lr"] for r in summarise(runs)}
+    assert best == {16: 0.2, 32: 0.1}
+
+
+def test_bad_sweep_files_say_what_is_wrong(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text(SPEC + "learning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_sweep(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("mixer: [rebased]\n")
+    with pytest.raises(ValueError, match="give values for"):
+        load_sweep(tmp_path / "b.yaml")
+
+
+def test_sweep_command_trains_for_real(tmp_path, capsys) -> None:
+    spec = SPEC.replace("[rebased, based]", "[rebased]").replace("[0, 1]", "[0]")
+    spec += "examples: 256\ntest_examples: 64\nsteps: 10\nheads: 2\neval_every: 10\n"
+    (tmp_path / "s.yaml").write_text(spec)
+    assert main(["sweep", "mqar", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 0
+    assert "| rebased | 16 | 32 | 4 |" in capsys.readouterr().out
+    assert len((tmp_path / "o" / "runs.jsonl").read_text().splitlines()) == 2
