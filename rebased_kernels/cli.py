@@ -100,7 +100,7 @@ def _train_mqar(args: argparse.Namespace) -> int:
     result = train(cfg)
     print(f"test accuracy {result['test_acc']:.4f} after {result['steps']} steps")
     if args.out:
-        print(f"metrics: {args.out}/metrics.jsonl")
+        print(f"written: {args.out}/metrics.jsonl, accuracy.png, model.pt")
     return 0
 
 
@@ -110,6 +110,16 @@ def _sweep_mqar(args: argparse.Namespace) -> int:
     rows = sweep(args.config, args.out)
     print(markdown(rows))
     print(f"written: {args.out}/results.md, results.json, runs.jsonl")
+    return 0
+
+
+def _analyze_mqar(args: argparse.Namespace) -> int:
+    from .train.analysis import analyze
+
+    r = analyze(args.model, examples=args.examples, heatmap=args.heatmap)
+    print(f"IoU {r['iou']:.3f}  accuracy {r['accuracy']:.3f}  ({r['examples']} examples)")
+    if args.heatmap:
+        print(f"heat map: {args.heatmap}")
     return 0
 
 
@@ -156,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     sweep_mqar.add_argument("config", help="the sweep file (YAML, see rebased_kernels.train.sweep)")
     sweep_mqar.add_argument("--out", default="sweep-out", help="folder for the results")
     sweep_mqar.set_defaults(fn=_sweep_mqar)
+    analyze = sub.add_parser("analyze", help="where a trained model attends (MQAR)")
+    analyze_mqar = analyze.add_subparsers(dest="task", required=True).add_parser(
+        "mqar", help="IoU of the second layer's attention with the retrieval positions"
+    )
+    analyze_mqar.add_argument("model", help="model.pt written by 'train mqar --out DIR'")
+    analyze_mqar.add_argument("--examples", type=int, default=1000)
+    analyze_mqar.add_argument("--heatmap", default=None, help="write a PNG of one example")
+    analyze_mqar.set_defaults(fn=_analyze_mqar)
     args = parser.parse_args(argv)
     return args.fn(args)
 

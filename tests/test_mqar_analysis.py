@@ -49,3 +49,11 @@ def test_train_mqar_command_runs_and_writes_metrics(tmp_path, capsys) -> None:
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30]
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = tmp_path / "heat.png"
+    argv = ["analyze", "mqar", str(tmp_path / "model.pt"), "--examples", "20"]
+    assert main([*argv, "--heatmap", str(png)]) == 0
+    out = capsys.readouterr().out
+    iou_value = float(out.split("IoU ")[1].split()[0])
+    assert 0.0 <= iou_value <= 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

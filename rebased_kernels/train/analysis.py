@@ -12,6 +12,8 @@ A perfectly focused attention matrix (one-hot on the value) has IoU 1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .mqar import IGNORE_INDEX
@@ -47,3 +49,38 @@ def iou(attn: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> fl
     predicted = (attn >= threshold) & rows
     union = (predicted | targets).sum().item()
     return (predicted & targets).sum().item() / union if union else 1.0
+
+
+def analyze(
+    model_path: str | Path,
+    examples: int = 1000,
+    seed: int = 12345,
+    heatmap: str | Path | None = None,
+    threshold: float = 0.5,
+) -> dict:
+    """IoU and accuracy of a trained MQAR model (``out_dir/model.pt``) on fresh examples.
+
+    Optionally writes a heat map of the first example's second-layer attention (head mean)
+    beside the ground truth.
+    """
+    from .model import ModelConfig, MQARModel
+    from .mqar import MQARConfig, generate
+
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = MQARModel(ModelConfig(**saved["model_config"]))
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    data_cfg = MQARConfig(**{**saved["data_config"], "num_examples": examples})
+    inputs, labels = generate(data_cfg, seed=seed)
+    targets = retrieval_targets(inputs, labels, data_cfg.num_kv_pairs)
+    with torch.no_grad():
+        attn = model.attention_matrix(inputs)  # [N, H, L, L]
+        logits = model(inputs)
+    query = labels != IGNORE_INDEX
+    accuracy = (logits.argmax(-1)[query] == labels[query]).double().mean().item()
+    score = iou(attn, targets, threshold)
+    if heatmap is not None:
+        from .plots import attention_heatmap
+
+        attention_heatmap(attn[0].mean(0), targets[0], heatmap, title=model.cfg.mixer)
+    return dict(iou=score, accuracy=accuracy, examples=examples, threshold=threshold)

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from .mqar import IGNORE_INDEX, MQARConfig, train_test
 __all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MODEL_NAME = "model.pt"  # the trained model and its configs, for `analyze`
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -298,6 +299,16 @@ def train(
         if stop_after is not None and step >= stop_after:
             break
     bar.close()
+    if out_dir is not None:
+        from .plots import accuracy_curve
+
+        torch.save(
+            dict(model_config=asdict(cfg.model), data_config=asdict(cfg.data),
+                 state_dict=model.state_dict()),
+            out_dir / MODEL_NAME,
+        )  # fmt: skip
+        if history:
+            accuracy_curve(history, out_dir / "accuracy.png", title=cfg.model.mixer)
     return {
         "test_acc": history[-1]["test_acc"] if history else float("nan"),
         "steps": step,
