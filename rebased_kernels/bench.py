@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 import rebased_kernels as rk
+from rebased_kernels.testing import random_inputs
 
 
 def median_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 15) -> float:
@@ -56,15 +57,8 @@ def bench(
     B: int, T: int, H: int, D: int, Dv: int, dtype: torch.dtype, device: str, backends: list[str]
 ) -> dict:
     fm = rk.get_feature_map("rebased")
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, std=1.0, mean=0.0):
-        t = torch.randn(*shape, generator=g) * std + mean
-        return t.to(device=device, dtype=dtype).requires_grad_(True)
-
-    x = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
-    params = dict(q_weight=randn(H, D, mean=1.0), q_bias=randn(H, D, std=0.1))
-    params.update(k_weight=randn(H, D, mean=1.0), k_bias=randn(H, D, std=0.1))
+    x = random_inputs(B, T, H, D, Dv, dtype, device, fm)
+    params = {n: x.pop(n) for n in ("q_weight", "q_bias", "k_weight", "k_bias")}
     F = fm.num_features(D)
     return dict(rows=[_bench_backend(n, x, params, device, (B, T, H, D, Dv, F)) for n in backends])
 

@@ -10,7 +10,7 @@ from . import reference
 from .backend import get_backend, registered
 from .ops import linear_attention
 from .spec import LinearAttention, get_feature_map
-from .testing import TOLERANCE, rel_err
+from .testing import TOLERANCE, random_inputs, rel_err
 
 
 @dataclass
@@ -26,24 +26,6 @@ class CheckRow:
     @property
     def passed(self) -> bool:
         return self.skipped is None and max(self.forward_err, self.backward_err) <= self.tolerance
-
-
-def _inputs(B, T, H, D, Dv, dtype, device, fm, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0, mean=0.0):
-        t = torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
-        return t.to(device=device, dtype=dtype).requires_grad_(True)
-
-    x = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
-    if fm.pre.uses_gamma:
-        x["q_weight"], x["k_weight"] = (
-            randn(H, D, std=0.3, mean=1.0),
-            randn(H, D, std=0.3, mean=1.0),
-        )
-    if fm.pre.uses_beta:
-        x["q_bias"], x["k_bias"] = randn(H, D, std=0.3), randn(H, D, std=0.3)
-    return x
 
 
 def check_one(
@@ -74,7 +56,7 @@ def check_one(
     )
     if reason:
         return row
-    x = _inputs(B, T, H, D, Dv, dtype, device, fm, seed)
+    x = random_inputs(B, T, H, D, Dv, dtype, device, fm, seed)
     o = linear_attention(**x, feature_map=fm, backend=backend)
     params = tuple(x.get(n) for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
     ref = reference.quadratic(x["q"], x["k"], x["v"], LinearAttention(fm, D**-0.5), params)[0]

@@ -26,6 +26,41 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / denom
 
 
+def random_inputs(
+    B: int,
+    T: int,
+    H: int,
+    D: int,
+    Dv: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    feature_map,
+    seed: int = 0,
+    requires_grad: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fresh random ``q, k [B, T, H, D]``, ``v [B, T, H, Dv]`` and the ``[H, D]`` parameters
+    the feature map uses (gamma ~ 1 +- 0.3, beta ~ +-0.3): keyword arguments for
+    ``rk.linear_attention``. Never zeros."""
+    from .spec import get_feature_map
+
+    fm = get_feature_map(feature_map)
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, mean=0.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    x = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv))
+    if fm.pre.uses_gamma:
+        x["q_weight"], x["k_weight"] = (
+            randn(H, D, mean=1.0, std=0.3),
+            randn(H, D, mean=1.0, std=0.3),
+        )
+    if fm.pre.uses_beta:
+        x["q_bias"], x["k_bias"] = randn(H, D, std=0.3), randn(H, D, std=0.3)
+    return x
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """Fail unless ``rel_err(out, ref) <= TOLERANCE[dtype]``."""
     err = rel_err(out, ref)

@@ -23,7 +23,7 @@ from rebased_kernels.spec import (
     feature_layout,
 )
 
-__all__ = ["features", "pre_transform", "quadratic", "recurrent"]
+__all__ = ["features", "pre_transform", "quadratic", "recurrent", "similarity_matrix"]
 
 f64 = torch.float64
 
@@ -70,6 +70,20 @@ def _initial(B, H, F, Dv, initial_state, device):
     return S0.to(f64), z0.to(f64)
 
 
+def _masked_similarity(qp: torch.Tensor, kp: torch.Tensor, attn: LinearAttention) -> torch.Tensor:
+    T = qp.shape[1]
+    s = attn.scale * torch.einsum("bihd,bjhd->bhij", qp, kp)
+    A = sum(c * s**p for p, c in enumerate(attn.feature_map.coeffs))
+    return A * torch.ones(T, T, dtype=torch.bool, device=qp.device).tril()
+
+
+def similarity_matrix(
+    q: torch.Tensor, k: torch.Tensor, attn: LinearAttention, params: tuple = (None,) * 4
+) -> torch.Tensor:
+    """``A [B, H, T, T]``: ``sim(q_i, k_j)`` for ``j <= i``, 0 above the diagonal (float64)."""
+    return _masked_similarity(*_transformed(q, k, attn, params), attn)
+
+
 def quadratic(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,10 +96,8 @@ def quadratic(
     fm = attn.feature_map
     qp, kp = _transformed(q, k, attn, params)
     v = v.to(f64)
-    B, T, H, _ = qp.shape
-    s = attn.scale * torch.einsum("bihd,bjhd->bhij", qp, kp)
-    A = sum(c * s**p for p, c in enumerate(fm.coeffs))
-    A = A * torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    B, _, H, _ = qp.shape
+    A = _masked_similarity(qp, kp, attn)
     num = torch.einsum("bhij,bjhe->bihe", A, v)
     den = A.sum(-1).transpose(1, 2)  # [B, T, H]
     phi_q, phi_k = features(qp, fm, attn.scale), features(kp, fm, attn.scale)

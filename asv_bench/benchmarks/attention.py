@@ -13,6 +13,7 @@ import rebased_kernels as rk
 from rebased_kernels.backend import Problem, get_backend
 from rebased_kernels.bench import median_ms
 from rebased_kernels.spec import LinearAttention as Spec
+from rebased_kernels.testing import random_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [b.name for b in rk.backends() if b.name != "reference"]
@@ -33,17 +34,7 @@ def _runnable(backend: str, dtype: torch.dtype) -> None:
 
 
 def _inputs(T: int, dtype: torch.dtype, grad: bool) -> dict:
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, std=1.0, mean=0.0):
-        t = (torch.randn(*shape, generator=g) * std + mean).to(DEVICE, dtype)
-        return t.requires_grad_(grad)
-
-    return dict(
-        q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, Dv),
-        q_weight=randn(H, D, mean=1.0), q_bias=randn(H, D, std=0.1),
-        k_weight=randn(H, D, mean=1.0), k_bias=randn(H, D, std=0.1),
-    )  # fmt: skip
+    return random_inputs(B, T, H, D, Dv, dtype, DEVICE, "rebased", requires_grad=grad)
 
 
 class LinearAttention:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..features import pre_transform, similarity
+from .. import reference
 from ..layer import ReBasedAttention
-from ..spec import LAYER_NORM_EPS, PRESETS
+from ..spec import LAYER_NORM_EPS, PRESETS, LinearAttention
 
 __all__ = ["BaseConv", "MQARModel", "ModelConfig", "SoftmaxAttention"]
 
@@ -122,19 +122,9 @@ def rebased_attention_matrix(layer: ReBasedAttention, x: torch.Tensor) -> torch.
     (``scale = D ** -0.5``, as the layer uses). Without ``normalize`` the raw masked ``sim``.
     """
     q, k, _ = layer._qkv(x)
-    fm = layer.feature_map
-
-    def prep(t: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
-        w = None if w is None else w.double()
-        b = None if b is None else b.double()
-        return pre_transform(t.double(), fm.pre, w, b).transpose(1, 2)  # [B, H, T, D]
-
-    qp = prep(q, layer.q_weight, layer.q_bias)
-    kp = prep(k, layer.k_weight, layer.k_bias)
-    T = x.shape[1]
-    sim = similarity(layer.D**-0.5 * (qp @ kp.transpose(-1, -2)), fm)
-    mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    sim = sim.masked_fill(~mask, 0.0)
+    attn = LinearAttention(layer.feature_map, layer.D**-0.5, layer.normalize, layer.eps)
+    params = (layer.q_weight, layer.q_bias, layer.k_weight, layer.k_bias)
+    sim = reference.similarity_matrix(q, k, attn, params)  # [B, H, T, T]
     if not layer.normalize:
         return sim
     return sim / (sim.sum(-1, keepdim=True) + layer.eps)
