@@ -27,7 +27,8 @@ def bucket(T: int, C: int) -> int:
 
 
 def _pad_T(t: torch.Tensor, T_pad: int) -> torch.Tensor:
-    return F_.pad(t, (0, 0, 0, 0, 0, T_pad - t.shape[1]))
+    """Zero-pad dim 1 up to ``T_pad`` (no copy when T already fills the bucket)."""
+    return t if t.shape[1] == T_pad else F_.pad(t, (0, 0, 0, 0, 0, T_pad - t.shape[1]))
 
 
 class TorchCompileBackend(Backend):
