@@ -21,10 +21,14 @@ CUBIC = FeatureMap("cubic", PreTransform(True, "gamma_beta"), (0.0, 0.0, 1.0, 0.
 
 FEATURE_MAPS = (*PRESETS.values(), CUBIC)
 
-CI_EXAMPLES = {"torch_compile": 2, "reference": 3}
+CI_EXAMPLES = {"torch_compile": 2, "reference": 3, "triton": 3}
 """Per-backend example counts under the ``ci`` profile where compilation dominates."""
 
-CI_DTYPES = {"torch_compile": (torch.float32, torch.float64, torch.bfloat16)}
+CI_DTYPES = {
+    "torch_compile": (torch.float32, torch.float64, torch.bfloat16),
+    # the Triton interpreter (CPU) has no bfloat16; the GPU profile runs all three
+    "triton": (torch.float32, torch.float16),
+}
 CI_SHAPES = {"torch_compile": dict(B=1, H=2, D=16, Dv=8)}
 """Under ``ci``, compiled backends draw fewer dtypes and shapes: each new one compiles."""
 

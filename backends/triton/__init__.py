@@ -1,0 +1,316 @@
+"""``triton``: fused, chunked, sequence-parallel ReBased attention for kernels of degree <= 2.
+
+Forward (``kernels.py``): (1) one program per (segment, batch*head, value block) sums its
+segment's state; (2) an exclusive prefix over segments (a cumsum over a handful of states);
+(3) one program per segment walks its chunks from that prefix, the state on chip: intra-chunk
+scores are the polynomial of ``s = sc * q'.k'`` from the raw D-dim q', k', inter-chunk
+terms go through the state. LayerNorm, gamma/beta, the polynomial and the fp32 normaliser
+are fused. The backward runs the same two kernels twice: forward-ordered for dq (which
+also stores ``g = dO / den`` and ``r``), reverse-ordered for dk and dv; d gamma and d beta
+come out of the kernels as per-segment partial sums.
+
+Inside the kernels the state is the *full* unweighted layout (``RF = 1 + 16 + 256`` rows);
+``_maps`` converts it to and from the canonical packed layout of ``spec`` (136 features
+for ``rebased`` at D = 16), so states continue across backends. Supported: D <= 16 (padded
+to 16), Dv <= 64, float32 / float16 / bfloat16. On CPU it runs under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+
+from rebased_kernels.backend import Backend, Inputs, Outputs, compute_dtype, register
+from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
+
+BD = 16
+RF = 1 + BD + BD * BD
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@lru_cache(maxsize=64)
+def _maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tensor, ...]:
+    """``(unpack [RF, F], pack [F, RF])``: canonical <-> full state, ``pack @ unpack = I``.
+
+    A canonical feature f (multiset ``idx``, weight ``w_f``) is ``w_f`` times the full row of
+    ``idx``; unpacking puts ``S_f / w_f`` on every ordering of ``idx`` (the full S_2 is
+    symmetric). The same pair maps gradients: the final state's gradient unpacks into the
+    reverse sweep's initial state, whose total packs into the initial state's gradient.
+    """
+    layout = feature_layout(D, fm.powers)
+    w = feature_weights(fm, D, scale)
+    unpack = torch.zeros(RF, len(layout), dtype=torch.float64)
+    pack = torch.zeros(len(layout), RF, dtype=torch.float64)
+    for f, ((idx, _), wf) in enumerate(zip(layout, w)):
+        if len(idx) == 0:
+            rows = [0]
+        elif len(idx) == 1:
+            rows = [1 + idx[0]]
+        else:
+            rows = sorted({1 + BD + idx[0] * BD + idx[1], 1 + BD + idx[1] * BD + idx[0]})
+        for r in rows:
+            unpack[r, f] = 1.0 / wf
+        pack[f, rows[0]] = wf
+    return unpack.to(device, torch.float32), pack.to(device, torch.float32)
+
+
+@lru_cache(maxsize=64)
+def _packed_index(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tensor, ...]:
+    """``(i0, i1 [F] int32, w [F] fp32)`` for the decode kernel (index D stands for 1)."""
+    pairs = [tuple(idx) + (D,) * (2 - len(idx)) for idx, _ in feature_layout(D, fm.powers)]
+    i0 = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=device)
+    i1 = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
+    w = torch.tensor(feature_weights(fm, D, scale), dtype=torch.float32, device=device)
+    return i0, i1, w
+
+
+def _dot_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[
+        dtype
+    ]
+
+
+def _params(weight, bias, pre, H: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(gamma, beta, row stride)`` for the kernels: both ``[H, D]`` (stride D) or ``[D]``
+    (stride 0); the identity (ones, zeros) where the pre-transform does not use one."""
+    used = [p for p, u in ((weight, pre.uses_gamma), (bias, pre.uses_beta)) if u and p is not None]
+    rows = H if any(p.dim() == 2 for p in used) else 1
+    g = weight if pre.uses_gamma and weight is not None else _constant(1.0, rows, D, str(device))
+    b = bias if pre.uses_beta and bias is not None else _constant(0.0, rows, D, str(device))
+    g, b = (p.expand(rows, D) if rows > 1 else p.reshape(-1, D)[0] for p in (g, b))
+    return g.contiguous(), b.contiguous(), (D if rows > 1 else 0)
+
+
+@lru_cache(maxsize=32)
+def _constant(fill: float, rows: int, D: int, device: str) -> torch.Tensor:
+    return torch.full((rows, D), fill, dtype=torch.float32, device=device)
+
+
+class _Call:
+    """Launch arguments shared by the forward and both backward sweeps of one call."""
+
+    def __init__(self, x: Inputs, attn: LinearAttention, config: dict, backward: bool) -> None:
+        fm = attn.feature_map
+        self.B, self.T, self.H, self.D = x.q.shape
+        self.Dv = x.v.shape[3]
+        self.BC = int(config["bwd_chunk_size" if backward else "chunk_size"])
+        self.NCS = int(config["chunks_per_segment"])
+        self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
+        self.num_warps = int(config["num_warps"])
+        self.attn, self.fm = attn, fm
+        self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
+        self.dot_dt = _dot_dtype(x.v.dtype)
+        self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
+        H, D = self.H, self.D
+        self.qg, self.qb, self.qg_stride = _params(x.q_weight, x.q_bias, fm.pre, H, D, x.q.device)
+        self.kg, self.kb, self.kg_stride = _params(x.k_weight, x.k_bias, fm.pre, H, D, x.q.device)
+        self.unpack, self.pack = _maps(fm, D, float(attn.scale), str(x.q.device))
+
+    def full(self, canonical: torch.Tensor | None, cols: int) -> torch.Tensor:
+        """A canonical state ``[B, H, F(, Dv)]`` as full rows ``[B*H, RF, cols]`` (or zeros)."""
+        BH = self.B * self.H
+        if canonical is None:
+            return self.q.new_zeros(BH, RF, cols, dtype=torch.float32)
+        c = canonical.to(torch.float32).reshape(BH, -1, cols)
+        return self.unpack @ c
+
+    def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool):
+        """Prefix (suffix when ``reverse``) states per segment and the total, full layout."""
+        BH, Dv = self.B * self.H, self.Dv
+        seg_S = torch.empty(BH, self.NSEG, RF, Dv, device=y.device, dtype=torch.float32)
+        seg_z = torch.empty(BH, self.NSEG, RF, device=y.device, dtype=torch.float32)
+        BV = 16 if Dv <= 16 else (32 if Dv <= 32 else 64)
+        grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
+        fm = self.fm
+        from .kernels import segment_state_kernel
+
+        segment_state_kernel[grid](
+            y, yg, yb, W, W if Wsc is None else Wsc, seg_S, seg_z,
+            self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
+            BC=self.BC, BD=BD, BV=BV, RF=RF, HAS_WSC=Wsc is not None, HAS_C2=self.C[2] != 0.0,
+            DOT_DT=self.dot_dt, num_warps=self.num_warps,
+        )  # fmt: skip
+        return _scan(seg_S, init_S, reverse), _scan(seg_z[..., None], init_z, reverse)
+
+    def sweep(self, mode: int, prefix, **t) -> None:
+        fm, attn = self.fm, self.attn
+        BH, Dv = self.B * self.H, self.Dv
+        BV = t.pop("BV")
+        from .kernels import sweep_kernel
+
+        reverse = mode == 2
+        xg, xb, xs = (
+            (self.kg, self.kb, self.kg_stride) if reverse else (self.qg, self.qb, self.qg_stride)
+        )
+        yg, yb, ys = (
+            (self.qg, self.qb, self.qg_stride) if reverse else (self.kg, self.kb, self.kg_stride)
+        )
+        dummy = self.v
+        grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
+        (S_pre, _), (z_pre, _) = prefix
+        sweep_kernel[grid](
+            t["X"], xg, xb, t["Y"], yg, yb, t["W"], t.get("Wsc", dummy), t.get("U", dummy),
+            t.get("DO", dummy), S_pre, z_pre,
+            t.get("OUT", dummy), t.get("GOUT", dummy), t.get("ROUT", dummy),
+            t.get("DX", dummy), t.get("DG", dummy), t.get("DB", dummy),
+            self.T, self.H, self.D, Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
+            int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
+            BC=self.BC, BD=BD, BV=BV, RF=RF, MODE=mode, REVERSE=reverse, HAS_WSC="Wsc" in t,
+            HAS_C2=self.C[2] != 0.0, DOT_DT=self.dot_dt, num_warps=self.num_warps,
+        )  # fmt: skip
+
+    def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
+        c = self.pack @ full  # [BH, F, cols]
+        shape = (self.B, self.H, c.shape[1]) + ((cols,) if cols is not None else ())
+        return c.reshape(shape)
+
+    def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
+        """Sum the kernels' per-segment ``[B*H, NSEG, BD]`` sums into p's shape."""
+        if not used or p is None:
+            return None
+        g = partial.reshape(self.B, self.H, self.NSEG, BD)[..., : self.D].sum((0, 2))  # [H, D]
+        return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
+
+
+def _scan(seg: torch.Tensor, init: torch.Tensor, reverse: bool):
+    """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])``."""
+    if reverse:
+        seg = seg.flip(1)
+    incl = torch.cumsum(seg, 1)
+    prefix = torch.cat([torch.zeros_like(incl[:, :1]), incl[:, :-1]], 1) + init[:, None]
+    if reverse:
+        prefix = prefix.flip(1)
+    return prefix.contiguous(), init + incl[:, -1]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(
+        {torch.float32, torch.float16, torch.bfloat16}
+    )
+    device_types: ClassVar[frozenset[str]] = frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"})
+    max_degree: ClassVar[int | None] = 2
+    max_D: ClassVar[int | None] = BD
+    max_Dv: ClassVar[int | None] = 64
+    tuning_space: ClassVar[dict[str, tuple]] = {
+        "chunk_size": (32, 64),
+        "chunks_per_segment": (4, 8, 16, 32),
+        "block_v": (32, 64),
+        "bwd_chunk_size": (32, 64),
+        "num_warps": (4, 8),
+    }
+    default_config: ClassVar[dict[str, Any]] = {
+        "chunk_size": 64,
+        "chunks_per_segment": 16,
+        "block_v": 32,
+        "bwd_chunk_size": 32,
+        "num_warps": 8,
+    }
+    compiles: ClassVar[bool] = True
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton cannot be imported ({exc}); pip install 'rebased-kernels[triton]'"
+        if not INTERPRET and not torch.cuda.is_available():
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+        return None
+
+    def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
+        call = _Call(x, attn, config, backward=False)
+        Dv = call.Dv
+        prefix = call.states(
+            call.k, call.kg, call.kb, call.kg_stride, call.v, None,
+            call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False,
+        )  # fmt: skip
+        o = torch.empty_like(call.v)
+        BV = min(int(config["block_v"]), max(16, triton_next_pow2(Dv)))
+        call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
+        (_, S_total), (_, z_total) = prefix
+        return Outputs(o, call.canonical(S_total, Dv), call.canonical(z_total, None))
+
+    def backward_dense(
+        self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
+    ) -> Inputs:
+        call = _Call(x, attn, config, backward=True)
+        B, T, H, D, Dv = call.B, call.T, call.H, call.D, call.Dv
+        fm = attn.feature_map
+        dev = call.q.device
+        BV = max(16, triton_next_pow2(Dv))
+        prefix = call.states(
+            call.k, call.kg, call.kb, call.kg_stride, call.v, None,
+            call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False,
+        )  # fmt: skip
+        g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
+        r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+        dq = torch.empty_like(call.q)
+        dgq = torch.empty(B * H, call.NSEG, BD, device=dev, dtype=torch.float32)
+        dbq = torch.empty_like(dgq)
+        call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
+                   ROUT=r, DX=dq, DG=dgq, DB=dbq, BV=BV)  # fmt: skip
+        suffix = call.states(
+            call.q, call.qg, call.qb, call.qg_stride, g, r,
+            call.full(grads.S, Dv), call.full(grads.z, 1), reverse=True,
+        )  # fmt: skip
+        dk = torch.empty_like(call.k)
+        dv = torch.empty_like(call.v)
+        dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
+        call.sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
+                   DB=dbk, BV=BV)  # fmt: skip
+        (_, dS_total), (_, dz_total) = suffix
+        has_state = x.S0 is not None
+        return Inputs(
+            dq,
+            dk,
+            dv,
+            call.param_grad(dgq, x.q_weight, fm.pre.uses_gamma),
+            call.param_grad(dbq, x.q_bias, fm.pre.uses_beta),
+            call.param_grad(dgk, x.k_weight, fm.pre.uses_gamma),
+            call.param_grad(dbk, x.k_bias, fm.pre.uses_beta),
+            call.canonical(dS_total, Dv).to(x.S0.dtype) if has_state else None,
+            call.canonical(dz_total, None).to(x.z0.dtype) if has_state else None,
+        )
+
+    def decode_step(
+        self, x: Inputs, attn: LinearAttention, out: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Outputs:
+        from .kernels import decode_kernel
+
+        fm = attn.feature_map
+        B, H, D = x.q.shape
+        Dv = x.v.shape[-1]
+        F = fm.num_features(D)
+        S0, z0 = x.S0.contiguous(), x.z0.contiguous()
+        if S0.dtype != torch.float32:
+            raise ValueError(f"the triton decode step keeps a float32 state, not {S0.dtype}")
+        S, z = out if out is not None else (torch.empty_like(S0), torch.empty_like(z0))
+        o = torch.empty(B, H, Dv, device=x.v.device, dtype=x.v.dtype)
+        i0, i1, w = _packed_index(fm, D, float(attn.scale), str(x.q.device))
+        q = x.q.contiguous()
+        g, bq, gs = _params(x.q_weight, x.q_bias, fm.pre, H, D, q.device)
+        kg, kb, ks = _params(x.k_weight, x.k_bias, fm.pre, H, D, q.device)
+        if ks != gs:
+            raise ValueError("the triton decode step needs q and k parameters of one shape")
+        decode_kernel[(B * H,)](
+            q, x.k.contiguous(), x.v.contiguous(), g, bq, kg, kb, S0, z0, i0, i1, w, o, S, z,
+            H, D, Dv, F, gs, int(fm.pre.norm), int(attn.normalize), float(attn.eps),
+            BD=BD, BF=triton_next_pow2(F), BV=min(32, max(16, triton_next_pow2(Dv))), num_warps=4,
+        )  # fmt: skip
+        return Outputs(o, S, z)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+register(TritonBackend())

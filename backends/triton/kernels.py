@@ -1,0 +1,326 @@
+"""Triton kernels of the chunked algorithm for kernels of degree <= 2 (see ``__init__``).
+
+Legend (``spec`` names; per (batch, head) program)
+--------------------------------------------------
+``BC``  chunk length; ``NCS`` chunks per segment (one program walks one segment).
+``BD``  feature dim D padded to 16; padded dims of x' are exactly zero.
+``BV``  value block (>= 16); ``RF = 1 + BD + BD * BD`` rows of the *full* state.
+``x``   the row side (queries in the forward), ``y`` the column side (keys).
+``W, w`` per-column values ``[BC, BV]`` and scalars ``[BC]``: (v, 1) in the forward.
+``U, u`` per-row values and scalars of the gradient sweeps (see ``sweep_kernel``).
+
+The state is kept *unweighted* in the full layout: ``S_0 = sum W``, ``S_1 = sum y W^T``,
+``S_2 = sum (y (x) y) W^T`` (and ``z_p`` with ``w`` for ``W``), so that
+``phi(x) . S = C0 S_0 + C1 sc x.S_1 + C2 sc^2 (x (x) x).S_2`` with ``sim(s) = sum_p C_p s^p``
+and ``s = sc * x'.y'``. The host converts it to and from the canonical packed layout.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN_EPS = tl.constexpr(1e-5)  # spec.LAYER_NORM_EPS
+
+
+@triton.jit
+def _pre(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM):
+    """``x' = gamma * LN(x) + beta`` of one tile: ``(x' [BC, BD], xhat [BC, BD], rstd [BC])``."""
+    dmask = offs_d < D
+    m = rmask[:, None] & dmask[None, :]
+    x = tl.load(ptr + rows[:, None] * row_stride + offs_d[None, :], mask=m, other=0.0)
+    x = x.to(tl.float32)  # [BC, BD]
+    rstd = tl.sum(x, 1) * 0.0 + 1.0  # [BC]
+    xh = x
+    if NORM:
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + LN_EPS)
+        xh = xc * rstd[:, None]
+    gamma = tl.load(g_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)  # [BD]
+    beta = tl.load(b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)  # [BD]
+    return tl.where(m, xh * gamma[None, :] + beta[None, :], 0.0), xh, rstd
+
+
+@triton.jit
+def _pre_backward(dxp, xh, rstd, g_ptr, offs_d, D, NORM):
+    """d x from d x' (rows of padding carry dxp = 0); also ``(d gamma, d beta)`` sums [BD]."""
+    dmask = offs_d < D
+    dxh = dxp * tl.load(g_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    dg = tl.sum(dxp * xh, 0)  # [BD]
+    db = tl.sum(dxp, 0)  # [BD]
+    dx = dxh
+    if NORM:
+        a = tl.sum(dxh, 1) / D  # [BC]
+        b = tl.sum(dxh * xh, 1) / D  # [BC]
+        dx = rstd[:, None] * (dxh - a[:, None] - xh * b[:, None])
+        dx = tl.where(dmask[None, :], dx, 0.0)
+    return dx, dg, db
+
+
+@triton.jit
+def _outer(x, BC: tl.constexpr, BD: tl.constexpr):
+    """``x (x) x`` row by row: ``[BC, BD] -> [BC, BD * BD]`` (index ``a * BD + b``)."""
+    return tl.reshape(x[:, :, None] * x[:, None, :], (BC, BD * BD))
+
+
+@triton.jit
+def _dot(a, b, DOT_DT: tl.constexpr):
+    """A matrix product with operands in ``DOT_DT`` (bf16/fp16 inputs) or exact fp32."""
+    if DOT_DT == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DT), b.to(DOT_DT))
+
+
+@triton.jit
+def _dot_scores(a, b, DOT_DT: tl.constexpr):
+    """``q' k'^T``: tf32 for bf16/fp16 inputs (s is squared: its operands keep 10 bits)."""
+    if DOT_DT == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD: tl.constexpr):
+    """Rows ``[0 | 1..BD | 1+BD..]`` of one full state at row ``base``."""
+    S0 = tl.load(Sst + base * Dv + offs_v, mask=vmask, other=0.0)  # [BV]
+    S1 = tl.load(Sst + (base + 1 + offs_d[:, None]) * Dv + offs_v[None, :],
+                 mask=vmask[None, :], other=0.0)  # [BD, BV]  # fmt: skip
+    S2 = tl.load(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :],
+                 mask=vmask[None, :], other=0.0)  # [BD*BD, BV]  # fmt: skip
+    z0 = tl.load(Zst + base)  # []
+    z1 = tl.load(Zst + base + 1 + offs_d)  # [BD]
+    z2 = tl.load(Zst + base + 1 + BD + offs_d[:, None] * BD + offs_d[None, :])  # [BD, BD]
+    return S0, S1, S2, z0, z1, z2
+
+
+@triton.jit
+def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT: tl.constexpr, BC: tl.constexpr,
+            BD: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Add one chunk of columns: ``S_p += phi_p(y)^T W``, ``z_p += phi_p(y)^T w``.
+
+    ``z_2`` is kept as the ``[BD, BD]`` matrix ``sum_j w_j y_j y_j^T``."""
+    S0 += tl.sum(Wt, 0)
+    z0 += tl.sum(wc, 0)
+    S1 += _dot(tl.trans(y), Wt, DOT_DT)
+    z1 += tl.sum(y * wc[:, None], 0)
+    if HAS_C2:
+        y2 = _outer(y.to(DOT_DT), BC, BD)  # [BC, BD*BD]
+        S2 += _dot(tl.trans(y2), Wt, DOT_DT)
+        z2 += tl.dot(tl.trans(y * wc[:, None]), y, input_precision="ieee")  # [BD, BD]
+    return S0, S1, S2, z0, z1, z2
+
+
+RUNTIME = ["T", "H", "D", "Dv", "NSEG", "NCS", "NORM", "NORMALIZE", "pgx_stride", "pgy_stride"]
+"""Integer arguments Triton must not specialise on (value 1, divisibility by 16): one
+compiled kernel serves every shape, flag and segment length of a dtype and tile config."""
+
+
+@triton.jit(do_not_specialize=[a for a in RUNTIME if a not in ("NORMALIZE", "pgx_stride")])
+def segment_state_kernel(
+    Y, YG, YB, W, Wsc, Sst, Zst,
+    T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
+    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
+    HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT_DT: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: each segment's own state sum (no prefix)."""
+    seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BD * BD)
+    offs_v = vb * BV + tl.arange(0, BV)
+    vmask = offs_v < Dv
+    tok = b * T * H + h  # token 0 of this (b, h), in rows
+    S0 = tl.zeros([BV], tl.float32)
+    S1 = tl.zeros([BD, BV], tl.float32)
+    S2 = tl.zeros([BD * BD, BV], tl.float32)
+    z0 = tl.sum(S0, 0) * 0.0
+    z1 = tl.zeros([BD], tl.float32)
+    z2 = tl.zeros([BD, BD], tl.float32)
+    for i in range(NCS):
+        rows = (seg * NCS + i) * BC + offs_c
+        rmask = rows < T
+        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask,
+                       offs_d, D, H * D, NORM)  # fmt: skip
+        Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
+                     mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_WSC:
+            wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
+        else:
+            wc = rmask.to(tl.float32)
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT, BC, BD,
+                                         HAS_C2)  # fmt: skip
+    base = (bh * NSEG + seg) * RF
+    tl.store(Sst + base * Dv + offs_v, S0, mask=vmask)
+    tl.store(Sst + (base + 1 + offs_d[:, None]) * Dv + offs_v[None, :], S1, mask=vmask[None, :])
+    tl.store(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :], S2,
+             mask=vmask[None, :])  # fmt: skip
+    if vb == 0:
+        tl.store(Zst + base, z0)
+        tl.store(Zst + base + 1 + offs_d, z1)
+        tl.store(Zst + base + 1 + BD + offs_d[:, None] * BD + offs_d[None, :], z2)
+
+
+@triton.jit(do_not_specialize=RUNTIME)
+def sweep_kernel(
+    X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
+    OUT, GOUT, ROUT, DX, DG, DB,
+    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
+    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
+    MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr,
+    DOT_DT: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: walk one segment's chunks from its prefix state.
+
+    Row i of a chunk gets ``out_i = sum_j A_ij W_j + phi(x_i) . S`` and
+    ``den_i = sum_j A_ij w_j + phi(x_i) . z`` with ``A_ij = sim(sc * x'_i . y'_j)`` over the
+    columns j <= i (j >= i when ``REVERSE``) of the chunk, and (S, z) the state of all
+    earlier chunks; then the chunk's columns are added to the state.
+
+    MODE 0 (forward; x = q, y = k, W = v, w = 1): ``o = out / (den + eps)``.
+    MODE 1 (gradient of q; same sides): ``U = g = dO / (den + eps)`` and
+    ``u = r = -(dO . out) / (den + eps)^2`` are stored, and with
+    ``P_ij = U_i . W_j + u_i w_j`` the chain rule gives
+    ``dx'_i = sc sum_j P_ij sim'(s_ij) y'_j + d phi(x_i)/dx' . (S U_i + z u_i)``.
+    MODE 2 (gradient of k and v; REVERSE, x = k, y = q, W = g, w = r, U = v, u = 1):
+    ``out`` is dv and the same ``dx'`` is dk'. Modes 1, 2 need ``BV >= Dv``.
+    """
+    seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    offs_c = tl.arange(0, BC)
+    offs_d = tl.arange(0, BD)
+    offs_f = tl.arange(0, BD * BD)
+    offs_v = vb * BV + tl.arange(0, BV)
+    vmask = offs_v < Dv
+    tok = b * T * H + h  # token 0 of this (b, h), in rows
+    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, (bh * NSEG + seg) * RF, offs_d, offs_f,
+                                         offs_v, vmask, Dv, BD)  # fmt: skip
+    if REVERSE:
+        causal = offs_c[None, :] >= offs_c[:, None]  # [BC, BC]
+    else:
+        causal = offs_c[None, :] <= offs_c[:, None]
+    dg_acc = tl.zeros([BD], tl.float32)
+    db_acc = tl.zeros([BD], tl.float32)
+    for i in range(NCS):
+        if REVERSE:
+            c = seg * NCS + NCS - 1 - i
+        else:
+            c = seg * NCS + i
+        rows = c * BC + offs_c
+        rmask = rows < T
+        tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
+        x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
+                           offs_d, D, H * D, NORM)  # fmt: skip
+        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask,
+                       offs_d, D, H * D, NORM)  # fmt: skip
+        Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :], mask=tv_mask,
+                     other=0.0).to(tl.float32)  # [BC, BV]  # fmt: skip
+        if HAS_WSC:
+            wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
+        else:
+            wc = rmask.to(tl.float32)
+        s = sc * _dot_scores(x, tl.trans(y), DOT_DT)  # [BC, BC]
+        mask = causal & rmask[None, :]
+        A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
+        x1 = (C1 * sc) * x  # [BC, BD]
+        out = _dot(A, Wt, DOT_DT) + C0 * S0[None, :] + _dot(x1, S1, DOT_DT)  # [BC, BV]
+        den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
+        if HAS_C2:
+            x2 = _outer(x.to(DOT_DT), BC, BD)  # [BC, BD*BD]
+            xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
+            out += (C2 * sc * sc) * _dot(x2, S2, DOT_DT)
+            den += (C2 * sc * sc) * tl.sum(x * xz, 1)
+        o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
+        if MODE == 0:
+            if NORMALIZE:
+                out = out / (den + eps)[:, None]
+            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+        else:
+            if MODE == 1:
+                dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
+                inv = 1.0 / (den + eps)
+                if NORMALIZE:
+                    Ut = dO * inv[:, None]
+                    u = -tl.sum(dO * out, 1) * inv * inv
+                else:
+                    Ut = dO
+                    u = inv * 0.0
+                tl.store(GOUT + o_ptrs, Ut, mask=tv_mask)
+                tl.store(ROUT + tok + rows * H, u, mask=rmask)
+            else:
+                tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+                Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
+                u = rmask.to(tl.float32)
+            P = _dot(Ut, tl.trans(Wt), DOT_DT) + u[:, None] * wc[None, :]  # [BC, BC]
+            G = tl.where(mask, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
+            dphi1 = _dot(Ut, tl.trans(S1), DOT_DT) + u[:, None] * z1[None, :]  # [BC, BD]
+            dxp = sc * _dot(G, y, DOT_DT) + (C1 * sc) * dphi1  # [BC, BD]
+            if HAS_C2:  # S_2 and z_2 are symmetric
+                dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT_DT), (BC, BD, BD))
+                dxp += (2.0 * C2 * sc * sc) * (tl.sum(dphi2 * x[:, None, :], 2) + u[:, None] * xz)
+            dxp = tl.where(rmask[:, None], dxp, 0.0)
+            dx, dg, db = _pre_backward(dxp, xh, rstd, XG + h * pgx_stride, offs_d, D, NORM)
+            dg_acc += dg
+            db_acc += db
+            tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :],
+                     dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])  # fmt: skip
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT, BC, BD,
+                                         HAS_C2)  # fmt: skip
+    if MODE != 0:
+        tl.store(DG + (bh * NSEG + seg) * BD + offs_d, dg_acc)
+        tl.store(DB + (bh * NSEG + seg) * BD + offs_d, db_acc)
+
+
+@triton.jit
+def _phi_packed(ptr, g_ptr, b_ptr, i0, i1, wf, D, NORM, BD: tl.constexpr):
+    """Canonical features of one vector: ``wf * x'[i0] * x'[i1]`` (index D stands for 1)."""
+    one = tl.arange(0, 1)
+    offs_d = tl.arange(0, BD)
+    xp, _, _ = _pre(ptr, g_ptr, b_ptr, one, one < 1, offs_d, D, 0, NORM)  # [1, BD]
+    # gather x'[i] for every feature as a one-hot product: [BF, BD] x [1, BD] -> [BF]
+    a = tl.sum(tl.where(i0[:, None] == offs_d[None, :], xp, 0.0), 1)
+    c = tl.sum(tl.where(i1[:, None] == offs_d[None, :], xp, 0.0), 1)
+    return wf * tl.where(i0 == D, 1.0, a) * tl.where(i1 == D, 1.0, c)
+
+
+@triton.jit(do_not_specialize=["H", "D", "Dv", "F", "pg_stride", "NORM", "NORMALIZE"])
+def decode_kernel(
+    Q, K, V, QG, QB, KG, KB, S, Z, I0, I1, WF, O, S_OUT, Z_OUT,
+    H, D, Dv, F, pg_stride, NORM, NORMALIZE, eps,
+    BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(B*H,)``: one token on the canonical packed state ``S [F, Dv]``, ``z [F]``.
+
+    ``phi(x)[f] = WF[f] * x'[I0[f]] * x'[I1[f]]`` (index D stands for 1);
+    ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``.
+    The state is read before it is written, by the same program: ``S_OUT`` may be ``S``.
+    """
+    bh = tl.program_id(0)
+    h = bh % H
+    offs_f = tl.arange(0, BF)
+    fmask = offs_f < F
+    i0 = tl.load(I0 + offs_f, mask=fmask, other=0)
+    i1 = tl.load(I1 + offs_f, mask=fmask, other=0)
+    wf = tl.load(WF + offs_f, mask=fmask, other=0.0)
+    phi_q = _phi_packed(Q + bh * D, QG + h * pg_stride, QB + h * pg_stride, i0, i1, wf, D,
+                        NORM, BD)  # [BF]  # fmt: skip
+    phi_k = _phi_packed(K + bh * D, KG + h * pg_stride, KB + h * pg_stride, i0, i1, wf, D,
+                        NORM, BD)  # [BF]  # fmt: skip
+    z = tl.load(Z + bh * F + offs_f, mask=fmask, other=0.0) + phi_k  # [BF]
+    den = tl.sum(phi_q * z, 0) + eps
+    for v0 in range(0, Dv, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        vmask = offs_v < Dv
+        m = fmask[:, None] & vmask[None, :]
+        ptrs = (bh * F + offs_f[:, None]) * Dv + offs_v[None, :]  # [BF, BV]
+        v = tl.load(V + bh * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)
+        St = tl.load(S + ptrs, mask=m, other=0.0) + phi_k[:, None] * v[None, :]
+        tl.store(S_OUT + ptrs, St, mask=m)
+        o = tl.sum(phi_q[:, None] * St, 0)  # [BV]
+        if NORMALIZE:
+            o = o / den
+        tl.store(O + bh * Dv + offs_v, o.to(O.dtype.element_ty), mask=vmask)
+    tl.store(Z_OUT + bh * F + offs_f, z, mask=fmask)

@@ -1,0 +1,298 @@
+"""One GPU call: correctness, peer cross-check and side-by-side timings of the triton backend.
+
+``python -m rebased_kernels.gpu_check --out DIR [--sweep] [--quick]`` on a CUDA machine:
+
+1. oracle check: triton vs the float64 reference on fresh random inputs (fp32, bf16, fp16;
+   forward, every gradient, final state) and vs fla's ``parallel_rebased`` on the shapes
+   it supports (fla takes pre-normalised q', k' and computes ``(scale q'.k')^2``);
+2. no NaN / Inf at T = 65536 in bf16; B=1, H=16, T=131072 forward+backward, peak memory;
+3. timings (CUDA events, median) at B=4, H=16, D=16, Dv=64, bf16, causal, for
+   T in {1024, 2048, 4096, 8192, 16384, 32768}: ours, fla.parallel_rebased, and SDPA
+   (flash attention at head dim 64); with ``--sweep`` the tuning space is searched first.
+
+Everything is written to ``DIR/gpu-check.json``; the last lines printed are a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+import rebased_kernels as rk
+from rebased_kernels import reference
+from rebased_kernels.backend import get_backend
+from rebased_kernels.features import pre_transform
+from rebased_kernels.spec import PRESETS, LinearAttention
+from rebased_kernels.testing import random_inputs
+
+PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
+FLOOR_BYTES_FWD = 320  # bf16 bytes per token per head: q, k (D=16), v, o (Dv=64)
+FLOOR_BYTES_FWD_BWD = 832
+COPY_TBPS = 3.0  # device-to-device copy, ../shared/baselines (measured again below)
+
+
+DEVICE = "cuda"
+SMALL = False  # --dry-run: tiny shapes on the CPU (Triton interpreter), to test this script
+T0 = time.time()
+
+
+def stage(name: str, log: dict, out: str) -> None:
+    """Print the elapsed time and save what is known so far (a timeout keeps it)."""
+    log.setdefault("stages", []).append((name, round(time.time() - T0, 1)))
+    print(f"[{time.time() - T0:7.1f} s] {name}", flush=True)
+    with open(f"{out}/gpu-check.json", "w") as f:
+        json.dump(log, f, indent=1, default=str)
+
+
+def ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
+    """Median time of ``fn`` in ms (CUDA events; inputs at 16k are >> L2)."""
+    if SMALL:
+        warmup, repeats = 1, 1
+    for _ in range(warmup):
+        fn()
+    if DEVICE != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def bench_dtype() -> torch.dtype:
+    return torch.float16 if SMALL else torch.bfloat16  # the interpreter has no bfloat16
+
+
+def oracle_check(log: dict) -> None:
+    """Forward, gradients and state of triton vs the float64 reference, several kernels."""
+    rows = []
+    dtypes = (
+        (torch.float32, torch.float16) if SMALL else (torch.float32, torch.bfloat16, torch.float16)
+    )
+    for name in ("rebased", "based", "gamma_x2"):
+        fm = PRESETS[name]
+        for dtype in dtypes:
+            for T in (37, 50) if SMALL else (100, 3000):
+                x = random_inputs(2, T, 3, 16, 64, torch.float64, DEVICE, fm, requires_grad=False)
+                attn = LinearAttention(fm, 16**-0.5)
+                # the oracle sees the same rounded inputs
+                ref_in = {n: t.to(dtype).double().requires_grad_() for n, t in x.items()}
+                ro, rS, rz = reference.quadratic(
+                    ref_in["q"], ref_in["k"], ref_in["v"], attn,
+                    tuple(ref_in.get(n) for n in PARAMS),
+                )  # fmt: skip
+                w = torch.randn_like(ro)
+                (ro * w).sum().backward()
+                ours = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+                o, st = rk.linear_attention(
+                    **ours, feature_map=fm, backend="triton", output_final_state=True
+                )
+                (o.double() * w).sum().backward()
+                err = {"o": rel(o, ro), "S": rel(st.S, rS), "z": rel(st.z, rz)}
+                err.update({f"d{n}": rel(ours[n].grad, ref_in[n].grad) for n in ours})
+                rows.append(dict(feature_map=name, dtype=str(dtype), T=T, errors=err))
+    log["oracle"] = rows
+    worst: dict = {}
+    for r in rows:
+        worst[r["dtype"]] = max(worst.get(r["dtype"], 0.0), *r["errors"].values())
+    log["oracle_worst"] = worst
+    print("oracle worst relative error per dtype:", worst, flush=True)
+
+
+def fla_check(log: dict) -> None:
+    """Our rebased vs fla's parallel_rebased on the same pre-normalised q', k'."""
+    from fla.ops.rebased import parallel_rebased
+
+    rows = []
+    fm = PRESETS["rebased"]
+    for T in (64, 1000, 4096):
+        x = random_inputs(2, T, 4, 16, 64, torch.bfloat16, DEVICE, fm, requires_grad=False)
+        qp = pre_transform(x["q"].float(), fm.pre, x["q_weight"].float(), x["q_bias"].float())
+        kp = pre_transform(x["k"].float(), fm.pre, x["k_weight"].float(), x["k_bias"].float())
+        theirs = parallel_rebased(qp.bfloat16(), kp.bfloat16(), x["v"], eps=1e-5)
+        ours = rk.linear_attention(**x, feature_map=fm, backend="triton")
+        x64 = {n: t.double() for n, t in x.items()}
+        ref = reference.quadratic(
+            x64["q"], x64["k"], x64["v"], LinearAttention(fm, 0.25), tuple(x64[n] for n in PARAMS)
+        )[0]
+        rows.append(dict(T=T, ours_vs_fla=rel(ours, theirs), ours_vs_ref=rel(ours, ref),
+                         fla_vs_ref=rel(theirs, ref)))  # fmt: skip
+    log["fla_crosscheck"] = rows
+    print("fla cross-check:", rows, flush=True)
+
+
+def stress(log: dict, config: dict) -> None:
+    """Finite at T = 65536 (bf16); B=1, H=16, T=131072 forward+backward and its peak memory."""
+    fm = PRESETS["rebased"]
+    T1, T2 = (300, 600) if SMALL else (65536, 131072)
+    x = random_inputs(1, T1, 4, 16, 64, bench_dtype(), DEVICE, fm)
+    o = rk.linear_attention(**x, backend="triton", config=config)
+    o.backward(torch.randn_like(o))
+    finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(x[n].grad).all()) for n in x)
+    del x, o
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    x = random_inputs(1, T2, 16, 16, 64, bench_dtype(), DEVICE, fm)
+    inputs_mb = sum(t.numel() * t.element_size() for t in x.values()) / 2**20
+    o = rk.linear_attention(**x, backend="triton", config=config)
+    o.backward(torch.randn_like(o))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else float("nan")
+    log["stress"] = dict(T_finite=T1, finite=finite, T_memory=T2, fwd_bwd_ok=True,
+                         peak_MiB=peak, inputs_MiB=inputs_mb)  # fmt: skip
+    print("stress:", log["stress"], flush=True)
+
+
+def _ours(B: int, T: int, H: int, config: dict):
+    """Timed closures: the backend's dense forward, forward+backward, and the public API."""
+    from rebased_kernels.backend import Inputs, Outputs
+
+    fm = PRESETS["rebased"]
+    x = random_inputs(B, T, H, 16, 64, bench_dtype(), DEVICE, fm, requires_grad=False)
+    be = get_backend("triton")
+    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
+    attn = LinearAttention(fm, 0.25)
+    out = be.forward_dense(inp, attn, config)
+    grads = Outputs(torch.randn_like(out.o), torch.zeros_like(out.S), torch.zeros_like(out.z))
+
+    def fwd():
+        return be.forward_dense(inp, attn, config)
+
+    def fwd_bwd():
+        be.forward_dense(inp, attn, config)
+        return be.backward_dense(inp, attn, config, grads)
+
+    def api_fwd():
+        with torch.no_grad():
+            return rk.linear_attention(**x, backend="triton", config=config)
+
+    return fwd, fwd_bwd, api_fwd
+
+
+def sweep(log: dict, T: int, configs: list[dict]) -> dict:
+    """Time each configuration at (4, T, 16); returns the fastest forward+backward's."""
+    results = []
+    for cfg in configs:
+        try:
+            fwd, fwd_bwd, _ = _ours(4, T, 16, cfg)
+            results.append(dict(config=cfg, fwd_ms=ms(fwd, 2, 10), fwd_bwd_ms=ms(fwd_bwd, 2, 5)))
+        except Exception as exc:  # a config that does not compile (registers, smem)
+            results.append(dict(config=cfg, error=f"{type(exc).__name__}: {exc}"[:300]))
+        print("sweep", T, results[-1], flush=True)
+    log.setdefault("sweep", {})[T] = results
+    ok = [r for r in results if "error" not in r]
+    best_f = min(ok, key=lambda r: r["fwd_ms"])
+    best_fb = min(ok, key=lambda r: r["fwd_bwd_ms"])
+    print("best fwd", best_f, "best fwd+bwd", best_fb, flush=True)
+    return {**best_fb["config"], **{k: best_f["config"][k] for k in ("chunk_size", "block_v")}}
+
+
+def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
+    """Ours vs fla.parallel_rebased vs SDPA (head dim 64) at B=4, H=16, D=16, Dv=64."""
+    rows = []
+    B, H = (1, 2) if SMALL else (4, 16)
+    dt = bench_dtype()
+    for T in Ts:
+        fwd, fwd_bwd, api_fwd = _ours(B, T, H, config)
+        row = dict(T=T, ours_fwd=ms(fwd), ours_fwd_bwd=ms(fwd_bwd), ours_api_fwd=ms(api_fwd))
+        if not SMALL and T <= 16384:
+            from fla.ops.rebased import parallel_rebased
+
+            q, k = (torch.randn(B, T, H, 16, device=DEVICE, dtype=dt) for _ in "qk")
+            v = torch.randn(B, T, H, 64, device=DEVICE, dtype=dt)
+            qf, kf, vf = (t.requires_grad_() for t in (q, k, v))
+            row["fla_fwd"] = ms(lambda: parallel_rebased(qf, kf, vf), 2, 10)
+            row["fla_fwd_bwd"] = ms(
+                lambda: parallel_rebased(qf, kf, vf).backward(torch.ones_like(vf)), 2, 5
+            )
+        qs, ks, vs = (
+            torch.randn(B, H, T, 64, device=DEVICE, dtype=dt, requires_grad=True) for _ in "qkv"
+        )
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        row["sdpa_fwd"] = ms(lambda: sdpa(qs, ks, vs, is_causal=True))
+        row["sdpa_fwd_bwd"] = ms(lambda: sdpa(qs, ks, vs, is_causal=True).backward(qs), 2, 10)
+        tokens = B * H * T
+        row["floor_fwd"] = tokens * FLOOR_BYTES_FWD / (log["copy_TBps"] * 1e9)
+        row["floor_fwd_bwd"] = tokens * FLOOR_BYTES_FWD_BWD / (log["copy_TBps"] * 1e9)
+        rows.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    log["timings"] = rows
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in TB/s (bytes read + written)."""
+    a = torch.empty(2**20 if SMALL else 2**28, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    t = ms(lambda: b.copy_(a), 3, 20)
+    return 2 * a.numel() / (t * 1e-3) / 1e12
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEVICE, SMALL
+    ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_check", description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stages", default="oracle,fla,timings,stress",
+                    help="comma-separated: oracle, fla, sweep, timings, stress")  # fmt: skip
+    ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny shapes on the CPU (TRITON_INTERPRET=1): tests this script")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        DEVICE, SMALL = "cpu", True
+    stages = args.stages.split(",")
+    log: dict = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                     torch=torch.__version__, argv=argv)  # fmt: skip
+    import triton
+
+    log["triton"] = triton.__version__
+    log["copy_TBps"] = copy_bandwidth()
+    stage(f"start {log}", log, args.out)
+    be = get_backend("triton")
+    config = dict(be.default_config)
+    log["config"] = config
+    for name in stages:  # in the order given
+        if name == "oracle":
+            oracle_check(log)
+        elif name == "fla" and not SMALL:
+            fla_check(log)
+        elif name == "sweep":
+            configs = [c for c in be.configs() if c["chunks_per_segment"] in (8, 16)]
+            config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
+        elif name == "timings":
+            Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))
+            timings(log, config, Ts)
+        elif name == "stress":
+            stress(log, config)
+        stage(name, log, args.out)
+    print(f"{'T':>6} {'ours f':>8} {'f+b':>8} {'api f':>8} {'fla f':>8} {'f+b':>8} "
+          f"{'sdpa f':>8} {'f+b':>8} {'floor f':>8} {'f+b':>8}")  # fmt: skip
+    nan = float("nan")
+    for r in log.get("timings", []):
+        print(
+            f"{r['T']:>6} {r['ours_fwd']:>8.3f} {r['ours_fwd_bwd']:>8.3f} {r['ours_api_fwd']:>8.3f}"
+            f" {r.get('fla_fwd', nan):>8.3f} {r.get('fla_fwd_bwd', nan):>8.3f}"
+            f" {r['sdpa_fwd']:>8.3f} {r['sdpa_fwd_bwd']:>8.3f}"
+            f" {r['floor_fwd']:>8.3f} {r['floor_fwd_bwd']:>8.3f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
