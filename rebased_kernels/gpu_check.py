@@ -201,7 +201,7 @@ def sweep(log: dict, T: int, configs: list[dict]) -> dict:
     best_f = min(ok, key=lambda r: r["fwd_ms"])
     best_fb = min(ok, key=lambda r: r["fwd_bwd_ms"])
     print("best fwd", best_f, "best fwd+bwd", best_fb, flush=True)
-    return {**best_fb["config"], **{k: best_f["config"][k] for k in ("chunk_size", "block_v")}}
+    return best_f["config"]
 
 
 def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "fla" and not SMALL:
             fla_check(log)
         elif name == "sweep":
-            configs = [c for c in be.configs() if c["chunks_per_segment"] in (8, 16)]
+            configs = be.configs()
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
         elif name == "timings":
             Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))

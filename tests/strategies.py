@@ -42,9 +42,15 @@ def backends_under_test() -> list[str]:
     return names
 
 
+GPU_EXAMPLES = 200
+"""Examples per property, backend and dtype under the ``gpu`` profile."""
+
+
 def examples(backend: str, default: int) -> int:
     if PROFILE == "ci":
         return CI_EXAMPLES.get(backend, default)
+    if PROFILE == "gpu":
+        return GPU_EXAMPLES
     return default
 
 

@@ -65,18 +65,31 @@ def _outer(x, BC: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_DT: tl.constexpr):
-    """A matrix product with operands in ``DOT_DT`` (bf16/fp16 inputs) or exact fp32."""
-    if DOT_DT == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+def _cast(x, DOT: tl.constexpr):
+    """A dot operand in the precision ``DOT``: "ieee" / "tf32" (fp32), "bf16", "fp16"."""
+    if DOT == "bf16":
+        return x.to(tl.bfloat16)
+    elif DOT == "fp16":
+        return x.to(tl.float16)
     else:
-        return tl.dot(a.to(DOT_DT), b.to(DOT_DT))
+        return x.to(tl.float32)
 
 
 @triton.jit
-def _dot_scores(a, b, DOT_DT: tl.constexpr):
-    """``q' k'^T``: tf32 for bf16/fp16 inputs (s is squared: its operands keep 10 bits)."""
-    if DOT_DT == tl.float32:
+def _dot(a, b, DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation and operands in the precision ``DOT``."""
+    if DOT == "ieee":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == "tf32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        return tl.dot(_cast(a, DOT), _cast(b, DOT))
+
+
+@triton.jit
+def _dot_scores(a, b, DOT: tl.constexpr):
+    """``q' k'^T``: never below tf32 (s is squared: its operands keep 10 bits)."""
+    if DOT == "ieee":
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32")
@@ -97,18 +110,18 @@ def _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD: tl.conste
 
 
 @triton.jit
-def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT: tl.constexpr, BC: tl.constexpr,
+def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT: tl.constexpr, BC: tl.constexpr,
             BD: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
     """Add one chunk of columns: ``S_p += phi_p(y)^T W``, ``z_p += phi_p(y)^T w``.
 
     ``z_2`` is kept as the ``[BD, BD]`` matrix ``sum_j w_j y_j y_j^T``."""
     S0 += tl.sum(Wt, 0)
     z0 += tl.sum(wc, 0)
-    S1 += _dot(tl.trans(y), Wt, DOT_DT)
+    S1 += _dot(tl.trans(y), Wt, DOT)
     z1 += tl.sum(y * wc[:, None], 0)
     if HAS_C2:
-        y2 = _outer(y.to(DOT_DT), BC, BD)  # [BC, BD*BD]
-        S2 += _dot(tl.trans(y2), Wt, DOT_DT)
+        y2 = _outer(_cast(y, DOT), BC, BD)  # [BC, BD*BD]
+        S2 += _dot(tl.trans(y2), Wt, DOT)
         z2 += tl.dot(tl.trans(y * wc[:, None]), y, input_precision="ieee")  # [BD, BD]
     return S0, S1, S2, z0, z1, z2
 
@@ -123,7 +136,7 @@ def segment_state_kernel(
     Y, YG, YB, W, Wsc, Sst, Zst,
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
-    HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT_DT: tl.constexpr,
+    HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: each segment's own state sum (no prefix)."""
     seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -151,7 +164,7 @@ def segment_state_kernel(
             wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
         else:
             wc = rmask.to(tl.float32)
-        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT, BC, BD,
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT, BC, BD,
                                          HAS_C2)  # fmt: skip
     base = (bh * NSEG + seg) * RF
     tl.store(Sst + base * Dv + offs_v, S0, mask=vmask)
@@ -171,7 +184,7 @@ def sweep_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
     MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr,
-    DOT_DT: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: walk one segment's chunks from its prefix state.
 
@@ -222,16 +235,16 @@ def sweep_kernel(
             wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
         else:
             wc = rmask.to(tl.float32)
-        s = sc * _dot_scores(x, tl.trans(y), DOT_DT)  # [BC, BC]
+        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
         mask = causal & rmask[None, :]
         A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
         x1 = (C1 * sc) * x  # [BC, BD]
-        out = _dot(A, Wt, DOT_DT) + C0 * S0[None, :] + _dot(x1, S1, DOT_DT)  # [BC, BV]
+        out = _dot(A, Wt, DOT) + C0 * S0[None, :] + _dot(x1, S1, DOT)  # [BC, BV]
         den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
         if HAS_C2:
-            x2 = _outer(x.to(DOT_DT), BC, BD)  # [BC, BD*BD]
+            x2 = _outer(_cast(x, DOT), BC, BD)  # [BC, BD*BD]
             xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
-            out += (C2 * sc * sc) * _dot(x2, S2, DOT_DT)
+            out += (C2 * sc * sc) * _dot(x2, S2, DOT)
             den += (C2 * sc * sc) * tl.sum(x * xz, 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
@@ -254,12 +267,12 @@ def sweep_kernel(
                 tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
                 Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
                 u = rmask.to(tl.float32)
-            P = _dot(Ut, tl.trans(Wt), DOT_DT) + u[:, None] * wc[None, :]  # [BC, BC]
+            P = _dot(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
             G = tl.where(mask, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
-            dphi1 = _dot(Ut, tl.trans(S1), DOT_DT) + u[:, None] * z1[None, :]  # [BC, BD]
-            dxp = sc * _dot(G, y, DOT_DT) + (C1 * sc) * dphi1  # [BC, BD]
+            dphi1 = _dot(Ut, tl.trans(S1), DOT) + u[:, None] * z1[None, :]  # [BC, BD]
+            dxp = sc * _dot(G, y, DOT) + (C1 * sc) * dphi1  # [BC, BD]
             if HAS_C2:  # S_2 and z_2 are symmetric
-                dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT_DT), (BC, BD, BD))
+                dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT), (BC, BD, BD))
                 dxp += (2.0 * C2 * sc * sc) * (tl.sum(dphi2 * x[:, None, :], 2) + u[:, None] * xz)
             dxp = tl.where(rmask[:, None], dxp, 0.0)
             dx, dg, db = _pre_backward(dxp, xh, rstd, XG + h * pgx_stride, offs_d, D, NORM)
@@ -267,7 +280,7 @@ def sweep_kernel(
             db_acc += db
             tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :],
                      dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])  # fmt: skip
-        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT_DT, BC, BD,
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT, BC, BD,
                                          HAS_C2)  # fmt: skip
     if MODE != 0:
         tl.store(DG + (bh * NSEG + seg) * BD + offs_d, dg_acc)
