@@ -219,14 +219,16 @@ def vjp(fn: Callable[[Inputs], Outputs], x: Inputs, grads: Outputs) -> Inputs:
     return Inputs(*result)
 
 
-def empty_sequence(x: Inputs, attn: LinearAttention) -> Outputs:
-    """The result for T = 0: no output, the state passes through (zeros if none)."""
+def empty_sequence(x: Inputs, attn: LinearAttention, N: int | None = None) -> Outputs:
+    """The result for T = 0: no output, the state passes through (zeros for N sequences,
+    default B, if none)."""
     B, _, H, D = x.q.shape
     Dv = x.v.shape[-1]
     F = attn.feature_map.num_features(D)
     dt = compute_dtype(x.v.dtype)
-    S = x.S0.to(dt) if x.S0 is not None else x.v.new_zeros(B, H, F, Dv, dtype=dt)
-    z = x.z0.to(dt) if x.z0 is not None else x.v.new_zeros(B, H, F, dtype=dt)
+    N = B if N is None else N
+    S = x.S0.to(dt) if x.S0 is not None else x.v.new_zeros(N, H, F, Dv, dtype=dt)
+    z = x.z0.to(dt) if x.z0 is not None else x.v.new_zeros(N, H, F, dtype=dt)
     return Outputs(x.v.new_empty(B, 0, H, Dv), S, z)
 
 

@@ -83,8 +83,9 @@ def _fwd_op(
     x = Inputs(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
     _validate.check_finite(dict(zip(Inputs._fields, x)))
     attn = _attention(norm, affine, coeffs, scale, normalize, eps)
-    if q.shape[1] == 0:
-        return tuple(_unaliased(empty_sequence(x, attn), x))
+    if q.shape[1] == 0:  # N empty sequences when packed, else B
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return tuple(_unaliased(empty_sequence(x, attn, N), x))
     be = get_backend(backend)
     out = be.forward(x, attn, decode_config(be, config), cu_seqlens)
     return tuple(_unaliased(out, (*x, cu_seqlens)))

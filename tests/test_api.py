@@ -314,3 +314,13 @@ def test_torch_compile_does_not_recompile_per_sequence_length() -> None:
     assert graphs() == before
     call(129)  # bucket 256
     assert graphs() == before + 1
+
+
+def test_packed_empty_sequences_give_one_state_each() -> None:
+    """T = 0 with ``cu_seqlens`` of N empty sequences: N zero states (found on the GPU run)."""
+    q, k, v = torch.randn(1, 0, 2, 4), torch.randn(1, 0, 2, 4), torch.randn(1, 0, 2, 3)
+    cu = torch.tensor([0, 0, 0, 0], dtype=torch.int32)
+    o, st = rk.linear_attention(q, k, v, cu_seqlens=cu, output_final_state=True, backend="torch")
+    assert o.shape == (1, 0, 2, 3)
+    assert st.S.shape == (3, 2, 10, 3) and st.z.shape == (3, 2, 10)
+    assert not st.S.any() and not st.z.any()

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rebased_kernels.backend import Backend, Inputs, Outputs, compute_dtype, register
+from rebased_kernels.backend import Backend, Inputs, Outputs, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 BD = 16
@@ -242,7 +242,7 @@ class TritonBackend(Backend):
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
         call = _Call(x, attn, config, backward=True)
-        B, T, H, D, Dv = call.B, call.T, call.H, call.D, call.Dv
+        B, T, H, Dv = call.B, call.T, call.H, call.Dv
         fm = attn.feature_map
         dev = call.q.device
         BV = max(16, triton_next_pow2(Dv))

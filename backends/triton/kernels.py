@@ -87,12 +87,14 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _dot_scores(a, b, DOT: tl.constexpr):
-    """``q' k'^T``: never below tf32 (s is squared: its operands keep 10 bits)."""
+def _dot_tf32(a, b, DOT: tl.constexpr):
+    """Never below tf32: ``q' k'^T`` (s is squared) and ``phi(q) . S`` (a long state's
+    entries outgrow a chunk's, so half operands there lose the chunk; measured 1.9e-2
+    on an H100 when a bf16 run continued from a carried state)."""
     if DOT == "ieee":
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 @triton.jit
@@ -235,16 +237,16 @@ def sweep_kernel(
             wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
         else:
             wc = rmask.to(tl.float32)
-        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
+        s = sc * _dot_tf32(x, tl.trans(y), DOT)  # [BC, BC]
         mask = causal & rmask[None, :]
         A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
         x1 = (C1 * sc) * x  # [BC, BD]
-        out = _dot(A, Wt, DOT) + C0 * S0[None, :] + _dot(x1, S1, DOT)  # [BC, BV]
+        out = _dot(A, Wt, DOT) + C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
         den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
         if HAS_C2:
-            x2 = _outer(_cast(x, DOT), BC, BD)  # [BC, BD*BD]
+            x2 = _outer(x, BC, BD)  # [BC, BD*BD]
             xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
-            out += (C2 * sc * sc) * _dot(x2, S2, DOT)
+            out += (C2 * sc * sc) * _dot_tf32(x2, S2, DOT)
             den += (C2 * sc * sc) * tl.sum(x * xz, 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
@@ -278,8 +280,9 @@ def sweep_kernel(
             dx, dg, db = _pre_backward(dxp, xh, rstd, XG + h * pgx_stride, offs_d, D, NORM)
             dg_acc += dg
             db_acc += db
+            dmask = rmask[:, None] & (offs_d < D)[None, :]
             tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :],
-                     dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])  # fmt: skip
+                     dx.to(DX.dtype.element_ty), mask=dmask)  # fmt: skip
         S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT, BC, BD,
                                          HAS_C2)  # fmt: skip
     if MODE != 0:
