@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: oracle, fla, sweep, timings, stress")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--dry-run", action="store_true",
-                    help="tiny shapes on the CPU (TRITON_INTERPRET=1): tests this script")  # fmt: skip
+                    help="tiny shapes on the CPU (TRITON_INTERPRET=1)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.dry_run:
         DEVICE, SMALL = "cpu", True
