@@ -134,3 +134,45 @@ def recurrent(
         outputs.append(num / (den + attn.eps)[..., None] if attn.normalize else num)
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, v.shape[-1])
     return o, S, z
+
+
+def condition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn: LinearAttention,
+    params: tuple = (None, None, None, None),
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """``kappa``: how much the feature (state) form of ``o`` amplifies rounding.
+
+    Computing ``o`` through features sums ``phi(q_i)_f phi(k_j)_f v_j`` term by term, so its
+    first-order error is ``u`` (the arithmetic's unit roundoff) times the same sums over
+    absolute values. ``kappa = ||err_bound|| / (u ||o||)``: about 1 for well-spread inputs,
+    large when q is nearly orthogonal to every k (sim ~ 0 while the features do not vanish)
+    or, normalised, when the denominator is small. Tests scale their tolerance with it when
+    they compare the feature form with the score form or with itself split differently.
+    """
+    fm = attn.feature_map
+    qp, kp = _transformed(q, k, attn, params)
+    v = v.to(f64)
+    B, T, H, _ = qp.shape
+    aq, ak = features(qp, fm, attn.scale).abs(), features(kp, fm, attn.scale).abs()
+    S0, z0 = _initial(B, H, aq.shape[-1], v.shape[-1], initial_state, q.device)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    M = torch.einsum("bihf,bjhf->bhij", aq, ak) * mask  # [B, H, T, T]
+    num_abs = torch.einsum("bhij,bjhe->bihe", M, v.abs()) + torch.einsum(
+        "bthf,bhfe->bthe", aq, S0.abs()
+    )
+    den_abs = M.sum(-1).transpose(1, 2) + torch.einsum("bthf,bhf->bth", aq, z0.abs())
+    o, _, _ = quadratic(q, k, v, attn, params, initial_state)
+    if attn.normalize:
+        A = _masked_similarity(qp, kp, attn)
+        den = A.sum(-1).transpose(1, 2) + torch.einsum(
+            "bthf,bhf->bth", features(qp, fm, attn.scale), z0
+        )
+        den = (den + attn.eps).abs()[..., None]
+        bound = num_abs / den + o.abs() * den_abs[..., None] / den
+    else:
+        bound = num_abs
+    return float(bound.norm() / o.norm().clamp_min(1e-300))

@@ -163,6 +163,14 @@ def run(case: Case, kw: dict, **extra):
     return o, state.S, state.z
 
 
+def kappa(case: Case, kw: dict) -> float:
+    """The feature form's rounding amplification on these inputs (``reference.condition``)."""
+    params = tuple(kw.get(n) for n in PARAM_NAMES)
+    return reference.condition(
+        kw["q"], kw["k"], kw["v"], case.attn, params, kw.get("initial_state")
+    )
+
+
 def oracle(case: Case, kw: dict):
     """The float64 quadratic form on the same inputs."""
     params = tuple(kw.get(n) for n in PARAM_NAMES)

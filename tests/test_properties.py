@@ -15,6 +15,7 @@ from strategies import (
     cases,
     dtypes_under_test,
     examples,
+    kappa,
     make_inputs,
     oracle,
     run,
@@ -22,7 +23,7 @@ from strategies import (
 
 import rebased_kernels as rk
 from rebased_kernels.backend import registered
-from rebased_kernels.testing import TOLERANCE, assert_close, rel_err
+from rebased_kernels.testing import TOLERANCE, assert_close, feature_form_tolerance, rel_err
 
 BACKENDS = backends_under_test()
 
@@ -72,18 +73,23 @@ def test_forward_and_gradients_match_reference(case: Case, data) -> None:
         ours_kw["initial_state"] = ref_kw["initial_state"] = (leaves["S0"], leaves["z0"])
     out = run(case, ours_kw)
     ref = oracle(case, ref_kw)
+    # chunked kernels take o partly through the features: rounding grows with kappa
+    tol = feature_form_tolerance(case.dtype, kappa(case, kw))
     for name, a, b in zip(("o", "S", "z"), out, ref):
         assert a.dtype == (case.dtype if name == "o" else a.dtype)
-        assert_close(a, b, case.dtype, f"{case} {name}")
+        assert_close(a, b, case.dtype, f"{case} {name}", tol)
     g = torch.Generator().manual_seed(case.seed + 7)
     cots = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
     loss = sum((a.double() * c.to(a.device)).sum() for a, c in zip(out, cots))
     ref_loss = sum((b * c.to(b.device)).sum() for b, c in zip(ref, cots))
     grads = torch.autograd.grad(loss, list(leaves.values()))
     ref_grads = torch.autograd.grad(ref_loss, list(leaves.values()))
+    # a gradient 100x smaller than the largest one of the same loss is cancellation (dq at
+    # T = 1 normalised is O(eps)): it is checked against 1% of that largest one instead
+    floor = 1e-2 * max(float(g.double().norm()) for g in ref_grads)
     for name, a, b, t in zip(leaves, grads, ref_grads, leaves.values()):
         assert a.dtype == t.dtype and a.shape == t.shape, name
-        assert_close(a, b, case.dtype, f"{case} d{name}")
+        assert_close(a, b, case.dtype, f"{case} d{name}", tol, floor)
 
 
 @property_test(min_T=2)
@@ -130,7 +136,8 @@ def test_split_with_state_equals_one_run(case: Case, data) -> None:
     second_kw = {**kw, "q": kw["q"][:, t:], "k": kw["k"][:, t:], "v": kw["v"][:, t:]}
     second_kw["initial_state"] = (first[1], first[2])
     second = run(case, second_kw)
-    assert_close(torch.cat([first[0], second[0]], dim=1), full[0], case.dtype, "o")
+    tol = feature_form_tolerance(case.dtype, kappa(case, kw))
+    assert_close(torch.cat([first[0], second[0]], dim=1), full[0], case.dtype, "o", tol)
     assert_close(second[1], full[1], case.dtype, "S")
     assert_close(second[2], full[2], case.dtype, "z")
 
@@ -184,7 +191,8 @@ def test_decode_steps_equal_full_run(case: Case, data) -> None:
         )  # fmt: skip
         assert (state.S is buffers[0] and state.z is buffers[1]) == inplace
         outs.append(o_t)
-    assert_close(torch.stack(outs, dim=1), o_full, case.dtype, "decoded o")
+    tol = feature_form_tolerance(case.dtype, kappa(case, kw))
+    assert_close(torch.stack(outs, dim=1), o_full, case.dtype, "decoded o", tol)
     assert_close(state.S, S_full, case.dtype, "S")
     assert_close(state.z, z_full, case.dtype, "z")
 
@@ -196,3 +204,24 @@ def test_tolerance_rule_catches_errors() -> None:
     assert rel_err(_poisoned_like(ref), ref) == float("inf")
     with pytest.raises(AssertionError):
         assert_close(ref + 1e-3, ref, torch.float32, "perturbed")
+
+
+def test_condition_number_flags_cancellation_only() -> None:
+    """``kappa`` is O(10) on random inputs and huge when q is orthogonal to every k, so the
+    feature-form tolerance stays ``TOLERANCE`` except on ill-conditioned draws."""
+    from rebased_kernels import reference
+    from rebased_kernels.spec import PRESETS, LinearAttention
+    from rebased_kernels.testing import feature_form_tolerance
+
+    attn = LinearAttention(PRESETS["x2"], 0.5, normalize=True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 50, 2, 4, generator=g, dtype=torch.float64) for _ in "qkv")
+    spread = reference.condition(q, k, v, attn)
+    assert 1.0 <= spread < 100.0
+    assert feature_form_tolerance(torch.float32, spread) == TOLERANCE[torch.float32]
+    # q . k = 0 while q (x) q and k (x) k are not sparse: sim is a sum of cancelling features
+    q1 = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 1, 1, 4)
+    k1 = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 1, 1, 4)
+    k1 = k1 + 1e-3 * torch.randn(1, 1, 1, 4, generator=g, dtype=torch.float64)
+    v1 = torch.ones(1, 1, 1, 4, dtype=torch.float64)
+    assert reference.condition(q1, k1, v1, attn) > 1e3
