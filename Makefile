@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/rebased-kernels info
+	$(VENV)/bin/rebased-kernels tune --quick --out tune-results
 	$(VENV)/bin/rebased-kernels check
 
 test: $(STAMP)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import backends as _builtin_backends  # noqa: F401  (registers the built-in backends)
 from .backend import Backend, Inputs, Outputs, Problem, register
 from .layer import ReBasedAttention
-from .ops import State, decode_step, linear_attention
+from .ops import State, decode_step, explain, linear_attention
 from .registry_info import BackendInfo, backends
 from .spec import PRESETS, FeatureMap, LinearAttention, PreTransform, get_feature_map
 
@@ -29,6 +29,7 @@ __all__ = [
     "State",
     "backends",
     "decode_step",
+    "explain",
     "get_feature_map",
     "linear_attention",
     "register",

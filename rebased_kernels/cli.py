@@ -1,4 +1,4 @@
-"""The ``rebased-kernels`` command: ``info`` and ``check``."""
+"""The ``rebased-kernels`` command: info, check, tune, train, sweep, analyze."""
 
 from __future__ import annotations
 
@@ -123,6 +123,28 @@ def _analyze_mqar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rebased_kernels.autotune.report import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    elif args.quick:
+        shapes = [(1, T, 4, 16, 32) for T in (256, 1024)] if device == "cpu" else [
+            (4, T, 16, 16, 64) for T in (1024, 4096)
+        ]  # fmt: skip
+    else:
+        shapes = [(4, T, 16, 16, 64) for T in (1024, 2048, 4096, 8192, 16384, 32768)]
+    dtypes = [DTYPES[d] for d in (args.dtype or ("float32" if device == "cpu" else
+                                                 "float16,bfloat16")).split(",")]  # fmt: skip
+    names = args.backends.split(",") if args.backends else None
+    out = Path(args.out) if args.out else None
+    run(shapes, dtypes, device, names, args.quick, args.objective, args.budget, out, args.force)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rebased-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         "--backends", default=None, help="comma-separated names (default: all available)"
     )
     check.set_defaults(fn=_check)
+    tune = sub.add_parser("tune", help="tune every available backend here; leaderboard + plot")
+    tune.add_argument("--quick", action="store_true", help="small shapes, few configurations")
+    tune.add_argument("--shapes", default=None, help="'B,T,H,D,Dv;B,T,H,D,Dv;...'")
+    tune.add_argument("--dtype", default=None, help="comma-separated (default: float32 on CPU)")
+    tune.add_argument("--backends", default=None, help="comma-separated names")
+    tune.add_argument("--device", default=None)
+    tune.add_argument("--objective", default="forward_backward",
+                      choices=("forward", "forward_backward"))  # fmt: skip
+    tune.add_argument("--budget", type=float, default=60.0, help="seconds per shape and dtype")
+    tune.add_argument("--force", action="store_true", help="re-tune cached buckets")
+    tune.add_argument("--out", default=None, help="directory for tune.json and tune.png")
+    tune.set_defaults(fn=_tune)
     train = sub.add_parser("train", help="train a model with the kernels (MQAR)")
     mqar = train.add_subparsers(dest="task", required=True).add_parser(
         "mqar", help="multi-query associative recall (the paper's Sec. 5.1-5.3)"

@@ -192,11 +192,45 @@ def _plan(
     device_type: str,
     varlen: bool,
     config_items: tuple,
+    normalize: bool = True,
+    T: int = 1,
+    BH: int = 1,
 ) -> tuple[str, str]:
     """The backend name and encoded configuration for a call (a constant under compile)."""
-    attn = _attention(norm, affine, list(coeffs), 1.0, True, 0.0)
-    be = resolve(backend, Problem(attn, D, Dv, dtype, device_type, varlen))
-    return be.name, encode_config(decode_config(be, encode_config(dict(config_items))))
+    choice = _choose(backend, norm, affine, coeffs, D, Dv, dtype, device_type, varlen,
+                     config_items, normalize, T, BH)  # fmt: skip
+    be = get_backend(choice.backend)
+    return be.name, encode_config(decode_config(be, encode_config(choice.config)))
+
+
+def _choose(backend, norm, affine, coeffs, D, Dv, dtype, device_type, varlen, config_items,
+            normalize, T, BH):  # fmt: skip
+    from rebased_kernels.autotune import choose
+
+    attn = _attention(norm, affine, list(coeffs), 1.0, normalize, 0.0)
+    problem = Problem(attn, D, Dv, dtype, device_type, varlen)
+    return choose(backend, problem, T, BH, dict(config_items))
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str | FeatureMap = "rebased",
+    *,
+    normalize: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    config: dict | None = None,
+):
+    """Which backend and configuration ``linear_attention`` would use for these inputs,
+    and why: ``Choice(backend, config, reason)`` (tuned bucket, or the static order)."""
+    fm = get_feature_map(feature_map)
+    _validate.check_qkv(q, k, v, ndim=4)
+    B, T, H, D = q.shape
+    return _choose(backend, fm.pre.norm, fm.pre.affine, fm.coeffs, D, v.shape[-1], q.dtype,
+                   q.device.type, cu_seqlens is not None, tuple(sorted((config or {}).items())),
+                   normalize, T, B * H)  # fmt: skip
 
 
 def linear_attention(
@@ -261,6 +295,7 @@ def linear_attention(
     name, cfg = _plan(
         backend, fm.pre.norm, fm.pre.affine, fm.coeffs, D, v.shape[-1], q.dtype,
         q.device.type, cu_seqlens is not None, tuple(sorted((config or {}).items())),
+        normalize, T, B * H,
     )  # fmt: skip
     o, S, z = _fwd_op(
         q, k, v, *params, S0, z0, cu_seqlens,

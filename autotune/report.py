@@ -1,0 +1,131 @@
+"""``rebased-kernels tune``: tune every available backend over shapes, print a leaderboard,
+write a JSON record and a PNG (time vs T, log-log, one line per backend and peer)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rebased_kernels.backend import registered
+from rebased_kernels.bench import chunked_flops, median_ms
+from rebased_kernels.spec import get_feature_map
+
+from .cache import TuneCache
+from .tuner import candidates, tune
+
+QUICK_SKIP = ("torch_compile",)
+"""Backends ``--quick`` leaves out unless named: they compile a graph per shape bucket."""
+
+
+def copy_tbps(device: str) -> float:
+    """The device's measured copy rate (bytes read + written), the memory ceiling."""
+    n = 2**26 if device == "cuda" else 2**24
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * n / (median_ms(lambda: b.copy_(a), device, warmup=2, repeats=10) * 1e-3) / 1e12
+
+
+def sdpa_ms(B, T, H, Dv, dtype, device, objective) -> float:
+    """Softmax attention (SDPA, causal) at head dim Dv: the line a user would otherwise draw."""
+    q, k, v = (torch.randn(B, H, T, Dv, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def call():
+        o = sdpa(q, k, v, is_causal=True)
+        if objective == "forward_backward":
+            o.backward(o)
+
+    return median_ms(call, device, warmup=2, repeats=5)
+
+
+def run(
+    shapes: list[tuple[int, int, int, int, int]], dtypes: list[torch.dtype], device: str,
+    backends: list[str] | None, quick: bool, objective: str, budget_s: float, out: Path | None,
+    force: bool = False, feature_map: str = "rebased",
+) -> dict:  # fmt: skip
+    """Tune each (shape, dtype); returns (and writes) the record."""
+    fm = get_feature_map(feature_map)
+    if quick and backends is None:
+        backends = [n for n in registered() if n not in QUICK_SKIP]
+    start = time.perf_counter()
+    ceiling = copy_tbps(device)
+    cache = TuneCache(torch.device(device).type)
+    rows = []
+    for dtype in dtypes:
+        for B, T, H, D, Dv in shapes:
+            res = tune(
+                B, T, H, D, Dv, dtype, device, fm, backends=backends, quick=quick,
+                objective=objective, budget_s=budget_s, cache=cache, force=force,
+            )  # fmt: skip
+            per_backend: dict[str, float] = {}
+            for r in res.rows:
+                if "ms" in r:
+                    per_backend[r["backend"]] = min(per_backend.get(r["backend"], 1e30), r["ms"])
+            passes = 3.0 if objective == "forward_backward" else 1.0
+            traffic = 2.6 if passes > 1 else 1.0  # fwd+bwd moves ~832 / 320 of the forward
+            byte_count = B * H * T * (2 * D + 2 * Dv) * dtype.itemsize * traffic
+            flops = chunked_flops(B, T, H, D, Dv, fm.num_features(D), 64) * passes
+            peer = sdpa_ms(B, T, H, Dv, dtype, device, objective)
+            for name, ms in sorted(per_backend.items(), key=lambda kv: kv[1]):
+                rows.append(dict(
+                    B=B, T=T, H=H, D=D, Dv=Dv, dtype=str(dtype)[6:], backend=name, ms=ms,
+                    best=res.best is not None and res.best["backend"] == name,
+                    config=next(r["config"] for r in res.rows if r.get("ms") == ms),
+                    GBps=byte_count / ms / 1e6, TFLOPs=flops / ms / 1e9,
+                    x_floor=ms / (byte_count / (ceiling * 1e9)), sdpa_ms=peer, x_sdpa=peer / ms,
+                    cached=res.cached,
+                ))  # fmt: skip
+    record = dict(device=cache.fingerprint, copy_TBps=ceiling, objective=objective,
+                  seconds=time.perf_counter() - start, rows=rows,
+                  candidates=sorted({r["backend"] for r in rows}))  # fmt: skip
+    print_leaderboard(record)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tune.json").write_text(json.dumps(record, indent=1, default=str))
+        plot(record, out / "tune.png")
+        print(f"wrote {out / 'tune.json'} and {out / 'tune.png'}")
+    return record
+
+
+def print_leaderboard(record: dict) -> None:
+    print(f"{record['objective']} on {record['device'].get('name')}  "
+          f"(copy {record['copy_TBps']:.3g} TB/s, {record['seconds']:.1f} s)")  # fmt: skip
+    print(f"{'T':>6} {'dtype':>8} {'backend':<14} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} "
+          f"{'x floor':>8} {'vs SDPA':>8}  config")  # fmt: skip
+    for r in record["rows"]:
+        mark = "*" if r["best"] else " "
+        print(f"{r['T']:>6} {r['dtype']:>8} {r['backend']:<13}{mark} {r['ms']:>9.3f} "
+              f"{r['GBps']:>8.1f} {r['TFLOPs']:>8.3f} {r['x_floor']:>8.1f} "
+              f"{r['x_sdpa']:>7.2f}x  {r['config']}")  # fmt: skip
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for dtype in sorted({r["dtype"] for r in record["rows"]}):
+        rows = [r for r in record["rows"] if r["dtype"] == dtype]
+        for name in sorted({r["backend"] for r in rows}):
+            pts = sorted((r["T"], r["ms"]) for r in rows if r["backend"] == name)
+            ax.plot(*zip(*pts), marker="o", label=f"{name} ({dtype})")
+        sd = sorted({(r["T"], r["sdpa_ms"]) for r in rows})
+        ax.plot(*zip(*sd), "k--", marker="x", label=f"SDPA ({dtype})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel(f"{record['objective']} time (ms)")
+    ax.set_title(f"rebased-kernels tune: {record['device'].get('name')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["candidates", "run"]

@@ -1,0 +1,142 @@
+"""Search every backend's tuning space for one problem bucket; keep the fastest.
+
+Each (backend, configuration) is first checked on a small problem against the float64
+oracle (a configuration that computes the wrong function is dropped), then timed on the
+bucket's shape: CUDA events on a GPU, a monotonic clock on CPU, median after warm-up, inputs
+rotated over three sets. A time budget bounds the search; a progress bar shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rebased_kernels import reference
+from rebased_kernels.backend import Inputs, Outputs, Problem, registered
+from rebased_kernels.bench import median_ms
+from rebased_kernels.spec import LinearAttention, get_feature_map
+from rebased_kernels.testing import feature_form_tolerance, random_inputs, rel_err
+
+from .cache import TuneCache
+from .keys import bucket_key
+
+PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
+OBJECTIVES = ("forward", "forward_backward")
+
+
+@dataclass
+class TuneResult:
+    key: str
+    best: dict | None
+    rows: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def candidates(problem: Problem, names: list[str] | None = None) -> list:
+    """Available backends (not the oracle) that can run ``problem``, in registry order."""
+    out = []
+    for name, be in sorted(registered().items()):
+        if name == "reference" or (names is not None and name not in names):
+            continue
+        if be.unavailable_reason() is None and be.unsupported_reason(problem) is None:
+            out.append(be)
+    return out
+
+
+def _inputs(B, T, H, D, Dv, dtype, device, fm, seed) -> tuple[Inputs, dict]:
+    x = random_inputs(B, T, H, D, Dv, dtype, device, fm, seed=seed, requires_grad=False)
+    return Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAMS)), x
+
+
+def check_config(be, attn: LinearAttention, D: int, Dv: int, dtype, device, config) -> float:
+    """Relative error of o against the oracle on a small problem, in units of the tolerance."""
+    inp, x = _inputs(1, 67, 2, D, Dv, dtype, device, attn.feature_map, seed=12345)
+    o = be.forward(inp, attn, config, None).o
+    x64 = {n: t.double() for n, t in x.items()}
+    params = tuple(x64.get(n) for n in PARAMS)
+    ref = reference.quadratic(x64["q"], x64["k"], x64["v"], attn, params)[0]
+    kappa = reference.condition(x64["q"], x64["k"], x64["v"], attn, params)
+    return rel_err(o, ref) / feature_form_tolerance(dtype, kappa)
+
+
+def tune(
+    B: int, T: int, H: int, D: int, Dv: int, dtype: torch.dtype, device: str,
+    feature_map="rebased", normalize: bool = True, backends: list[str] | None = None,
+    objective: str = "forward_backward", budget_s: float = 60.0, quick: bool = False,
+    cache: TuneCache | None = None, force: bool = False, progress: bool = True,
+) -> TuneResult:  # fmt: skip
+    """Tune one bucket and store the winner in the cache (reused unless ``force``)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    fm = get_feature_map(feature_map)
+    attn = LinearAttention(fm, D**-0.5, normalize)
+    problem = Problem(attn, D, Dv, dtype, torch.device(device).type)
+    cache = cache or TuneCache(problem.device_type)
+    key = bucket_key(problem, T, B * H)
+    hit = cache.get(key)
+    if hit is not None and not force and (backends is None or hit["backend"] in backends):
+        return TuneResult(key, hit, hit.get("rows", []), 0.0, cached=True)
+    start = time.perf_counter()
+    sets = [_inputs(B, T, H, D, Dv, dtype, device, fm, seed=s)[0] for s in range(3)]
+    jobs = [(be, c) for be in candidates(problem, backends) for c in _configs(be, quick)]
+    rows: list[dict] = []
+    bar = tqdm(jobs, desc=f"tune T={T} {str(dtype)[6:]}", disable=not progress, leave=False)
+    for be, config in bar:
+        row: dict[str, Any] = dict(backend=be.name, config=config)
+        rows.append(row)
+        if time.perf_counter() - start > budget_s:
+            row["skipped"] = "time budget"
+            continue
+        try:
+            err = check_config(be, attn, D, Dv, dtype, device, config)
+            if not err <= 1.0:
+                row["rejected"] = f"error {err:.1f}x the tolerance against the oracle"
+                continue
+            row["ms"] = _time(be, attn, config, sets, objective, device)
+        except Exception as exc:  # a configuration that does not compile or run here
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        bar.set_postfix_str(f"{be.name} {row.get('ms', float('nan')):.3g} ms")
+    timed = [r for r in rows if "ms" in r]
+    best = min(timed, key=lambda r: r["ms"]) if timed else None
+    seconds = time.perf_counter() - start
+    if best is not None:
+        record = dict(backend=best["backend"], config=best["config"], ms=best["ms"],
+                      objective=objective, shape=[B, T, H, D, Dv], rows=rows,
+                      tuned_at=time.time(), seconds=seconds)  # fmt: skip
+        cache.put(key, record)
+        best = record
+    return TuneResult(key, best, rows, seconds)
+
+
+def _configs(be, quick: bool) -> list[dict]:
+    configs = be.configs() or [{}]
+    if quick:
+        default = dict(be.default_config)
+        return [default, *[c for c in configs if c != default][:2]]
+    return configs
+
+
+def _time(be, attn, config, sets, objective: str, device: str) -> float:
+    """Median ms of one call, rotating over the input sets."""
+    state = {"i": 0}
+    grads = []
+    for x in sets:
+        out = be.forward(x, attn, config, None)
+        grads.append(
+            Outputs(torch.randn_like(out.o), torch.randn_like(out.S), torch.randn_like(out.z))
+        )
+
+    def call():
+        i = state["i"] = (state["i"] + 1) % len(sets)
+        out = be.forward(sets[i], attn, config, None)
+        if objective == "forward_backward":
+            be.backward(sets[i], attn, config, None, grads[i])
+        return out
+
+    dev = torch.device(device).type
+    return median_ms(call, dev, warmup=2, repeats=5 if dev == "cpu" else 20)

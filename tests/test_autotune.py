@@ -1,0 +1,145 @@
+"""The tuning cache, the selection rule and the tuner (CPU)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import warnings
+
+import pytest
+import torch
+from rebased_kernels.autotune import TuneCache, bucket, bucket_key, choose
+from rebased_kernels.autotune import tuner as tuner_module
+
+import rebased_kernels as rk
+from rebased_kernels import autotune
+from rebased_kernels.backend import Backend, Outputs, Problem, get_backend
+from rebased_kernels.spec import PRESETS, LinearAttention
+
+FP = dict(device_type="cpu", name="test-cpu", torch="1")
+
+
+def _problem(dtype=torch.float32, D=16, Dv=8) -> Problem:
+    return Problem(LinearAttention(PRESETS["rebased"], D**-0.5), D, Dv, dtype, "cpu")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("REBASED_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_CACHES", {})
+    return tmp_path
+
+
+def test_cache_round_trip(tmp_path) -> None:
+    c = TuneCache("cpu", FP, tmp_path)
+    c.put("k1", dict(backend="torch", config={"chunk_size": 32}, ms=1.5))
+    again = TuneCache("cpu", FP, tmp_path)
+    assert again.get("k1") == dict(backend="torch", config={"chunk_size": 32}, ms=1.5)
+    assert again.get("missing") is None
+
+
+def test_corrupt_and_foreign_files_are_reported_and_rebuilt(tmp_path) -> None:
+    c = TuneCache("cpu", FP, tmp_path)
+    c.path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unusable"):
+        assert TuneCache("cpu", FP, tmp_path).get("k") is None
+    assert c.path.with_suffix(".corrupt").exists() and not c.path.exists()
+    c.path.write_text(json.dumps(dict(device={**FP, "name": "other"}, entries={"k": {}})))
+    with pytest.warns(UserWarning, match="another device"):
+        TuneCache("cpu", FP, tmp_path).put("k2", dict(ms=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TuneCache("cpu", FP, tmp_path).entries() == {"k2": dict(ms=1.0)}
+
+
+def _writer(root: str, tag: str, n: int) -> None:
+    from pathlib import Path
+
+    c = TuneCache("cpu", FP, Path(root))
+    for i in range(n):
+        c.put(f"{tag}{i}", dict(ms=float(i)))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), t, 25)) for t in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = TuneCache("cpu", FP, tmp_path).entries()
+    assert set(entries) == {f"{t}{i}" for t in "ab" for i in range(25)}
+
+
+def test_keys_separate_devices_versions_and_buckets(tmp_path) -> None:
+    paths = {
+        TuneCache("cpu", fp, tmp_path).path
+        for fp in (FP, {**FP, "name": "other"}, {**FP, "torch": "2"}, {**FP, "triton": "3.6"})
+    }
+    assert len(paths) == 4
+    p = _problem()
+    assert bucket(1000) == bucket(1024) == 1024 and bucket(1025) == 2048 and bucket(3) == 16
+    assert bucket_key(p, 1000, 8) == bucket_key(p, 1024, 8)
+    others = [
+        bucket_key(p, 2048, 8),
+        bucket_key(p, 1024, 16),
+        bucket_key(_problem(torch.float64), 1024, 8),
+        bucket_key(_problem(Dv=16), 1024, 8),
+    ]
+    assert len({bucket_key(p, 1024, 8), *others}) == 5
+
+
+def test_selection_rule(cache_dir) -> None:
+    p = _problem()
+    named = choose("torch", p, 100, 4, {"chunk_size": 16})
+    assert (named.backend, named.config, named.reason) == (
+        "torch", {"chunk_size": 16}, "named by the call"
+    )  # fmt: skip
+    static = choose("auto", p, 100, 4, {})
+    assert static.backend == "numba" and "not tuned" in static.reason
+    cache = TuneCache("cpu")
+    record = dict(backend="torch", config={"chunk_size": 32}, ms=2.0, objective="forward",
+                  shape=[1, 100, 4, 16, 8])  # fmt: skip
+    cache.put(bucket_key(p, 100, 4), record)
+    autotune._CACHES.clear()
+    tuned = choose("auto", p, 120, 4, {})
+    assert tuned.backend == "torch" and tuned.config == {"chunk_size": 32}
+    assert "tuned" in tuned.reason
+    # the call's own config wins over the tuned one; another bucket stays static
+    assert choose("auto", p, 120, 4, {"chunk_size": 64}).config == {"chunk_size": 64}
+    assert choose("auto", p, 5000, 4, {}).backend == "numba"
+    # a stale record (its backend is gone from this install) falls back, never fails a call
+    cache.put(bucket_key(p, 100, 8), dict(backend="no-such", config={}, ms=1.0,
+                                          objective="forward", shape=[]))  # fmt: skip
+    autotune._CACHES.clear()
+    assert choose("auto", p, 100, 8, {}).backend == "numba"
+    # and the public explain() says the same as the call uses
+    q, v = torch.randn(1, 100, 4, 16), torch.randn(1, 100, 4, 8)
+    assert rk.explain(q, q, v).backend == "torch"
+
+
+class _Broken(Backend):
+    """Computes the wrong function for config bad=True: the tuner must drop it."""
+
+    name = "broken-test"
+    tuning_space = {"bad": (False, True)}  # noqa: RUF012
+    default_config = {"bad": False}  # noqa: RUF012
+
+    def forward_dense(self, x, attn, config):
+        out = get_backend("torch").forward_dense(x, attn, {"chunk_size": 64})
+        return Outputs(out.o * (2.0 if config["bad"] else 1.0), out.S, out.z)
+
+
+def test_tuner_drops_wrong_configs_and_caches_the_winner(cache_dir, monkeypatch) -> None:
+    monkeypatch.setattr(tuner_module, "candidates", lambda problem, names=None: [_Broken()])
+    res = autotune.tune(1, 64, 2, 16, 8, torch.float32, "cpu", budget_s=60, progress=False)
+    by_config = {r["config"]["bad"]: r for r in res.rows}
+    assert "rejected" in by_config[True] and "ms" in by_config[False]
+    assert res.best["backend"] == "broken-test" and res.best["config"] == {"bad": False}
+    again = autotune.tune(1, 60, 2, 16, 8, torch.float32, "cpu", progress=False)
+    assert again.cached and again.best["config"] == {"bad": False}
+    # budget 0: nothing but the first job runs
+    res = autotune.tune(1, 200, 2, 16, 8, torch.float32, "cpu", budget_s=0.0, force=True,
+                        progress=False)  # fmt: skip
+    assert any(r.get("skipped") == "time budget" for r in res.rows)
