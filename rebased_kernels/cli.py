@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--force", action="store_true", help="re-tune cached buckets")
     tune.add_argument("--out", default=None, help="directory for tune.json and tune.png")
     tune.set_defaults(fn=_tune)
-    train = sub.add_parser("train", help="train a model with the kernels (MQAR)")
-    mqar = train.add_subparsers(dest="task", required=True).add_parser(
+    train = sub.add_parser("train", help="train a model with the kernels (MQAR, LM)")
+    tasks = train.add_subparsers(dest="task", required=True)
+    mqar = tasks.add_parser(
         "mqar", help="multi-query associative recall (the paper's Sec. 5.1-5.3)"
     )
     mqar.add_argument("--mixer", default="rebased", help="a feature-map preset or 'attention'")
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     mqar.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     mqar.add_argument("--out", default=None, help="folder for metrics.jsonl")
     mqar.set_defaults(fn=_train_mqar)
+    from .lm_cli import add_lm_commands
+
+    add_lm_commands(sub, tasks)
     sweep = sub.add_parser("sweep", help="a grid of training runs (MQAR)")
     sweep_mqar = sweep.add_subparsers(dest="task", required=True).add_parser(
         "mqar", help="mixers x d_model x L x kv x lr x seeds; best lr per cell"

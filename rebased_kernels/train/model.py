@@ -27,7 +27,7 @@ from .. import reference
 from ..layer import ReBasedAttention
 from ..spec import LAYER_NORM_EPS, PRESETS, LinearAttention
 
-__all__ = ["BaseConv", "MQARModel", "ModelConfig", "SoftmaxAttention"]
+__all__ = ["BaseConv", "MQARModel", "ModelConfig", "SoftmaxAttention", "make_mixer"]
 
 
 @dataclass
@@ -130,6 +130,23 @@ def rebased_attention_matrix(layer: ReBasedAttention, x: torch.Tensor) -> torch.
     return sim / (sim.sum(-1, keepdim=True) + layer.eps)
 
 
+def make_mixer(
+    name: str, d_model: int, num_heads: int, feature_dim: int, norm_scope: str, backend: str
+) -> nn.Module:
+    """The sequence mixer under test: ``"attention"`` or a feature-map preset name."""
+    if name == "attention":
+        return SoftmaxAttention(d_model, num_heads)
+    return ReBasedAttention(
+        d_model,
+        num_heads=num_heads,
+        feature_dim=feature_dim,
+        head_dim=max(1, d_model // num_heads),
+        feature_map=name,
+        norm_scope=norm_scope,  # type: ignore[arg-type]
+        backend=backend,
+    )
+
+
 class Block(nn.Module):
     """Pre-norm residual block with an identity state mixer: ``x + mixer(LN(x))``."""
 
@@ -154,18 +171,8 @@ class MQARModel(nn.Module):
         d = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.pos_emb = nn.Embedding(cfg.seq_len, d)
-        if cfg.mixer == "attention":
-            mixer: nn.Module = SoftmaxAttention(d, cfg.num_heads)
-        else:
-            mixer = ReBasedAttention(
-                d,
-                num_heads=cfg.num_heads,
-                feature_dim=cfg.feature_dim,
-                head_dim=max(1, d // cfg.num_heads),
-                feature_map=cfg.mixer,
-                norm_scope=cfg.norm_scope,  # type: ignore[arg-type]
-                backend=cfg.backend,
-            )
+        mixer = make_mixer(cfg.mixer, d, cfg.num_heads, cfg.feature_dim, cfg.norm_scope,
+                           cfg.backend)  # fmt: skip
         self.blocks = nn.ModuleList([Block(d, BaseConv(d, cfg.conv_kernel)), Block(d, mixer)])
         self.norm_f = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
