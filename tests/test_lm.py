@@ -52,7 +52,8 @@ def test_token_files_and_indexed_datasets_round_trip(tmp_path) -> None:
     assert np.array_equal(lm_data.load_tokens(tmp_path / "idx" / "train.bin"), flat)
     x, y = lm_data.batches(flat, 16, 4, seed=3, step=7)
     x2, y2 = lm_data.batches(flat, 16, 4, seed=3, step=7)
-    assert torch.equal(x, x2) and torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (4, 16)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_gpt2_bpe_from_local_files(tmp_path) -> None:
