@@ -29,7 +29,10 @@ CI_DTYPES = {
     # the Triton interpreter (CPU) has no bfloat16; the GPU profile runs all three
     "triton": (torch.float32, torch.float16),
 }
-CI_SHAPES = {"torch_compile": dict(B=1, H=2, D=16, Dv=8)}
+CI_SHAPES = {
+    "torch_compile": dict(B=1, H=2, D=16, Dv=8),
+    "triton": dict(B=1, H=2),  # the interpreter runs each program in Python
+}
 """Under ``ci``, compiled backends draw fewer dtypes and shapes: each new one compiles."""
 
 
