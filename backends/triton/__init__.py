@@ -9,10 +9,14 @@ are fused. The backward runs the same two kernels twice: forward-ordered for dq 
 also stores ``g = dO / den`` and ``r``), reverse-ordered for dk and dv; d gamma and d beta
 come out of the kernels as per-segment partial sums.
 
-Inside the kernels the state is the *full* unweighted layout (``RF = 1 + 16 + 256`` rows);
-``_maps`` converts it to and from the canonical packed layout of ``spec`` (136 features
-for ``rebased`` at D = 16), so states continue across backends. Supported: D <= 16 (padded
-to 16), Dv <= 64, float32 / float16 / bfloat16. On CPU it runs under ``TRITON_INTERPRET=1``.
+Inside the kernels the state is the *full* unweighted layout (``RF = 1 + BD + BD^2`` rows,
+BD = D padded to 16, 32 or 64); ``_maps`` converts it to and from the canonical packed layout
+of ``spec`` (136 features for ``rebased`` at D = 16), so states continue across backends. For
+D <= 16 the whole state stays on chip; for D in (16, 64] S_2 (1024 or 4096 rows) stays in
+the program's own rows of the prefix buffer, updated block by block (a correctness path:
+the performance work targets D = 16). Supported: D <= 64, Dv <= 64, float32 / float16 /
+bfloat16. The decode kernel covers D <= 16 (larger D decode through the protocol's
+default). On CPU it runs under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -26,8 +30,24 @@ import torch
 from rebased_kernels.backend import Backend, Inputs, Outputs, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-BD = 16
-RF = 1 + BD + BD * BD
+MAX_D = 64
+
+
+def padded_dim(D: int) -> int:
+    """BD: the kernels' feature dim, D padded to 16, 32 or 64 (padded dims are zero)."""
+    return 16 if D <= 16 else (32 if D <= 32 else 64)
+
+
+def feature_rows(BD: int) -> int:
+    """RF: rows of the full state, ``1 + BD + BD * BD``."""
+    return 1 + BD + BD * BD
+
+
+def block_rows(BD: int) -> int:
+    """BA: rows of a per S_2 block; ``BA < BD`` (D > 16) keeps S_2 in memory, not on chip."""
+    return BD if BD == 16 else 256 // BD
+
+
 NUM_WARPS = 8  # 4 spills the state tiles (ptxas report with triton 3.6, sm_90a)
 BWD_CHUNK = 32  # the backward sweeps hold more tiles: 64 spills ~2.5 KB per thread
 BLOCK_V = 32
@@ -45,6 +65,8 @@ def _maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tens
     """
     layout = feature_layout(D, fm.powers)
     w = feature_weights(fm, D, scale)
+    BD = padded_dim(D)
+    RF = feature_rows(BD)
     unpack = torch.zeros(RF, len(layout), dtype=torch.float64)
     pack = torch.zeros(len(layout), RF, dtype=torch.float64)
     for f, ((idx, _), wf) in enumerate(zip(layout, w)):
@@ -106,6 +128,11 @@ class _Call:
         self.Dv = x.v.shape[3]
         self.BC = BWD_CHUNK if backward else int(config["chunk_size"])
         self.NCS = int(config["chunks_per_segment"])
+        self.BD = padded_dim(self.D)
+        self.RF = feature_rows(self.BD)
+        self.BA = block_rows(self.BD)
+        if self.BD > 16:  # 64-row chunks need > 227 KB of shared memory at BD = 64
+            self.BC = min(self.BC, 32)
         self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
         self.num_warps = NUM_WARPS
         self.attn, self.fm = attn, fm
@@ -121,15 +148,16 @@ class _Call:
         """A canonical state ``[B, H, F(, Dv)]`` as full rows ``[B*H, RF, cols]`` (or zeros)."""
         BH = self.B * self.H
         if canonical is None:
-            return self.q.new_zeros(BH, RF, cols, dtype=torch.float32)
+            return self.q.new_zeros(BH, self.RF, cols, dtype=torch.float32)
         c = canonical.to(torch.float32).reshape(BH, -1, cols)
         return self.unpack @ c
 
     def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool):
         """Prefix (suffix when ``reverse``) states per segment and the total, full layout."""
         BH, Dv = self.B * self.H, self.Dv
-        seg_S = torch.empty(BH, self.NSEG, RF, Dv, device=y.device, dtype=torch.float32)
-        seg_z = torch.empty(BH, self.NSEG, RF, device=y.device, dtype=torch.float32)
+        alloc = torch.empty if self.BA == self.BD else torch.zeros  # S_2 accumulates in place
+        seg_S = alloc(BH, self.NSEG, self.RF, Dv, device=y.device, dtype=torch.float32)
+        seg_z = torch.empty(BH, self.NSEG, self.RF, device=y.device, dtype=torch.float32)
         BV = 16 if Dv <= 16 else (32 if Dv <= 32 else 64)
         grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
         fm = self.fm
@@ -138,7 +166,8 @@ class _Call:
         segment_state_kernel[grid](
             y, yg, yb, W, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
-            BC=self.BC, BD=BD, BV=BV, RF=RF, HAS_WSC=Wsc is not None, HAS_C2=self.C[2] != 0.0,
+            BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, HAS_WSC=Wsc is not None,
+            HAS_C2=self.C[2] != 0.0,
             DOT=self.dot, num_warps=self.num_warps,
         )  # fmt: skip
         return _scan(seg_S, init_S, reverse), _scan(seg_z[..., None], init_z, reverse)
@@ -166,7 +195,8 @@ class _Call:
             t.get("DX", dummy), t.get("DG", dummy), t.get("DB", dummy),
             self.T, self.H, self.D, Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
-            BC=self.BC, BD=BD, BV=BV, RF=RF, MODE=mode, REVERSE=reverse, HAS_WSC="Wsc" in t,
+            BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, MODE=mode, REVERSE=reverse,
+            HAS_WSC="Wsc" in t,
             HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
         )  # fmt: skip
 
@@ -179,7 +209,7 @@ class _Call:
         """Sum the kernels' per-segment ``[B*H, NSEG, BD]`` sums into p's shape."""
         if not used or p is None:
             return None
-        g = partial.reshape(self.B, self.H, self.NSEG, BD)[..., : self.D].sum((0, 2))  # [H, D]
+        g = partial.reshape(self.B, self.H, self.NSEG, self.BD)[..., : self.D].sum((0, 2))
         return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
 
 
@@ -205,7 +235,7 @@ class TritonBackend(Backend):
     )
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"})
     max_degree: ClassVar[int | None] = 2
-    max_D: ClassVar[int | None] = BD
+    max_D: ClassVar[int | None] = MAX_D
     max_Dv: ClassVar[int | None] = 64
     tuning_space: ClassVar[dict[str, tuple]] = {
         "chunk_size": (32, 64),
@@ -253,7 +283,7 @@ class TritonBackend(Backend):
         g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
         r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
         dq = torch.empty_like(call.q)
-        dgq = torch.empty(B * H, call.NSEG, BD, device=dev, dtype=torch.float32)
+        dgq = torch.empty(B * H, call.NSEG, call.BD, device=dev, dtype=torch.float32)
         dbq = torch.empty_like(dgq)
         call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
                    ROUT=r, DX=dq, DG=dgq, DB=dbq, BV=BV)  # fmt: skip
@@ -287,6 +317,8 @@ class TritonBackend(Backend):
 
         fm = attn.feature_map
         B, H, D = x.q.shape
+        if D > 16:  # a [F, Dv] state tile of F = 2080 features does not fit one program
+            return Backend.decode_step(self, x, attn, out)
         Dv = x.v.shape[-1]
         F = fm.num_features(D)
         S0, z0 = x.S0.contiguous(), x.z0.contiguous()
@@ -303,7 +335,7 @@ class TritonBackend(Backend):
         decode_kernel[(B * H,)](
             q, x.k.contiguous(), x.v.contiguous(), g, bq, kg, kb, S0, z0, i0, i1, w, o, S, z,
             H, D, Dv, F, gs, int(fm.pre.norm), int(attn.normalize), float(attn.eps),
-            BD=BD, BF=triton_next_pow2(F), BV=min(32, max(16, triton_next_pow2(Dv))), num_warps=4,
+            BD=16, BF=triton_next_pow2(F), BV=min(32, max(16, triton_next_pow2(Dv))), num_warps=4,
         )  # fmt: skip
         return Outputs(o, S, z)
 

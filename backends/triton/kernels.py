@@ -65,6 +65,26 @@ def _outer(x, BC: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _pick(a0, BA: tl.constexpr, BD: tl.constexpr):
+    """``[BA, BD]`` one-hot rows selecting columns ``a0 .. a0 + BA``."""
+    return (tl.arange(0, BD)[None, :] == (a0 + tl.arange(0, BA))[:, None]).to(tl.float32)
+
+
+@triton.jit
+def _outer_block(x, a0, BC: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
+    """Rows ``a0 * BD .. (a0 + BA) * BD`` of ``x (x) x``: ``[BC, BA * BD]``."""
+    xa = tl.sum(x[:, None, :] * _pick(a0, BA, BD)[None, :, :], 2)  # [BC, BA]
+    return tl.reshape(xa[:, :, None] * x[:, None, :], (BC, BA * BD))
+
+
+@triton.jit
+def _block_ptrs(Sst, base, a0, offs_v, Dv, BA: tl.constexpr, BD: tl.constexpr):
+    """``[BA * BD, BV]`` pointers to the S_2 rows of block ``a0`` of a full state."""
+    rows = base + 1 + BD + a0 * BD + tl.arange(0, BA * BD)
+    return Sst + rows[:, None] * Dv + offs_v[None, :]
+
+
+@triton.jit
 def _cast(x, DOT: tl.constexpr):
     """A dot operand in the precision ``DOT``: "ieee" / "tf32" (fp32), "bf16", "fp16"."""
     if DOT == "bf16":
@@ -109,13 +129,18 @@ def _dot_tf32(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD: tl.constexpr):
-    """Rows ``[0 | 1..BD | 1+BD..]`` of one full state at row ``base``."""
+def _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD: tl.constexpr,
+                MEM: tl.constexpr):  # fmt: skip
+    """Rows ``[0 | 1..BD | 1+BD..]`` of one full state at row ``base`` (S_2 stays in memory
+    when ``MEM``: a [16, BV] placeholder is returned for it)."""
     S0 = tl.load(Sst + base * Dv + offs_v, mask=vmask, other=0.0)  # [BV]
     S1 = tl.load(Sst + (base + 1 + offs_d[:, None]) * Dv + offs_v[None, :],
                  mask=vmask[None, :], other=0.0)  # [BD, BV]  # fmt: skip
-    S2 = tl.load(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :],
-                 mask=vmask[None, :], other=0.0)  # [BD*BD, BV]  # fmt: skip
+    if MEM:
+        S2 = tl.zeros([16, offs_v.shape[0]], tl.float32)
+    else:
+        S2 = tl.load(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :],
+                     mask=vmask[None, :], other=0.0)  # [BD*BD, BV]  # fmt: skip
     z0 = tl.load(Zst + base)  # []
     z1 = tl.load(Zst + base + 1 + offs_d)  # [BD]
     z2 = tl.load(Zst + base + 1 + BD + offs_d[:, None] * BD + offs_d[None, :])  # [BD, BD]
@@ -123,19 +148,31 @@ def _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD: tl.conste
 
 
 @triton.jit
-def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT: tl.constexpr, BC: tl.constexpr,
-            BD: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v, vmask, Dv,
+            DOT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BA: tl.constexpr,
+            HAS_C2: tl.constexpr):  # fmt: skip
     """Add one chunk of columns: ``S_p += phi_p(y)^T W``, ``z_p += phi_p(y)^T w``.
 
-    ``z_2`` is kept as the ``[BD, BD]`` matrix ``sum_j w_j y_j y_j^T``."""
+    ``z_2`` is kept as the ``[BD, BD]`` matrix ``sum_j w_j y_j y_j^T``. When ``BA < BD``
+    (D > 16) S_2 lives in the program's own rows of ``Sst`` at ``base``, updated block by
+    block of ``BA`` rows of a, with barriers around (the next chunk re-reads it)."""
     S0 += tl.sum(Wt, 0)
     z0 += tl.sum(wc, 0)
     S1 += _dot(tl.trans(y), Wt, DOT)
     z1 += tl.sum(y * wc[:, None], 0)
     if HAS_C2:
-        y2 = _outer(_cast(y, DOT), BC, BD)  # [BC, BD*BD]
-        S2 += _dot(tl.trans(y2), Wt, DOT)
         z2 += tl.dot(tl.trans(y * wc[:, None]), y, input_precision="ieee")  # [BD, BD]
+        if BA == BD:
+            y2 = _outer(_cast(y, DOT), BC, BD)  # [BC, BD*BD]
+            S2 += _dot(tl.trans(y2), Wt, DOT)
+        else:
+            tl.debug_barrier()
+            for a0 in range(0, BD, BA):
+                ptrs = _block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD)  # [BA*BD, BV]
+                y2 = _outer_block(y, a0, BC, BA, BD)
+                blk = tl.load(ptrs, mask=vmask[None, :], other=0.0)
+                tl.store(ptrs, blk + _dot(tl.trans(y2), Wt, DOT), mask=vmask[None, :])
+            tl.debug_barrier()
     return S0, S1, S2, z0, z1, z2
 
 
@@ -148,10 +185,11 @@ compiled kernel serves every shape, flag and segment length of a dtype and tile 
 def segment_state_kernel(
     Y, YG, YB, W, Wsc, Sst, Zst,
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
-    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
-    HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
+    BC: tl.constexpr, BD: tl.constexpr, BA: tl.constexpr, BV: tl.constexpr,
+    RF: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: each segment's own state sum (no prefix)."""
+    """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: each segment's own state sum (no prefix).
+    With ``BA < BD`` S_2 accumulates in place in ``Sst`` (zeroed by the host)."""
     seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     offs_c = tl.arange(0, BC)
@@ -162,10 +200,14 @@ def segment_state_kernel(
     tok = b * T * H + h  # token 0 of this (b, h), in rows
     S0 = tl.zeros([BV], tl.float32)
     S1 = tl.zeros([BD, BV], tl.float32)
-    S2 = tl.zeros([BD * BD, BV], tl.float32)
+    if BA == BD:
+        S2 = tl.zeros([BD * BD, BV], tl.float32)
+    else:
+        S2 = tl.zeros([16, BV], tl.float32)  # S_2 is in Sst
     z0 = tl.sum(S0, 0) * 0.0
     z1 = tl.zeros([BD], tl.float32)
     z2 = tl.zeros([BD, BD], tl.float32)
+    base = (bh * NSEG + seg) * RF
     for i in range(NCS):
         rows = (seg * NCS + i) * BC + offs_c
         rmask = rows < T
@@ -177,13 +219,13 @@ def segment_state_kernel(
             wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
         else:
             wc = rmask.to(tl.float32)
-        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT, BC, BD,
-                                         HAS_C2)  # fmt: skip
-    base = (bh * NSEG + seg) * RF
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v,
+                                         vmask, Dv, DOT, BC, BD, BA, HAS_C2)  # fmt: skip
     tl.store(Sst + base * Dv + offs_v, S0, mask=vmask)
     tl.store(Sst + (base + 1 + offs_d[:, None]) * Dv + offs_v[None, :], S1, mask=vmask[None, :])
-    tl.store(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :], S2,
-             mask=vmask[None, :])  # fmt: skip
+    if BA == BD:
+        tl.store(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :], S2,
+                 mask=vmask[None, :])  # fmt: skip
     if vb == 0:
         tl.store(Zst + base, z0)
         tl.store(Zst + base + 1 + offs_d, z1)
@@ -195,9 +237,9 @@ def sweep_kernel(
     X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
     OUT, GOUT, ROUT, DX, DG, DB,
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
-    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
-    MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr,
-    DOT: tl.constexpr,
+    BC: tl.constexpr, BD: tl.constexpr, BA: tl.constexpr, BV: tl.constexpr,
+    RF: tl.constexpr, MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_WSC: tl.constexpr,
+    HAS_C2: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: walk one segment's chunks from its prefix state.
 
@@ -213,6 +255,9 @@ def sweep_kernel(
     ``dx'_i = sc sum_j P_ij sim'(s_ij) y'_j + d phi(x_i)/dx' . (S U_i + z u_i)``.
     MODE 2 (gradient of k and v; REVERSE, x = k, y = q, W = g, w = r, U = v, u = 1):
     ``out`` is dv and the same ``dx'`` is dk'. Modes 1, 2 need ``BV >= Dv``.
+
+    With ``BA < BD`` (D > 16) S_2 does not fit on chip: the program updates its own prefix
+    rows of ``Sst`` in place, block by block (``_update``), and reads them back per chunk.
     """
     seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -222,8 +267,9 @@ def sweep_kernel(
     offs_v = vb * BV + tl.arange(0, BV)
     vmask = offs_v < Dv
     tok = b * T * H + h  # token 0 of this (b, h), in rows
-    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, (bh * NSEG + seg) * RF, offs_d, offs_f,
-                                         offs_v, vmask, Dv, BD)  # fmt: skip
+    base = (bh * NSEG + seg) * RF
+    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
+                                         BA < BD)  # fmt: skip
     if REVERSE:
         causal = offs_c[None, :] >= offs_c[:, None]  # [BC, BC]
     else:
@@ -255,9 +301,15 @@ def sweep_kernel(
         out = _dot(A, Wt, DOT) + C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
         den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
         if HAS_C2:
-            x2 = _outer(x, BC, BD)  # [BC, BD*BD]
             xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
-            out += (C2 * sc * sc) * _dot_tf32(x2, S2, DOT)
+            if BA == BD:
+                x2 = _outer(x, BC, BD)  # [BC, BD*BD]
+                out += (C2 * sc * sc) * _dot_tf32(x2, S2, DOT)
+            else:
+                for a0 in range(0, BD, BA):
+                    blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
+                                  mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
+                    out += (C2 * sc * sc) * _dot_tf32(_outer_block(x, a0, BC, BA, BD), blk, DOT)
             den += (C2 * sc * sc) * tl.sum(x * xz, 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
@@ -285,8 +337,18 @@ def sweep_kernel(
             dphi1 = _dot(Ut, tl.trans(S1), DOT) + u[:, None] * z1[None, :]  # [BC, BD]
             dxp = sc * _dot(G, y, DOT) + (C1 * sc) * dphi1  # [BC, BD]
             if HAS_C2:  # S_2 and z_2 are symmetric
-                dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT), (BC, BD, BD))
-                dxp += (2.0 * C2 * sc * sc) * (tl.sum(dphi2 * x[:, None, :], 2) + u[:, None] * xz)
+                if BA == BD:
+                    dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT), (BC, BD, BD))
+                    dx2 = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BD]
+                else:
+                    dx2 = xz * 0.0
+                    for a0 in range(0, BD, BA):
+                        blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
+                                      mask=vmask[None, :], other=0.0)  # fmt: skip
+                        dphi2 = tl.reshape(_dot(Ut, tl.trans(blk), DOT), (BC, BA, BD))
+                        da = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BA]
+                        dx2 += tl.sum(da[:, :, None] * _pick(a0, BA, BD)[None, :, :], 1)
+                dxp += (2.0 * C2 * sc * sc) * (dx2 + u[:, None] * xz)
             dxp = tl.where(rmask[:, None], dxp, 0.0)
             dx, dg, db = _pre_backward(dxp, xh, rstd, XG + h * pgx_stride, offs_d, D, NORM)
             dg_acc += dg
@@ -294,8 +356,8 @@ def sweep_kernel(
             dmask = rmask[:, None] & (offs_d < D)[None, :]
             tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :],
                      dx.to(DX.dtype.element_ty), mask=dmask)  # fmt: skip
-        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, DOT, BC, BD,
-                                         HAS_C2)  # fmt: skip
+        S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v,
+                                         vmask, Dv, DOT, BC, BD, BA, HAS_C2)  # fmt: skip
     if MODE != 0:
         tl.store(DG + (bh * NSEG + seg) * BD + offs_d, dg_acc)
         tl.store(DB + (bh * NSEG + seg) * BD + offs_d, db_acc)

@@ -1,0 +1,58 @@
+"""The triton backend beyond the property suite's D <= 16 draws: D in (16, 64], where S_2
+stays in memory (on the CPU under TRITON_INTERPRET=1, on a GPU with
+REBASED_KERNELS_TEST_DEVICE=cuda)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from strategies import DEVICE
+
+import rebased_kernels as rk
+from rebased_kernels import reference
+from rebased_kernels.backend import get_backend
+from rebased_kernels.spec import PRESETS, LinearAttention
+from rebased_kernels.testing import assert_close, feature_form_tolerance, random_inputs
+
+PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
+
+
+def _available() -> bool:
+    be = get_backend("triton")
+    return be.unavailable_reason() is None and DEVICE.split(":")[0] in be.device_types
+
+
+pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
+
+
+@pytest.mark.parametrize("D, name", [(24, "rebased"), (64, "based")])
+def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
+    fm = PRESETS[name]
+    x = random_inputs(1, 45, 2, D, 8, torch.float64, DEVICE, fm, seed=D, requires_grad=False)
+    F = fm.num_features(D)
+    g = torch.Generator().manual_seed(D)
+    S0 = (0.1 * torch.randn(1, 2, F, 8, generator=g, dtype=torch.float64)).to(DEVICE)
+    z0 = torch.rand(1, 2, F, generator=g, dtype=torch.float64).to(DEVICE)
+    attn = LinearAttention(fm, D**-0.5)
+    ref_in = {n: t.clone().requires_grad_() for n, t in x.items()}
+    ref_state = (S0.clone().requires_grad_(), z0.clone().requires_grad_())
+    params = tuple(ref_in.get(n) for n in PARAMS)
+    ref = reference.quadratic(ref_in["q"], ref_in["k"], ref_in["v"], attn, params, ref_state)
+    ours_in = {n: t.float().requires_grad_() for n, t in x.items()}
+    state = (S0.float().requires_grad_(), z0.float().requires_grad_())
+    o, st = rk.linear_attention(
+        **ours_in, feature_map=fm, backend="triton", initial_state=state,
+        output_final_state=True, config={"chunk_size": 32, "chunks_per_segment": 1},
+    )  # fmt: skip
+    kappa = reference.condition(x["q"], x["k"], x["v"], attn, tuple(x.get(n) for n in PARAMS),
+                                (S0, z0))  # fmt: skip
+    tol = feature_form_tolerance(torch.float32, kappa)
+    for a, b, n in zip((o, st.S, st.z), ref, "oSz"):
+        assert_close(a, b, torch.float32, f"D={D} {n}", tol)
+    cots = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in ref]
+    sum((a.double() * c).sum() for a, c in zip((o, st.S, st.z), cots)).backward()
+    sum((b * c).sum() for b, c in zip(ref, cots)).backward()
+    pairs = [(ours_in[n].grad, ref_in[n].grad, n) for n in ours_in]
+    pairs += [(state[i].grad, ref_state[i].grad, f"d{n}0") for i, n in enumerate("Sz")]
+    for a, b, n in pairs:
+        assert_close(a, b, torch.float32, f"D={D} d{n}", tol)
