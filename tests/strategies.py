@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import rebased_kernels as rk
 from rebased_kernels import reference
-from rebased_kernels.backend import compute_dtype, registered
+from rebased_kernels.backend import Problem, compute_dtype, registered
 from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
 
 DEVICE = os.environ.get("REBASED_KERNELS_TEST_DEVICE", "cpu")
@@ -21,17 +21,19 @@ CUBIC = FeatureMap("cubic", PreTransform(True, "gamma_beta"), (0.0, 0.0, 1.0, 0.
 
 FEATURE_MAPS = (*PRESETS.values(), CUBIC)
 
-CI_EXAMPLES = {"torch_compile": 2, "reference": 3, "triton": 3}
+CI_EXAMPLES = {"torch_compile": 2, "reference": 3, "triton": 3, "fla": 3}
 """Per-backend example counts under the ``ci`` profile where compilation dominates."""
 
 CI_DTYPES = {
     "torch_compile": (torch.float32, torch.float64, torch.bfloat16),
     # the Triton interpreter (CPU) has no bfloat16; the GPU profile runs all three
     "triton": (torch.float32, torch.float16),
+    "fla": (torch.float16,),
 }
 CI_SHAPES = {
     "torch_compile": dict(B=1, H=2, D=16, Dv=8),
     "triton": dict(B=1, H=2),  # the interpreter runs each program in Python
+    "fla": dict(B=1, H=2),
 }
 """Under ``ci``, compiled backends draw fewer dtypes and shapes: each new one compiles."""
 
@@ -92,7 +94,13 @@ def dtypes_under_test(backend: str) -> list[torch.dtype]:
 @st.composite
 def cases(draw, backend: str, dtype: torch.dtype, max_T: int = 160, min_T: int = 1) -> Case:
     be = registered()[backend]
-    fms = [fm for fm in FEATURE_MAPS if be.max_degree is None or fm.degree <= be.max_degree]
+    device_type = DEVICE.split(":")[0]
+    fms = [
+        fm
+        for fm in FEATURE_MAPS
+        if be.unsupported_reason(Problem(LinearAttention(fm, 1.0), 4, 4, dtype, device_type))
+        is None
+    ]  # the kernels it computes (degree, or fla's c2 s^2 only)
     # D >= 4: LayerNorm over D = 2 maps every vector to +-1, with gradients that are pure
     # cancellation (ill-conditioned in any float32 implementation)
     D = draw(st.sampled_from([4, 8, 16]))

@@ -14,6 +14,12 @@ from rebased_kernels.testing import rel_err
 BACKENDS = backends_under_test()
 
 
+def _dtype_for(backend: str) -> torch.dtype:
+    """float32 where the backend takes it (fla takes half types only)."""
+    dtypes = rk.backend.get_backend(backend).dtypes
+    return next(d for d in (torch.float32, torch.float16, torch.bfloat16) if d in dtypes)
+
+
 def _qkv(B=1, T=10, H=2, D=16, Dv=8, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(B, T, H, d, generator=g, dtype=dtype) for d in (D, D, Dv))
@@ -138,7 +144,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize("name, make, exc, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_inputs_raise_documented_errors(backend, name, make, exc, match) -> None:
     """7. Bad inputs raise ValueError/TypeError with a message that says what is wrong."""
-    args, kwargs = make(*_qkv())
+    args, kwargs = make(*_qkv(dtype=_dtype_for(backend)))
     kwargs.setdefault("backend", backend)
     if name == "bad config" and not rk.backend.get_backend(backend).tuning_space:
         kwargs["config"] = {"chunk_size": 3}
@@ -188,7 +194,7 @@ def test_backend_that_cannot_run_a_call_says_why(monkeypatch) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence(backend) -> None:
-    q, k, v = _qkv(T=0)
+    q, k, v = _qkv(T=0, dtype=_dtype_for(backend))
     S0, z0 = torch.rand(1, 2, 136, 8), torch.rand(1, 2, 136)
     o, state = rk.linear_attention(
         q, k, v, backend=backend, initial_state=(S0, z0), output_final_state=True
