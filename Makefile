@@ -37,13 +37,19 @@ format: $(STAMP)
 # without dependencies, then oracle check, the property suite with the `gpu` profile on CUDA,
 # and side-by-side timings; results go to $(OUT) (the device tool's output folder).
 OUT ?= out
+WHEELS ?= .whl-gpu
 gpu-check:
 	mkdir -p $(OUT)
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
-	REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda python3 -m pytest -q \
-		-p no:cacheprovider -n 8 tests/test_properties.py -k "triton" \
-		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; tail -12 $(OUT)/properties.txt
-	python3 -m rebased_kernels.gpu_check --out $(OUT) --stages oracle,fla,timings,stress
+	# peers (fla) from a carried offline wheelhouse, when there is one
+	if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
+		--target /tmp/site $(WHEELS)/*.whl; fi
+	PYTHONPATH=/tmp/site REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
+		python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_properties.py tests/test_triton.py \
+		-k "triton or fla" --junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
+		tail -12 $(OUT)/properties.txt
+	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
+		--stages oracle,fla,timings,stress
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.
