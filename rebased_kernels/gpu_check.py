@@ -19,15 +19,18 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 
 import rebased_kernels as rk
 from rebased_kernels import reference
 from rebased_kernels.backend import get_backend
+from rebased_kernels.bench import median_ms
+from rebased_kernels.check import check_one
 from rebased_kernels.features import pre_transform
 from rebased_kernels.spec import PRESETS, LinearAttention
-from rebased_kernels.testing import random_inputs
+from rebased_kernels.testing import random_inputs, rel_err
 
 PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
 FLOOR_BYTES_FWD = 320  # bf16 bytes per token per head: q, k (D=16), v, o (Dv=64)
@@ -49,31 +52,10 @@ def stage(name: str, log: dict, out: str) -> None:
 
 
 def ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
-    """Median time of ``fn`` in ms (CUDA events; inputs at 16k are >> L2)."""
+    """``bench.median_ms`` on this run's device (one repeat in a dry run)."""
     if SMALL:
         warmup, repeats = 1, 1
-    for _ in range(warmup):
-        fn()
-    if DEVICE != "cuda":
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+    return median_ms(fn, DEVICE, warmup, repeats)
 
 
 def bench_dtype() -> torch.dtype:
@@ -81,37 +63,21 @@ def bench_dtype() -> torch.dtype:
 
 
 def oracle_check(log: dict) -> None:
-    """Forward, gradients and state of triton vs the float64 reference, several kernels."""
-    rows = []
+    """``rebased-kernels check``'s comparison (o and every gradient vs the float64 oracle on
+    the same rounded inputs) for triton, at Dv = 64 and T in {100, 3000}."""
     dtypes = (
         (torch.float32, torch.float16) if SMALL else (torch.float32, torch.bfloat16, torch.float16)
     )
-    for name in ("rebased", "based", "gamma_x2"):
-        fm = PRESETS[name]
-        for dtype in dtypes:
-            for T in (37, 50) if SMALL else (100, 3000):
-                x = random_inputs(2, T, 3, 16, 64, torch.float64, DEVICE, fm, requires_grad=False)
-                attn = LinearAttention(fm, 16**-0.5)
-                # the oracle sees the same rounded inputs
-                ref_in = {n: t.to(dtype).double().requires_grad_() for n, t in x.items()}
-                ro, rS, rz = reference.quadratic(
-                    ref_in["q"], ref_in["k"], ref_in["v"], attn,
-                    tuple(ref_in.get(n) for n in PARAMS),
-                )  # fmt: skip
-                w = torch.randn_like(ro)
-                (ro * w).sum().backward()
-                ours = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
-                o, st = rk.linear_attention(
-                    **ours, feature_map=fm, backend="triton", output_final_state=True
-                )
-                (o.double() * w).sum().backward()
-                err = {"o": rel(o, ro), "S": rel(st.S, rS), "z": rel(st.z, rz)}
-                err.update({f"d{n}": rel(ours[n].grad, ref_in[n].grad) for n in ours})
-                rows.append(dict(feature_map=name, dtype=str(dtype), T=T, errors=err))
-    log["oracle"] = rows
+    rows = [
+        check_one("triton", name, dtype, DEVICE, shape=(2, T, 3, 16, 64))
+        for name in ("rebased", "based", "gamma_x2")
+        for dtype in dtypes
+        for T in ((37, 50) if SMALL else (100, 3000))
+    ]
+    log["oracle"] = [asdict(r) for r in rows]
     worst: dict = {}
     for r in rows:
-        worst[r["dtype"]] = max(worst.get(r["dtype"], 0.0), *r["errors"].values())
+        worst[r.dtype] = max(worst.get(r.dtype, 0.0), r.forward_err, r.backward_err)
     log["oracle_worst"] = worst
     print("oracle worst relative error per dtype:", worst, flush=True)
 
@@ -132,8 +98,8 @@ def fla_check(log: dict) -> None:
         ref = reference.quadratic(
             x64["q"], x64["k"], x64["v"], LinearAttention(fm, 0.25), tuple(x64[n] for n in PARAMS)
         )[0]
-        rows.append(dict(T=T, ours_vs_fla=rel(ours, theirs), ours_vs_ref=rel(ours, ref),
-                         fla_vs_ref=rel(theirs, ref)))  # fmt: skip
+        rows.append(dict(T=T, ours_vs_fla=rel_err(ours, theirs), ours_vs_ref=rel_err(ours, ref),
+                         fla_vs_ref=rel_err(theirs, ref)))  # fmt: skip
     log["fla_crosscheck"] = rows
     print("fla cross-check:", rows, flush=True)
 
