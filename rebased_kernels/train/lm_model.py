@@ -17,7 +17,7 @@ from torch import nn
 
 from rebased_kernels.spec import PRESETS
 
-from .model import BaseConv, make_mixer
+from .model import BaseConv, init_weights, make_mixer
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,8 @@ class LanguageModel(nn.Module):
         )  # fmt: skip
         self.norm_f = _norm(cfg.norm, d)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.apply(self._init)
+        self.apply(init_weights)
         self.head.weight = self.embed.weight  # tied
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)

@@ -27,7 +27,7 @@ from .. import reference
 from ..layer import ReBasedAttention
 from ..spec import LAYER_NORM_EPS, PRESETS, LinearAttention
 
-__all__ = ["BaseConv", "MQARModel", "ModelConfig", "SoftmaxAttention", "make_mixer"]
+__all__ = ["BaseConv", "MQARModel", "ModelConfig", "SoftmaxAttention", "init_weights", "make_mixer"]
 
 
 @dataclass
@@ -130,6 +130,14 @@ def rebased_attention_matrix(layer: ReBasedAttention, x: torch.Tensor) -> torch.
     return sim / (sim.sum(-1, keepdim=True) + layer.eps)
 
 
+def init_weights(module: nn.Module) -> None:
+    """GPT-style init: linear and embedding weights ~ N(0, 0.02), biases 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 def make_mixer(
     name: str, d_model: int, num_heads: int, feature_dim: int, norm_scope: str, backend: str
 ) -> nn.Module:
@@ -176,15 +184,8 @@ class MQARModel(nn.Module):
         self.blocks = nn.ModuleList([Block(d, BaseConv(d, cfg.conv_kernel)), Block(d, mixer)])
         self.norm_f = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         self.lm_head.weight = self.tok_emb.weight  # tied
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def _embed(self, inputs: torch.Tensor) -> torch.Tensor:
         T = inputs.shape[1]
