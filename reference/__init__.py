@@ -84,6 +84,24 @@ def similarity_matrix(
     return _masked_similarity(*_transformed(q, k, attn, params), attn)
 
 
+def _operands(q, k, v, attn: LinearAttention, params, initial_state):
+    """``(q', k', v, phi(q'), phi(k'), S0, z0)`` in float64."""
+    qp, kp = _transformed(q, k, attn, params)
+    fm = attn.feature_map
+    phi_q, phi_k = features(qp, fm, attn.scale), features(kp, fm, attn.scale)
+    B, _, H, F = phi_q.shape
+    S0, z0 = _initial(B, H, F, v.shape[-1], initial_state, q.device)
+    return qp, kp, v.to(f64), phi_q, phi_k, S0, z0
+
+
+def _sums(A, v, phi_q, S0, z0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num = A v + phi(q) S0`` ``[B, T, H, Dv]`` and ``den = A 1 + phi(q) . z0`` ``[B, T, H]``
+    for a masked ``A [B, H, T, T]``."""
+    num = torch.einsum("bhij,bjhe->bihe", A, v) + torch.einsum("bthf,bhfe->bthe", phi_q, S0)
+    den = A.sum(-1).transpose(1, 2) + torch.einsum("bthf,bhf->bth", phi_q, z0)
+    return num, den
+
+
 def quadratic(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,17 +111,8 @@ def quadratic(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked-matrix form. ``params = (q_weight, q_bias, k_weight, k_bias)``."""
-    fm = attn.feature_map
-    qp, kp = _transformed(q, k, attn, params)
-    v = v.to(f64)
-    B, _, H, _ = qp.shape
-    A = _masked_similarity(qp, kp, attn)
-    num = torch.einsum("bhij,bjhe->bihe", A, v)
-    den = A.sum(-1).transpose(1, 2)  # [B, T, H]
-    phi_q, phi_k = features(qp, fm, attn.scale), features(kp, fm, attn.scale)
-    S0, z0 = _initial(B, H, phi_q.shape[-1], v.shape[-1], initial_state, q.device)
-    num = num + torch.einsum("bthf,bhfe->bthe", phi_q, S0)
-    den = den + torch.einsum("bthf,bhf->bth", phi_q, z0)
+    qp, kp, v, phi_q, phi_k, S0, z0 = _operands(q, k, v, attn, params, initial_state)
+    num, den = _sums(_masked_similarity(qp, kp, attn), v, phi_q, S0, z0)
     o = num / (den + attn.eps)[..., None] if attn.normalize else num
     S = S0 + torch.einsum("bthf,bthe->bhfe", phi_k, v)
     z = z0 + phi_k.sum(1).to(f64)
@@ -119,12 +128,8 @@ def recurrent(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The token-by-token form through explicit features and the state."""
-    fm = attn.feature_map
-    qp, kp = _transformed(q, k, attn, params)
-    v = v.to(f64)
-    phi_q, phi_k = features(qp, fm, attn.scale), features(kp, fm, attn.scale)
-    B, T, H, F = phi_q.shape
-    S, z = _initial(B, H, F, v.shape[-1], initial_state, q.device)
+    _, _, v, phi_q, phi_k, S, z = _operands(q, k, v, attn, params, initial_state)
+    B, T, H, _ = phi_q.shape
     outputs = []
     for t in range(T):
         S = S + phi_k[:, t, :, :, None] * v[:, t, :, None, :]
@@ -153,26 +158,16 @@ def condition(
     or, normalised, when the denominator is small. Tests scale their tolerance with it when
     they compare the feature form with the score form or with itself split differently.
     """
-    fm = attn.feature_map
-    qp, kp = _transformed(q, k, attn, params)
-    v = v.to(f64)
-    B, T, H, _ = qp.shape
-    aq, ak = features(qp, fm, attn.scale).abs(), features(kp, fm, attn.scale).abs()
-    S0, z0 = _initial(B, H, aq.shape[-1], v.shape[-1], initial_state, q.device)
+    qp, kp, v, phi_q, phi_k, S0, z0 = _operands(q, k, v, attn, params, initial_state)
+    num, den = _sums(_masked_similarity(qp, kp, attn), v, phi_q, S0, z0)
+    T = qp.shape[1]
     mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    M = torch.einsum("bihf,bjhf->bhij", aq, ak) * mask  # [B, H, T, T]
-    num_abs = torch.einsum("bhij,bjhe->bihe", M, v.abs()) + torch.einsum(
-        "bthf,bhfe->bthe", aq, S0.abs()
-    )
-    den_abs = M.sum(-1).transpose(1, 2) + torch.einsum("bthf,bhf->bth", aq, z0.abs())
-    o, _, _ = quadratic(q, k, v, attn, params, initial_state)
+    M = torch.einsum("bihf,bjhf->bhij", phi_q.abs(), phi_k.abs()) * mask  # [B, H, T, T]
+    num_abs, den_abs = _sums(M, v.abs(), phi_q.abs(), S0.abs(), z0.abs())
     if attn.normalize:
-        A = _masked_similarity(qp, kp, attn)
-        den = A.sum(-1).transpose(1, 2) + torch.einsum(
-            "bthf,bhf->bth", features(qp, fm, attn.scale), z0
-        )
         den = (den + attn.eps).abs()[..., None]
+        o = num / den
         bound = num_abs / den + o.abs() * den_abs[..., None] / den
     else:
-        bound = num_abs
+        o, bound = num, num_abs
     return float(bound.norm() / o.norm().clamp_min(1e-300))
