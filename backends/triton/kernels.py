@@ -176,6 +176,18 @@ def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v, vmask, Dv,
     return S0, S1, S2, z0, z1, z2
 
 
+@triton.jit
+def _program(T, H, Dv, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """A ``(segment, batch*head, value block)`` program's indices: ``(seg, bh, h, tok,
+    offs_c [BC], offs_d [BD], offs_f [BD*BD], offs_v [BV], vmask [BV])``; ``tok`` is token
+    0 of this (b, h) in rows of ``[B, T, H, .]``."""
+    seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    offs_v = vb * BV + tl.arange(0, BV)
+    return (seg, bh, h, b * T * H + h, tl.arange(0, BC), tl.arange(0, BD),
+            tl.arange(0, BD * BD), offs_v, offs_v < Dv)  # fmt: skip
+
+
 RUNTIME = ["T", "H", "D", "Dv", "NSEG", "NCS", "NORM", "NORMALIZE", "pgx_stride", "pgy_stride"]
 """Integer arguments Triton must not specialise on (value 1, divisibility by 16): one
 compiled kernel serves every shape, flag and segment length of a dtype and tile config."""
@@ -190,14 +202,7 @@ def segment_state_kernel(
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: each segment's own state sum (no prefix).
     With ``BA < BD`` S_2 accumulates in place in ``Sst`` (zeroed by the host)."""
-    seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, BD)
-    offs_f = tl.arange(0, BD * BD)
-    offs_v = vb * BV + tl.arange(0, BV)
-    vmask = offs_v < Dv
-    tok = b * T * H + h  # token 0 of this (b, h), in rows
+    seg, bh, h, tok, offs_c, offs_d, offs_f, offs_v, vmask = _program(T, H, Dv, BC, BD, BV)
     S0 = tl.zeros([BV], tl.float32)
     S1 = tl.zeros([BD, BV], tl.float32)
     if BA == BD:
@@ -226,7 +231,7 @@ def segment_state_kernel(
     if BA == BD:
         tl.store(Sst + (base + 1 + BD + offs_f[:, None]) * Dv + offs_v[None, :], S2,
                  mask=vmask[None, :])  # fmt: skip
-    if vb == 0:
+    if tl.program_id(2) == 0:  # one value block writes z
         tl.store(Zst + base, z0)
         tl.store(Zst + base + 1 + offs_d, z1)
         tl.store(Zst + base + 1 + BD + offs_d[:, None] * BD + offs_d[None, :], z2)
@@ -259,14 +264,7 @@ def sweep_kernel(
     With ``BA < BD`` (D > 16) S_2 does not fit on chip: the program updates its own prefix
     rows of ``Sst`` in place, block by block (``_update``), and reads them back per chunk.
     """
-    seg, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    offs_c = tl.arange(0, BC)
-    offs_d = tl.arange(0, BD)
-    offs_f = tl.arange(0, BD * BD)
-    offs_v = vb * BV + tl.arange(0, BV)
-    vmask = offs_v < Dv
-    tok = b * T * H + h  # token 0 of this (b, h), in rows
+    seg, bh, h, tok, offs_c, offs_d, offs_f, offs_v, vmask = _program(T, H, Dv, BC, BD, BV)
     base = (bh * NSEG + seg) * RF
     S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
                                          BA < BD)  # fmt: skip
