@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check bench-compare
+.PHONY: demo test lint format clean gpu-check gpu-tune bench-compare
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,18 +38,25 @@ format: $(STAMP)
 # and side-by-side timings; results go to $(OUT) (the device tool's output folder).
 OUT ?= out
 WHEELS ?= .whl-gpu
+# peers (fla) and asv from a carried offline wheelhouse, when there is one
+GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
+	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
+	--target /tmp/site $(WHEELS)/*.whl; fi
 gpu-check:
-	mkdir -p $(OUT)
-	python3 -m pip install -q --no-deps --no-build-isolation -e .
-	# peers (fla) from a carried offline wheelhouse, when there is one
-	if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
-		--target /tmp/site $(WHEELS)/*.whl; fi
+	$(GPU_INSTALL)
 	PYTHONPATH=/tmp/site REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
 		python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_properties.py tests/test_triton.py \
 		-k "triton or fla" --junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 		tail -12 $(OUT)/properties.txt
 	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages oracle,fla,timings,stress
+
+# The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
+# the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).
+gpu-tune:
+	$(GPU_INSTALL)
+	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) --stages tune,asv \
+		--asv-backends triton,fla,torch
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.

@@ -83,13 +83,15 @@ def tune(
         return TuneResult(key, hit, hit.get("rows", []), 0.0, cached=True)
     start = time.perf_counter()
     sets = [_inputs(B, T, H, D, Dv, dtype, device, fm, seed=s)[0] for s in range(3)]
-    jobs = [(be, c) for be in candidates(problem, backends) for c in _configs(be, quick)]
+    names = candidates(problem, backends)
+    jobs = schedule(names, quick)
     rows: list[dict] = []
     bar = tqdm(jobs, desc=f"tune T={T} {str(dtype)[6:]}", disable=not progress, leave=False)
-    for be, config in bar:
+    for n, (be, config) in enumerate(bar):
         row: dict[str, Any] = dict(backend=be.name, config=config)
         rows.append(row)
-        if time.perf_counter() - start > budget_s:
+        # the first round (every backend's default) always runs: each backend gets a time
+        if n >= len(names) and time.perf_counter() - start > budget_s:
             row["skipped"] = "time budget"
             continue
         try:
@@ -114,11 +116,23 @@ def tune(
 
 
 def _configs(be, quick: bool) -> list[dict]:
-    configs = be.configs() or [{}]
-    if quick:
-        default = dict(be.default_config)
-        return [default, *[c for c in configs if c != default][:2]]
-    return configs
+    """The backend's default configuration first, then the rest of its space (two with
+    ``quick``)."""
+    default = dict(be.default_config)
+    rest = [c for c in (be.configs() or [{}]) if c != default]
+    return [default, *(rest[:2] if quick else rest)]
+
+
+def schedule(backends: list, quick: bool) -> list[tuple[Any, dict]]:
+    """Jobs in round-robin order: every backend's default first, then one more configuration
+    of each in turn, so a time budget cuts configurations, never a whole backend (backends
+    that compile go last in each round)."""
+    order = sorted(backends, key=lambda b: b.compiles)
+    lists = [_configs(be, quick) for be in order]
+    jobs = []
+    for i in range(max((len(c) for c in lists), default=0)):
+        jobs += [(be, cfgs[i]) for be, cfgs in zip(order, lists) if i < len(cfgs)]
+    return jobs
 
 
 def _time(be, attn, config, sets, objective: str, device: str) -> float:

@@ -141,7 +141,8 @@ def _tune(args: argparse.Namespace) -> int:
                                                  "float16,bfloat16")).split(",")]  # fmt: skip
     names = args.backends.split(",") if args.backends else None
     out = Path(args.out) if args.out else None
-    run(shapes, dtypes, device, names, args.quick, args.objective, args.budget, out, args.force)
+    run(shapes, dtypes, device, names, args.quick, args.objective, args.budget, out, args.force,
+        total_s=args.total_budget)  # fmt: skip
     return 0
 
 
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--objective", default="forward_backward",
                       choices=("forward", "forward_backward"))  # fmt: skip
     tune.add_argument("--budget", type=float, default=60.0, help="seconds per shape and dtype")
+    tune.add_argument("--total-budget", type=float, default=270.0,
+                      help="seconds for the whole run, shared out over the buckets left "
+                      "(every backend's default configuration is timed regardless)")  # fmt: skip
     tune.add_argument("--force", action="store_true", help="re-tune cached buckets")
     tune.add_argument("--out", default=None, help="directory for tune.json and tune.png")
     tune.set_defaults(fn=_tune)

@@ -215,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_check", description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
-                    help="comma-separated: oracle, fla, sweep, timings, stress")  # fmt: skip
+                    help="comma-separated, run in order: oracle, fla, sweep, timings, stress, "
+                    "tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--asv-machine", default="h100")
+    ap.add_argument("--asv-backends", default="triton,fla")
+    ap.add_argument("--asv-bench", default="LinearAttention.track_ms|DecodeStep")
     ap.add_argument("--dry-run", action="store_true",
                     help="tiny shapes on the CPU (TRITON_INTERPRET=1)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -246,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             timings(log, config, Ts)
         elif name == "stress":
             stress(log, config)
+        elif name == "tune":
+            from rebased_kernels import gpu_tune
+
+            shapes = "1,128,2,16,16;1,256,2,16,16" if SMALL else None
+            record = gpu_tune.tune(log, args.out, shapes, "float16" if SMALL else None, DEVICE)
+            gpu_tune.auto(log, args.out, record, DEVICE)
+        elif name == "asv":
+            from rebased_kernels import gpu_tune
+
+            gpu_tune.asv(log, args.out, args.asv_machine, args.asv_backends, args.asv_bench)
         stage(name, log, args.out)
     print(f"{'T':>6} {'ours f':>8} {'f+b':>8} {'api f':>8} {'fla f':>8} {'f+b':>8} "
           f"{'sdpa f':>8} {'f+b':>8} {'floor f':>8} {'f+b':>8}")  # fmt: skip

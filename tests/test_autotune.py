@@ -143,3 +143,24 @@ def test_tuner_drops_wrong_configs_and_caches_the_winner(cache_dir, monkeypatch)
     res = autotune.tune(1, 200, 2, 16, 8, torch.float32, "cpu", budget_s=0.0, force=True,
                         progress=False)  # fmt: skip
     assert any(r.get("skipped") == "time budget" for r in res.rows)
+
+
+def test_schedule_is_round_robin_and_a_zero_budget_still_times_every_backend(
+    cache_dir, monkeypatch
+) -> None:
+    """Defaults of every backend first (compiling ones last), then one more of each in turn;
+    a zero budget skips everything after the first round, never a whole backend."""
+    torch_be, numba_be = get_backend("torch"), get_backend("numba")
+    jobs = tuner_module.schedule([numba_be, torch_be], quick=False)
+    names = [be.name for be, _ in jobs]
+    assert names[:2] == ["torch", "numba"]  # numba compiles
+    assert next(c for be, c in jobs if be is torch_be) == torch_be.default_config
+    assert names[2:4] == ["torch", "numba"]
+    assert len(jobs) == len(torch_be.configs()) + len(numba_be.configs())
+    monkeypatch.setattr(
+        tuner_module, "candidates", lambda problem, names=None: [torch_be, _Broken()]
+    )
+    res = autotune.tune(1, 64, 2, 16, 8, torch.float32, "cpu", budget_s=0.0, progress=False)
+    timed = {r["backend"] for r in res.rows if "ms" in r}
+    assert timed == {"torch", "broken-test"}
+    assert all("skipped" in r for r in res.rows[2:]) and len(res.rows) > 2
