@@ -56,7 +56,7 @@ gpu-check:
 gpu-tune:
 	$(GPU_INSTALL)
 	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) --stages tune,asv \
-		--asv-backends triton,fla,torch
+		--asv-backends triton,fla
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.

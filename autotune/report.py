@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from rebased_kernels.backend import registered
+from rebased_kernels.backend import Problem, registered
 from rebased_kernels.bench import chunked_flops, median_ms
-from rebased_kernels.spec import get_feature_map
+from rebased_kernels.spec import LinearAttention, get_feature_map
 
 from .cache import TuneCache
+from .keys import bucket_key
 from .tuner import candidates, tune
+from .warm import warm
 
 QUICK_SKIP = ("torch_compile",)
 """Backends ``--quick`` leaves out unless named: they compile a graph per shape bucket."""
@@ -46,12 +48,14 @@ def run(
     shapes: list[tuple[int, int, int, int, int]], dtypes: list[torch.dtype], device: str,
     backends: list[str] | None, quick: bool, objective: str, budget_s: float, out: Path | None,
     force: bool = False, feature_map: str = "rebased", total_s: float | None = None,
+    precompile: bool = True,
 ) -> dict:  # fmt: skip
     """Tune each (shape, dtype); returns (and writes) the record.
 
     ``budget_s`` bounds one bucket's search; ``total_s`` the whole run: each bucket gets at
     most the time left divided by the buckets left (every backend's default configuration
-    is timed regardless, see ``tuner.schedule``)."""
+    is timed regardless, see ``tuner.schedule``). With ``precompile``, compiling backends are
+    first compiled side by side in worker processes (``warm``) when a bucket needs tuning."""
     fm = get_feature_map(feature_map)
     if quick and backends is None:
         backends = [n for n in registered() if n not in QUICK_SKIP]
@@ -60,6 +64,12 @@ def run(
     cache = TuneCache(torch.device(device).type)
     rows = []
     buckets = [(dtype, shape) for dtype in dtypes for shape in shapes]
+    warmed = None
+    todo = [b for b in buckets if force or _key(fm, b[1], b[0], device) not in cache.entries()]
+    if precompile and torch.device(device).type == "cuda" and todo:
+        warmed = warm(backends, dtypes, sorted({(s[3], s[4]) for s in shapes}), device)
+        print(f"precompiled {warmed['jobs']} configurations in {warmed['seconds']:.0f} s "
+              f"({warmed['workers']} processes)")  # fmt: skip
     for n, (dtype, (B, T, H, D, Dv)) in enumerate(buckets):
         budget = budget_s
         if total_s is not None:
@@ -72,7 +82,7 @@ def run(
         rows += _rows(res, (B, T, H, D, Dv), dtype, device, fm, objective, ceiling, cache)
     record = dict(device=cache.fingerprint, copy_TBps=ceiling, objective=objective,
                   seconds=time.perf_counter() - start, rows=rows,
-                  candidates=sorted({r["backend"] for r in rows}))  # fmt: skip
+                  candidates=sorted({r["backend"] for r in rows}), precompile=warmed)  # fmt: skip
     print_leaderboard(record)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +90,12 @@ def run(
         plot(record, out / "tune.png")
         print(f"wrote {out / 'tune.json'} and {out / 'tune.png'}")
     return record
+
+
+def _key(fm, shape, dtype, device: str) -> str:
+    B, T, H, D, Dv = shape
+    problem = Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, torch.device(device).type)
+    return bucket_key(problem, T, B * H)
 
 
 def _rows(res, shape, dtype, device, fm, objective, ceiling, cache) -> list[dict]:

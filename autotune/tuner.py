@@ -94,6 +94,7 @@ def tune(
         if n >= len(names) and time.perf_counter() - start > budget_s:
             row["skipped"] = "time budget"
             continue
+        t_row = time.perf_counter()
         try:
             err = check_config(be, attn, D, Dv, dtype, device, config)
             if not err <= 1.0:
@@ -102,6 +103,7 @@ def tune(
             row["ms"] = _time(be, attn, config, sets, objective, device)
         except Exception as exc:  # a configuration that does not compile or run here
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        row["seconds"] = time.perf_counter() - t_row  # check + timing (+ a first compile)
         bar.set_postfix_str(f"{be.name} {row.get('ms', float('nan')):.3g} ms")
     timed = [r for r in rows if "ms" in r]
     best = min(timed, key=lambda r: r["ms"]) if timed else None

@@ -142,7 +142,7 @@ def _tune(args: argparse.Namespace) -> int:
     names = args.backends.split(",") if args.backends else None
     out = Path(args.out) if args.out else None
     run(shapes, dtypes, device, names, args.quick, args.objective, args.budget, out, args.force,
-        total_s=args.total_budget)  # fmt: skip
+        total_s=args.total_budget, precompile=not args.no_precompile)  # fmt: skip
     return 0
 
 
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="seconds for the whole run, shared out over the buckets left "
                       "(every backend's default configuration is timed regardless)")  # fmt: skip
     tune.add_argument("--force", action="store_true", help="re-tune cached buckets")
+    tune.add_argument("--no-precompile", action="store_true",
+                      help="on a GPU, do not compile every configuration in parallel processes "
+                      "before tuning")  # fmt: skip
     tune.add_argument("--out", default=None, help="directory for tune.json and tune.png")
     tune.set_defaults(fn=_tune)
     train = sub.add_parser("train", help="train a model with the kernels (MQAR, LM)")

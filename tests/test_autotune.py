@@ -164,3 +164,16 @@ def test_schedule_is_round_robin_and_a_zero_budget_still_times_every_backend(
     timed = {r["backend"] for r in res.rows if "ms" in r}
     assert timed == {"torch", "broken-test"}
     assert all("skipped" in r for r in res.rows[2:]) and len(res.rows) > 2
+
+
+def test_precompile_jobs_cover_every_configuration_and_run_in_processes() -> None:
+    """``warm`` lists each compiling backend's configurations per dtype and runs them in
+    worker processes (numba here: it compiles on the CPU)."""
+    from rebased_kernels.autotune import warm
+
+    numba_be = get_backend("numba")
+    todo = warm.jobs(["numba", "torch"], [torch.float32, torch.float64], [(16, 8)], "cpu")
+    assert {j[0] for j in todo} == {"numba"}  # torch does not compile
+    assert len(todo) == 2 * len(numba_be.configs())
+    res = warm.warm(["numba"], [torch.float32], [(16, 8)], "cpu", workers=2)
+    assert res["jobs"] == len(numba_be.configs()) and res["failed"] == []

@@ -1,0 +1,73 @@
+"""Compile ahead, in parallel: one process per (compiling backend, dtype, configuration).
+
+A cold tune spends most of its time compiling (Triton kernels, ``torch.compile`` graphs),
+one configuration after another. The compilers keep their results on disk (Triton's cache,
+Inductor's FX-graph cache), so processes that each run one small forward+backward fill
+those caches side by side, and the tune that follows loads instead of compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from rebased_kernels.backend import Inputs, Outputs, Problem, registered
+from rebased_kernels.spec import LinearAttention, get_feature_map
+from rebased_kernels.testing import random_inputs
+
+PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
+
+
+def jobs(names: list[str] | None, dtypes: list[torch.dtype], dims: list[tuple[int, int]],
+         device: str, feature_map: str = "rebased") -> list[tuple]:  # fmt: skip
+    """``(backend, dtype, config, D, Dv)`` of every compiling backend that can run here."""
+    fm = get_feature_map(feature_map)
+    out = []
+    for name, be in sorted(registered().items()):
+        if not be.compiles or name == "reference" or (names is not None and name not in names):
+            continue
+        for dtype in dtypes:
+            for D, Dv in dims:
+                problem = Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, device)
+                if be.unavailable_reason() is None and be.unsupported_reason(problem) is None:
+                    out += [(name, str(dtype)[6:], c, D, Dv) for c in (be.configs() or [{}])]
+    return out
+
+
+def warm(names: list[str] | None, dtypes: list[torch.dtype], dims: list[tuple[int, int]],
+         device: str, workers: int | None = None) -> dict:  # fmt: skip
+    """Run every job of ``jobs`` in its own process, ``workers`` at a time; wall seconds and
+    the failures (a configuration that fails here is the tuner's to report, not ours)."""
+    todo = jobs(names, dtypes, dims, device)
+    workers = workers or max(1, min(len(todo), (os.cpu_count() or 2) - 1))
+    start = time.perf_counter()
+
+    def run(job) -> str | None:
+        code = f"from rebased_kernels.autotune.warm import one; one(*{json.dumps(job)})"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return None if p.returncode == 0 else f"{job}: {p.stderr.strip()[-300:]}"
+
+    with ThreadPoolExecutor(workers) as pool:
+        failed = [f for f in pool.map(run, todo) if f]
+    return dict(jobs=len(todo), workers=workers, seconds=time.perf_counter() - start,
+                failed=failed)  # fmt: skip
+
+
+def one(name: str, dtype: str, config: dict, D: int, Dv: int) -> None:
+    """One small forward + backward: what compiles for this (backend, dtype, configuration)."""
+    be = registered()[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fm = get_feature_map("rebased")
+    # B, H > 1: size-1 dims are specialised by torch.compile, the tune's shapes are not
+    x = random_inputs(2, 256, 2, D, Dv, getattr(torch, dtype), device, fm, requires_grad=False)
+    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
+    attn = LinearAttention(fm, D**-0.5)
+    out = be.forward(inp, attn, {**be.default_config, **config}, None)
+    grads = Outputs(torch.randn_like(out.o), torch.randn_like(out.S), torch.randn_like(out.z))
+    be.backward(inp, attn, {**be.default_config, **config}, None, grads)
