@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated, run in order: oracle, fla, sweep, timings, stress, "
                     "tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--tune-backends", default=None, help="default: every available one")
+    ap.add_argument("--tune-total", type=float, default=None, help="seconds (tune --total-budget)")
     ap.add_argument("--asv-machine", default="h100")
     ap.add_argument("--asv-backends", default="triton,fla")
     ap.add_argument("--asv-bench", default="LinearAttention.track_ms|DecodeStep")
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             from rebased_kernels import gpu_tune
 
             shapes = "1,128,2,16,16;1,256,2,16,16" if SMALL else None
-            record = gpu_tune.tune(log, args.out, shapes, "float16" if SMALL else None, DEVICE)
+            record = gpu_tune.tune(log, args.out, shapes, "float16" if SMALL else None, DEVICE,
+                                   args.tune_backends, args.tune_total)  # fmt: skip
             gpu_tune.auto(log, args.out, record, DEVICE)
         elif name == "asv":
             from rebased_kernels import gpu_tune

@@ -32,11 +32,14 @@ def _cli(args: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def tune(log: dict, out: str, shapes: str | None, dtypes: str | None, device: str) -> Path:
+def tune(log: dict, out: str, shapes: str | None, dtypes: str | None, device: str,
+         backends: str | None = None, total_s: float | None = None) -> Path:  # fmt: skip
     """``rebased-kernels tune`` into a fresh cache, then again (every bucket cached)."""
     env = dict(os.environ, REBASED_KERNELS_CACHE_DIR=f"{out}/tune-cache")
     args = ["tune", "--device", device] + (["--shapes", shapes] if shapes else [])
     args += ["--dtype", dtypes] if dtypes else []
+    args += ["--backends", backends] if backends else []
+    args += ["--total-budget", str(total_s)] if total_s else []
     first = _cli([*args, "--out", f"{out}/tune"], env)
     second = _cli([*args, "--out", f"{out}/tune-cached"], env)
     records = [
