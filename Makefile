@@ -38,6 +38,8 @@ format: $(STAMP)
 # and side-by-side timings; results go to $(OUT) (the device tool's output folder).
 OUT ?= out
 WHEELS ?= .whl-gpu
+# the property suite is interrupted (SIGINT: pytest still prints which tests failed) after
+PROPS_S ?= 240
 # peers (fla) and asv from a carried offline wheelhouse, when there is one
 GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
 	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -45,8 +47,9 @@ GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-
 gpu-check:
 	$(GPU_INSTALL)
 	PYTHONPATH=/tmp/site REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
-		python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_properties.py tests/test_triton.py \
-		-k "triton or fla" --junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
+		timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n 8 \
+		tests/test_properties.py tests/test_triton.py -k "triton or fla" \
+		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 		tail -12 $(OUT)/properties.txt
 	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages oracle,fla,timings,stress

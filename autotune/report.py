@@ -18,8 +18,11 @@ from .keys import bucket_key
 from .tuner import candidates, tune
 from .warm import warm
 
-QUICK_SKIP = ("torch_compile",)
-"""Backends ``--quick`` leaves out unless named: they compile a graph per shape bucket."""
+SLOW_COMPILE = ("torch_compile",)
+"""Backends left out unless named, with ``--quick`` and on a GPU: ``torch_compile``'s first
+call per dtype compiled for 204 s on an H100 (not reused across processes, so parallel
+precompiling does not help; ``docs/results/h100-tune/``), more than a whole tune of the
+others (196 s cold for triton, fla and torch over six lengths and two dtypes)."""
 
 
 def copy_tbps(device: str) -> float:
@@ -57,8 +60,10 @@ def run(
     is timed regardless, see ``tuner.schedule``). With ``precompile``, compiling backends are
     first compiled side by side in worker processes (``warm``) when a bucket needs tuning."""
     fm = get_feature_map(feature_map)
-    if quick and backends is None:
-        backends = [n for n in registered() if n not in QUICK_SKIP]
+    if backends is None and (quick or torch.device(device).type == "cuda"):
+        backends = [n for n in registered() if n not in SLOW_COMPILE]
+        print(f"leaving out {', '.join(SLOW_COMPILE)} (slow to compile; name it with "
+              f"--backends to tune it)")  # fmt: skip
     start = time.perf_counter()
     ceiling = copy_tbps(device)
     cache = TuneCache(torch.device(device).type)
