@@ -109,7 +109,10 @@ def test_causal(case: Case, data) -> None:
     # equal up to rounding (BLAS may order a row's zero terms differently); a leak from
     # the x10 perturbation would be O(1)
     assert_close(o2[:, : t + 1], o1[:, : t + 1], case.dtype, f"{case} prefix up to {t}")
-    assert rel_err(o2[:, t + 1 :], o1[:, t + 1 :]) > TOLERANCE[case.dtype]
+    # the perturbation reached the kernel (the test can fail); a size bound would be flaky:
+    # LayerNorm removes the x10 from q, k, and without normalisation one large row can
+    # dominate (measured: a 0.95% change of bf16 rows of norm 1e9)
+    assert not torch.equal(o2[:, t + 1 :], o1[:, t + 1 :])
 
 
 @property_test()
