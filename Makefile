@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-tune bench-compare
+.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar bench-compare
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -60,6 +60,12 @@ gpu-tune:
 	$(GPU_INSTALL)
 	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) --stages tune,asv \
 		--asv-backends triton,fla
+
+# The MQAR harness's H100 lines: reach 0.99, steps/s vs fla at L=2048, Table 1, IoU table.
+gpu-mqar:
+	$(GPU_INSTALL)
+	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
+		--stages $(or $(STAGES),reach,speed,table1,iou)
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.

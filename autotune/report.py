@@ -19,10 +19,10 @@ from .tuner import candidates, tune
 from .warm import warm
 
 SLOW_COMPILE = ("torch_compile",)
-"""Backends left out unless named, with ``--quick`` and on a GPU: ``torch_compile``'s first
-call per dtype compiled for 204 s on an H100 (not reused across processes, so parallel
-precompiling does not help; ``docs/results/h100-tune/``), more than a whole tune of the
-others (196 s cold for triton, fla and torch over six lengths and two dtypes)."""
+"""Backends left out unless named, with ``--quick`` and on a GPU: ``torch_compile`` compiles
+per shape bucket, and a first call compiled for 204 s on an H100 (not reused across
+processes, so parallel precompiling does not help; ``docs/results/h100-tune/``), more than a
+whole tune of the others (196 s cold for triton, fla and torch over six lengths, two dtypes)."""
 
 
 def copy_tbps(device: str) -> float:

@@ -295,7 +295,7 @@ def test_layer_trains() -> None:
 
 
 def test_torch_compile_does_not_recompile_per_sequence_length() -> None:
-    """T is dynamic: after the first call, other lengths (several chunks) add no graph."""
+    """Lengths in one power-of-two bucket share one graph; a new bucket adds one."""
     from torch._dynamo.utils import counters
 
     def graphs() -> int:
@@ -313,11 +313,13 @@ def test_torch_compile_does_not_recompile_per_sequence_length() -> None:
         ref = rk.linear_attention(q, k, v, "gamma_x2", q_weight=w, k_weight=w, backend="torch")
         assert rel_err(o, ref) < 1e-5
 
-    call(70)  # two chunks of 64
+    call(70)  # bucket 128
     before = graphs()
-    for T in (65, 99, 128, 129, 300, 1000):
+    for T in (65, 99, 128):
         call(T)
     assert graphs() == before
+    call(129)  # bucket 256
+    assert graphs() == before + 1
 
 
 def test_packed_empty_sequences_give_one_state_each() -> None:

@@ -1,10 +1,9 @@
 """``torch_compile``: the ``torch`` backend's chunked algorithm through ``torch.compile``.
 
-T is dynamic for the compiler (one graph per direction, feature map, chunk size and dtype
-serves every length): T is padded up to a multiple of the chunk, the padding masked out of
-the state. Static shapes compiled a graph per power-of-two bucket of T, ~15 s each on a CPU,
-which made tuning six lengths cost minutes. The backward is the ``torch`` backend's
-hand-written chunked backward, compiled the same way.
+Shapes are static for the compiler, and T is padded up to a bucket (the next power of two,
+at least one chunk) with the padding masked out of the state, so a new sequence length
+recompiles only when it enters a new bucket: log2(T) graphs, not one per length. The
+backward is the ``torch`` backend's hand-written chunked backward, compiled the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ from ..torch.chunked import chunk_layout, chunked_backward, chunked_forward
 
 
 def bucket(T: int, C: int) -> int:
-    """The padded length: the next multiple of C (at least one chunk)."""
-    return max(C, -(-T // C) * C)
+    """The padded length: the next power of two >= T, and at least C."""
+    return max(C, 1 << (T - 1).bit_length())
 
 
 def _pad_T(t: torch.Tensor, T_pad: int) -> torch.Tensor:
-    """Zero-pad dim 1 up to ``T_pad``; contiguous either way (strides are guarded on)."""
-    return F_.pad(t, (0, 0, 0, 0, 0, T_pad - t.shape[1])).contiguous()
+    """Zero-pad dim 1 up to ``T_pad`` (no copy when T already fills the bucket)."""
+    return t if t.shape[1] == T_pad else F_.pad(t, (0, 0, 0, 0, 0, T_pad - t.shape[1]))
 
 
 class TorchCompileBackend(Backend):
@@ -44,12 +43,12 @@ class TorchCompileBackend(Backend):
     def _fn(self, direction: str, attn: LinearAttention, C: int) -> Callable:
         key = (direction, attn, C)
         if key not in self._compiled:
-            # dtypes and gradient requirements are guarded on: a few graphs per code object
+            # each (shape bucket, dtype) is its own static graph of one code object
             limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, 64)
+            torch._dynamo.config.recompile_limit = max(limit, 256)
             impl = chunked_forward if direction == "fwd" else chunked_backward
             self._compiled[key] = torch.compile(
-                partial(impl, attn=attn, chunk_size=C), dynamic=True, fullgraph=True
+                partial(impl, attn=attn, chunk_size=C), dynamic=False, fullgraph=True
             )
         return self._compiled[key]
 

@@ -1,0 +1,152 @@
+"""One GPU call for the MQAR harness's H100 lines (issue 7): reach, speed, Table 1, IoU.
+
+``python -m rebased_kernels.gpu_mqar --out DIR --stages reach,speed,table1,iou``:
+
+- ``reach``: d_model 64, L 256, 16 kv pairs, ``rebased`` on ``--backend`` (default auto):
+  the lrs {1e-3, 3e-3, 1e-2} side by side until one reaches 0.99 test accuracy;
+- ``speed``: training steps per second of that model at L = 2048 with the mixer kernel on
+  ``triton`` and on ``fla``, in this process (steps 10..60 of a run, evaluation excluded);
+- ``table1``: the paper's Table 1 at L 256 (32 kv pairs, d_model 16/24/32/48, ReBased and
+  Based, lrs {1e-3, 3e-3, 1e-2}, 3 seeds) through ``sweep`` (one ensemble per cell);
+- ``iou``: the Table 3 setting (L 128, 32 kv pairs): attention, based and rebased trained,
+  then ``analyze``'s IoU and a heat map each.
+
+Everything goes to ``DIR/gpu-mqar.json`` (rewritten after each stage) and files beside it.
+``--dry-run`` runs every stage on the CPU at toy sizes, to test this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .train.ensemble import train_ensemble
+from .train.loop import TrainConfig, train
+from .train.model import ModelConfig
+from .train.mqar import MQARConfig
+
+LRS = (1e-3, 3e-3, 1e-2)
+SMALL = False
+T0 = time.time()
+
+
+def _cfg(mixer: str, d: int, L: int, kv: int, lr: float, seed: int, backend: str,
+         **kw) -> TrainConfig:  # fmt: skip
+    V = 64 if SMALL else 8192
+    n = kw.pop("examples", 512 if SMALL else 100_000)
+    device = "cpu" if SMALL else "cuda"
+    return TrainConfig(
+        model=ModelConfig(vocab_size=V, d_model=d, seq_len=L, mixer=mixer, backend=backend),
+        data=MQARConfig(vocab_size=V, seq_len=L, num_kv_pairs=kv, num_examples=n),
+        test_examples=64 if SMALL else 2000, lr=lr, seed=seed, device=device, **kw,
+    )  # fmt: skip
+
+
+def reach(log: dict, backend: str) -> None:
+    L, kv = (32, 4) if SMALL else (256, 16)
+    kw = dict(batch_size=64 if SMALL else 256, epochs=1 if SMALL else 16, eval_every=50 if
+              SMALL else 200)  # fmt: skip
+    t = time.perf_counter()
+    runs = train_ensemble([_cfg("rebased", 64, L, kv, lr, 0, backend, **kw) for lr in LRS],
+                          progress=False)  # fmt: skip
+    log["reach"] = dict(
+        seconds=time.perf_counter() - t, backend=backend, d_model=64, seq_len=L, kv_pairs=kv,
+        runs=[dict(lr=lr, test_acc=r["test_acc"], steps=r["steps"]) for lr, r in zip(LRS, runs)],
+        best=max(r["test_acc"] for r in runs),
+    )  # fmt: skip
+
+
+def speed(log: dict) -> None:
+    """Steps/s of one model, steps 10..60, triton vs fla kernels (same data, same process)."""
+    L, kv, B = (16, 4, 2) if SMALL else (2048, 16, 64)
+    first, last = (1, 3) if SMALL else (10, 60)
+    ours, peer = "triton", "torch" if SMALL else "fla"  # fla takes half inputs (autocast)
+    rows = {}
+    for backend in (ours, peer):
+        elapsed = []
+        for steps in (first, last):
+            cfg = _cfg("rebased", 64, L, kv, 1e-3, 0, backend, examples=B * last,
+                       batch_size=B, max_steps=steps, eval_every=steps)  # fmt: skip
+            cfg = TrainConfig(**{**cfg.__dict__, "test_examples": B})
+            elapsed.append(train(cfg, progress=False)["history"][-1]["elapsed_s"])
+        rows[backend] = (last - first) / (elapsed[1] - elapsed[0])
+    log["speed"] = dict(seq_len=L, batch_size=B, d_model=64, steps_per_s=rows,
+                        ratio=rows[ours] / rows[peer])  # fmt: skip
+
+
+def table1(log: dict, out: Path) -> None:
+    """``docs/sweeps/mqar-table1-L256.yaml`` through ``sweep`` (a toy grid in a dry run)."""
+    from .train.sweep import sweep
+
+    path = Path(__file__).resolve().parents[1] / "docs/sweeps/mqar-table1-L256.yaml"
+    if SMALL:
+        path = out / "table1.yaml"
+        path.write_text(json.dumps(dict(  # JSON is YAML
+            mixer=["rebased", "based"], d_model=[16], seq_len=[32], kv_pairs=[4], lr=list(LRS),
+            seed=[0], vocab=64, examples=256, test_examples=64, epochs=1, batch_size=32,
+            eval_every=4, device="cpu", backend="torch")))  # fmt: skip
+    t = time.perf_counter()
+    rows = sweep(path, out / "table1", progress=False)
+    log["table1"] = dict(seconds=time.perf_counter() - t, rows=rows, sweep=str(path))
+
+
+def iou(log: dict, out: Path, backend: str) -> None:
+    from .train.analysis import analyze
+
+    L, kv = (32, 4) if SMALL else (128, 32)
+    kw = dict(batch_size=32 if SMALL else 256, epochs=1 if SMALL else 16, eval_every=8 if
+              SMALL else 200)  # fmt: skip
+    rows = []
+    for mixer in ("attention", "based", "rebased"):
+        runs = train_ensemble([_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS],
+                              progress=False)  # fmt: skip
+        best = max(runs, key=lambda r: r["test_acc"])
+        model = best["model"].cpu()
+        path = out / f"iou-{mixer}.pt"
+        torch.save(dict(model_config=model.cfg.__dict__ | {"backend": "torch"},
+                        data_config=_cfg(mixer, 64, L, kv, 1e-3, 0, backend).data.__dict__,
+                        state_dict=model.state_dict()), path)  # fmt: skip
+        r = analyze(path, examples=64 if SMALL else 500, heatmap=out / f"iou-{mixer}.png")
+        rows.append(dict(mixer=mixer, test_acc=best["test_acc"], **r))
+    log["iou"] = rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    global SMALL
+    ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_mqar", description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stages", default="reach,speed,table1,iou")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    SMALL = args.dry_run
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log: dict = dict(device=torch.cuda.get_device_name() if not SMALL else "cpu", stages=[])
+    for name in args.stages.split(","):
+        try:
+            run_stage(name, log, out, args.backend)
+        except Exception as exc:  # record it and go on: one call runs every stage
+            log[name] = dict(error=f"{type(exc).__name__}: {exc}"[:2000])
+        log["stages"].append((name, round(time.time() - T0, 1)))
+        (out / "gpu-mqar.json").write_text(json.dumps(log, indent=1, default=str))
+        print(f"[{time.time() - T0:7.1f} s] {name}: {json.dumps(log.get(name), default=str)[:600]}",
+              flush=True)  # fmt: skip
+    return 0
+
+
+def run_stage(name: str, log: dict, out: Path, backend: str) -> None:
+    backend = "torch" if SMALL else backend
+    stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
+                  table1=lambda: table1(log, out), iou=lambda: iou(log, out, backend))  # fmt: skip
+    if name not in stages:
+        raise ValueError(f"unknown stage {name!r}: one of {sorted(stages)}")
+    stages[name]()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
