@@ -202,6 +202,31 @@ def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
     log["timings"] = rows
 
 
+def properties(log: dict, out: str) -> None:
+    """Counts and failures of the property run's ``properties.xml`` (junit), if there is one."""
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    path = Path(out) / "properties.xml"
+    if not path.exists():
+        log["properties"] = dict(error=f"{path} not written (the run was killed?)")
+        return
+    cases = ET.parse(path).getroot().iter("testcase")
+    summary: dict = dict(passed=0, failed=[], skipped=0)
+    for case in cases:
+        name = f"{case.get('classname')}::{case.get('name')}"
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            summary["failed"].append(dict(test=name, message=(bad.get("message") or "")[:300]))
+        elif case.find("skipped") is not None:
+            summary["skipped"] += 1
+        else:
+            summary["passed"] += 1
+    log["properties"] = summary
+    print(f"properties: {summary['passed']} passed, {len(summary['failed'])} failed, "
+          f"{summary['skipped']} skipped", flush=True)  # fmt: skip
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in TB/s (bytes read + written)."""
     a = torch.empty(2**20 if SMALL else 2**28, dtype=torch.uint8, device=DEVICE)
@@ -215,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_check", description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
-                    help="comma-separated, run in order: oracle, fla, sweep, timings, stress, "
-                    "tune, asv")  # fmt: skip
+                    help="comma-separated, run in order: properties (OUT/properties.xml counted), "
+                    "oracle, fla, sweep, timings, stress, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--tune-backends", default=None, help="default: every available one")
     ap.add_argument("--tune-total", type=float, default=None, help="seconds (tune --total-budget)")
@@ -240,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     config = dict(be.default_config)
     log["config"] = config
     for name in stages:  # in the order given
-        if name == "oracle":
+        if name == "properties":
+            properties(log, args.out)
+        elif name == "oracle":
             oracle_check(log)
         elif name == "fla" and not SMALL:
             fla_check(log)
