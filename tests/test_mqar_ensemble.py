@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from rebased_kernels.train.ensemble import StackedMQAR, train_ensemble
+from rebased_kernels.train.ensemble import StackedMQAR, query_positions, train_ensemble
 from rebased_kernels.train.loop import TrainConfig, train
 from rebased_kernels.train.model import ModelConfig, MQARModel
 from rebased_kernels.train.mqar import IGNORE_INDEX, MQARConfig, generate
@@ -31,8 +31,8 @@ def test_stacked_forward_and_gradients_equal_separate_models(mixer, norm_scope) 
     xs = torch.stack([x[:2], x[2:4], x[4:]])  # each model its own batch
     ys = torch.stack([y[:2], y[2:4], y[4:]])
     net = StackedMQAR(models)
-    h = net.hidden(xs)
-    stacked = [net.logits_at(h, m, ys[m] != IGNORE_INDEX) for m in range(3)]
+    pos = query_positions(ys, 3)  # every example queries its 3 keys
+    stacked = list(net(xs, pos).flatten(1, 2))  # [B * K, V] per model, positions ascending
     torch.stack([s.square().mean() for s in stacked]).sum().backward()
     got = {n: p.grad.clone() for n, p in net.named_parameters()}
     net.zero_grad()

@@ -20,6 +20,7 @@ forward reads their parameters), so ``analyze`` and checkpoints work as for sing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import torch
@@ -34,7 +35,7 @@ from .loop import TrainConfig, _autocast, _epoch_order, _param_groups, lr_factor
 from .model import MQARModel, SoftmaxAttention
 from .mqar import IGNORE_INDEX, train_test
 
-__all__ = ["StackedMQAR", "train_ensemble"]
+__all__ = ["StackedMQAR", "query_positions", "train_ensemble"]
 
 
 def _ln(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -52,8 +53,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> 
 class StackedMQAR(nn.Module):
     """The forward of M ``MQARModel``s of one config on inputs ``[M, B, T]``.
 
-    ``hidden(inputs) -> [M, B, T, d_model]`` (after the final LayerNorm);
-    ``logits_at(h, m, mask) -> [n, vocab]`` for model m's positions where ``mask``.
+    ``forward(inputs [M, B, T], pos [M, B, K]) -> logits [M, B, K, vocab]``: the tied head
+    at the K positions ``pos`` of each example only (MQAR's query positions; full logits
+    would be ``M B T vocab``).
     """
 
     def __init__(self, models: list[MQARModel]) -> None:
@@ -66,25 +68,29 @@ class StackedMQAR(nn.Module):
         self.mixer = models[0].blocks[1].mixer
 
     def _p(self, name: str) -> torch.Tensor | None:
-        """Parameter ``name`` of every model, stacked ``[M, ...]`` (differentiable)."""
-        ps = [m.get_parameter(name) if _has(m, name) else None for m in self.models]
+        """Parameter ``name`` of every model, stacked ``[M, ...]`` (differentiable); None
+        where the models have none (a feature map without gamma or beta)."""
+        ps = [functools.reduce(getattr, name.split("."), m) for m in self.models]
         return None if ps[0] is None else torch.stack(ps)
 
-    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         M, _, T = inputs.shape
         if M != self.M or T > self.cfg.seq_len:
             raise ValueError(f"inputs {tuple(inputs.shape)}: expected [{self.M}, B, T <= "
                              f"{self.cfg.seq_len}]")  # fmt: skip
         p = self._p
+        emb = p("tok_emb.weight")  # [M, V, d], also the tied head
         rows = torch.arange(M, device=inputs.device)[:, None, None]
-        x = p("tok_emb.weight")[rows, inputs] + p("pos_emb.weight")[:, None, :T]
+        x = emb[rows, inputs] + p("pos_emb.weight")[:, None, :T]
         x = x + self._base_conv(_ln(x, p("blocks.0.norm.weight"), p("blocks.0.norm.bias")))
         u = _ln(x, p("blocks.1.norm.weight"), p("blocks.1.norm.bias"))
         if isinstance(self.mixer, SoftmaxAttention):
             x = x + self._softmax(u)
         else:
             x = x + self._rebased(u)
-        return _ln(x, p("norm_f.weight"), p("norm_f.bias"))
+        h = _ln(x, p("norm_f.weight"), p("norm_f.bias"))  # [M, B, T, d]
+        h = h.gather(2, pos[..., None].expand(-1, -1, -1, h.shape[-1]))  # [M, B, K, d]
+        return torch.einsum("mbkd,mvd->mbkv", h, emb)
 
     def _base_conv(self, u: torch.Tensor) -> torch.Tensor:
         """``Linear(u) * causal_depthwise_conv1d(u)`` per model; the conv has M*d groups."""
@@ -130,16 +136,24 @@ class StackedMQAR(nn.Module):
         o = o.transpose(1, 2).reshape(M, B, T, a.H * a.Dh)
         return _linear(o, p("blocks.1.mixer.o_proj.weight"))
 
-    def logits_at(self, h: torch.Tensor, m: int, mask: torch.Tensor) -> torch.Tensor:
-        """Model m's logits (tied head) at the positions of ``mask [B, T]``: ``[n, vocab]``."""
-        return h[m][mask] @ self.models[m].tok_emb.weight.t()
+
+def query_positions(labels: torch.Tensor, K: int) -> torch.Tensor:
+    """``[..., T] -> [..., K]``: the positions of the K labels per example, ascending (MQAR
+    queries every key once, so each example has exactly K = num_kv_pairs); no host sync."""
+    T = labels.shape[-1]
+    first = torch.arange(T, 0, -1, device=labels.device)  # earlier positions score higher
+    return ((labels != IGNORE_INDEX) * first).topk(K, dim=-1).indices
 
 
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        return module.get_parameter(name) is not None
-    except AttributeError:
-        return False
+def _losses(net: StackedMQAR, x: torch.Tensor, y: torch.Tensor, K: int):
+    """``(per-model mean cross-entropy [M], correct predictions [M])`` on a batch."""
+    pos = query_positions(y, K)
+    with _autocast(x.device):
+        logits = net(x, pos).float()  # [M, B, K, V]
+    target = y.gather(-1, pos)  # [M, B, K]
+    ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
+    correct = (logits.argmax(-1) == target).flatten(1).sum(1)
+    return ce.view(net.M, -1).mean(1), correct
 
 
 def _check(cfgs: list[TrainConfig]) -> None:
@@ -159,24 +173,14 @@ def _check(cfgs: list[TrainConfig]) -> None:
 
 
 @torch.no_grad()
-def _evaluate(net: StackedMQAR, tests: list, batch_size: int) -> list[float]:
-    """Per-query-token accuracy of each model on its own test split."""
+def _evaluate(net: StackedMQAR, x: torch.Tensor, y: torch.Tensor, K: int, batch_size: int):
+    """Per-query-token accuracy of each model on its own test split ``x, y [M, N, T]``."""
     net.eval()
-    x_all = torch.stack([t[0] for t in tests])  # [M, N, T]
-    y_all = torch.stack([t[1] for t in tests])
-    correct = [0] * net.M
-    total = [0] * net.M
-    for lo in range(0, x_all.shape[1], batch_size):
-        x, y = x_all[:, lo : lo + batch_size], y_all[:, lo : lo + batch_size]
-        with _autocast(x.device):
-            h = net.hidden(x)
-        for m in range(net.M):
-            mask = y[m] != IGNORE_INDEX
-            pred = net.logits_at(h, m, mask).argmax(-1)
-            correct[m] += int((pred == y[m][mask]).sum())
-            total[m] += int(mask.sum())
+    correct = torch.zeros(net.M, dtype=torch.int64, device=x.device)
+    for lo in range(0, x.shape[1], batch_size):
+        correct += _losses(net, x[:, lo : lo + batch_size], y[:, lo : lo + batch_size], K)[1]
     net.train()
-    return [c / max(1, t) for c, t in zip(correct, total)]
+    return (correct / (x.shape[1] * K)).tolist()
 
 
 def train_ensemble(cfgs: list[TrainConfig], progress: bool = True) -> list[dict]:
@@ -190,19 +194,23 @@ def train_ensemble(cfgs: list[TrainConfig], progress: bool = True) -> list[dict]
     device = torch.device(c0.device)
     test_cfg = dataclasses.replace(c0.data, num_examples=c0.test_examples)
     splits = [train_test(c0.data, test_cfg, c.seed) for c in cfgs]
-    trains = [(x.to(device), y.to(device)) for (x, y), _ in splits]
-    tests = [(x.to(device), y.to(device)) for _, (x, y) in splits]
+    # [M, N, T] each: model m's own train and test split
+    train_x, train_y = (torch.stack([tr[i] for tr, _ in splits]).to(device) for i in (0, 1))
+    test_x, test_y = (torch.stack([te[i] for _, te in splits]).to(device) for i in (0, 1))
+    K = c0.data.num_kv_pairs
     models = []
     for c in cfgs:
         torch.manual_seed(c.seed)
         models.append(MQARModel(c.model).to(device))
     net = StackedMQAR(models)
     groups = []
-    for c, model in zip(cfgs, models):
-        groups += [dict(g, lr=c.lr, base_lr=c.lr) for g in _param_groups(model, c.weight_decay)]
+    for m, (c, model) in enumerate(zip(cfgs, models)):
+        groups += [dict(g, lr=c.lr, base_lr=c.lr, model=m)
+                   for g in _param_groups(model, c.weight_decay)]  # fmt: skip
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
-    total, spe, n = c0.total_steps(), c0.steps_per_epoch(), trains[0][0].shape[0]
+    total, spe, n = c0.total_steps(), c0.steps_per_epoch(), train_x.shape[1]
     M = len(cfgs)
+    rows = torch.arange(M, device=device)[:, None]
     histories: list[list[dict]] = [[] for _ in cfgs]
     done = [False] * M
     steps = [0] * M
@@ -216,21 +224,13 @@ def train_ensemble(cfgs: list[TrainConfig], progress: bool = True) -> list[dict]
         epoch, b = divmod(step, spe)
         if epoch != order_epoch:
             order_epoch = epoch
-            orders = [_epoch_order(c.seed, epoch, n).to(device) for c in cfgs]
-        idx = [o[b * c0.batch_size : (b + 1) * c0.batch_size] for o in orders]
-        x = torch.stack([tx[i] for (tx, _), i in zip(trains, idx)])  # [M, B, T]
-        y = torch.stack([ty[i] for (_, ty), i in zip(trains, idx)])
+            orders = torch.stack([_epoch_order(c.seed, epoch, n) for c in cfgs]).to(device)
+        idx = orders[:, b * c0.batch_size : (b + 1) * c0.batch_size]  # [M, B]
+        x, y = train_x[rows, idx], train_y[rows, idx]  # [M, B, T]
         factor = lr_factor(step, total, c0.warmup_steps)
-        for g, m in zip(optimizer.param_groups, [m for m in range(M) for _ in range(2)]):
-            g["lr"] = 0.0 if done[m] else g["base_lr"] * factor
-        with _autocast(device):
-            h = net.hidden(x)
-        losses = []
-        for m in range(M):
-            mask = y[m] != IGNORE_INDEX
-            logits = net.logits_at(h, m, mask).float()
-            losses.append(F.cross_entropy(logits, y[m][mask]))
-        loss = torch.stack(losses)
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0 if done[g["model"]] else g["base_lr"] * factor
+        loss = _losses(net, x, y, K)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
@@ -241,7 +241,7 @@ def train_ensemble(cfgs: list[TrainConfig], progress: bool = True) -> list[dict]
             steps[m] += not done[m]
         bar.update(1)
         if step % c0.eval_every == 0 or step == total:
-            accs = _evaluate(net, tests, c0.eval_batch_size)
+            accs = _evaluate(net, test_x, test_y, K, c0.eval_batch_size)
             mean_loss = (loss_sum / loss_count).tolist()
             for m in range(M):
                 if done[m]:
