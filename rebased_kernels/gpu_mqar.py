@@ -18,6 +18,7 @@ Everything goes to ``DIR/gpu-mqar.json`` (rewritten after each stage) and files 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .train.ensemble import train_ensemble
-from .train.loop import TrainConfig, train
+from .train.loop import TrainConfig, save_model, train
 from .train.model import ModelConfig
 from .train.mqar import MQARConfig
 
@@ -42,7 +43,7 @@ def _cfg(mixer: str, d: int, L: int, kv: int, lr: float, seed: int, backend: str
     return TrainConfig(
         model=ModelConfig(vocab_size=V, d_model=d, seq_len=L, mixer=mixer, backend=backend),
         data=MQARConfig(vocab_size=V, seq_len=L, num_kv_pairs=kv, num_examples=n),
-        test_examples=64 if SMALL else 2000, lr=lr, seed=seed, device=device, **kw,
+        lr=lr, seed=seed, device=device, **{"test_examples": 64 if SMALL else 2000, **kw},
     )  # fmt: skip
 
 
@@ -70,8 +71,8 @@ def speed(log: dict) -> None:
         elapsed = []
         for steps in (first, last):
             cfg = _cfg("rebased", 64, L, kv, 1e-3, 0, backend, examples=B * last,
-                       batch_size=B, max_steps=steps, eval_every=steps)  # fmt: skip
-            cfg = TrainConfig(**{**cfg.__dict__, "test_examples": B})
+                       batch_size=B, max_steps=steps, eval_every=steps,
+                       test_examples=B)  # fmt: skip
             elapsed.append(train(cfg, progress=False)["history"][-1]["elapsed_s"])
         rows[backend] = (last - first) / (elapsed[1] - elapsed[0])
     log["speed"] = dict(seq_len=L, batch_size=B, d_model=64, steps_per_s=rows,
@@ -102,14 +103,12 @@ def iou(log: dict, out: Path, backend: str) -> None:
               SMALL else 200)  # fmt: skip
     rows = []
     for mixer in ("attention", "based", "rebased"):
-        runs = train_ensemble([_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS],
-                              progress=False)  # fmt: skip
-        best = max(runs, key=lambda r: r["test_acc"])
+        cfgs = [_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS]
+        best = max(train_ensemble(cfgs, progress=False), key=lambda r: r["test_acc"])
         model = best["model"].cpu()
+        model.cfg = dataclasses.replace(model.cfg, backend="torch")  # analyze runs on the CPU
         path = out / f"iou-{mixer}.pt"
-        torch.save(dict(model_config=model.cfg.__dict__ | {"backend": "torch"},
-                        data_config=_cfg(mixer, 64, L, kv, 1e-3, 0, backend).data.__dict__,
-                        state_dict=model.state_dict()), path)  # fmt: skip
+        save_model(path, model, cfgs[0].data)
         r = analyze(path, examples=64 if SMALL else 500, heatmap=out / f"iou-{mixer}.png")
         rows.append(dict(mixer=mixer, test_acc=best["test_acc"], **r))
     log["iou"] = rows

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .model import ModelConfig, MQARModel
 from .mqar import IGNORE_INDEX, MQARConfig, train_test
 
-__all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["TrainConfig", "evaluate", "load_checkpoint", "save_checkpoint", "save_model", "train"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"  # the trained model and its configs, for `analyze`
@@ -180,6 +180,12 @@ def save_checkpoint(
     tmp.replace(path)
 
 
+def save_model(path: str | Path, model: MQARModel, data: MQARConfig) -> None:
+    """A trained model with its model and data configs, as ``analyze`` reads it."""
+    torch.save(dict(model_config=asdict(model.cfg), data_config=asdict(data),
+                    state_dict=model.state_dict()), path)  # fmt: skip
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by ``save_checkpoint``."""
     return torch.load(path, map_location=map_location, weights_only=False)
@@ -302,11 +308,7 @@ def train(
     if out_dir is not None:
         from .plots import accuracy_curve
 
-        torch.save(
-            dict(model_config=asdict(cfg.model), data_config=asdict(cfg.data),
-                 state_dict=model.state_dict()),
-            out_dir / MODEL_NAME,
-        )  # fmt: skip
+        save_model(out_dir / MODEL_NAME, model, cfg.data)
         if history:
             accuracy_curve(history, out_dir / "accuracy.png", title=cfg.model.mixer)
     return {
