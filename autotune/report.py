@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rebased_kernels.backend import Problem, registered
-from rebased_kernels.bench import chunked_flops, median_ms
+from rebased_kernels.bench import chunked_flops, copy_tbps, sdpa_ms, traffic_bytes
 from rebased_kernels.spec import LinearAttention, get_feature_map
 
 from .cache import TuneCache
@@ -23,28 +23,6 @@ SLOW_COMPILE = ("torch_compile",)
 per shape bucket, and a first call compiled for 204 s on an H100 (not reused across
 processes, so parallel precompiling does not help; ``docs/results/h100-tune/``), more than a
 whole tune of the others (196 s cold for triton, fla and torch over six lengths, two dtypes)."""
-
-
-def copy_tbps(device: str) -> float:
-    """The device's measured copy rate (bytes read + written), the memory ceiling."""
-    n = 2**26 if device == "cuda" else 2**24
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * n / (median_ms(lambda: b.copy_(a), device, warmup=2, repeats=10) * 1e-3) / 1e12
-
-
-def sdpa_ms(B, T, H, Dv, dtype, device, objective) -> float:
-    """Softmax attention (SDPA, causal) at head dim Dv: the line a user would otherwise draw."""
-    q, k, v = (torch.randn(B, H, T, Dv, dtype=dtype, device=device, requires_grad=True)
-               for _ in range(3))  # fmt: skip
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def call():
-        o = sdpa(q, k, v, is_causal=True)
-        if objective == "forward_backward":
-            o.backward(o)
-
-    return median_ms(call, device, warmup=2, repeats=5)
 
 
 def run(
@@ -112,8 +90,7 @@ def _rows(res, shape, dtype, device, fm, objective, ceiling, cache) -> list[dict
         if "ms" in r:
             per_backend[r["backend"]] = min(per_backend.get(r["backend"], 1e30), r["ms"])
     passes = 3.0 if objective == "forward_backward" else 1.0
-    traffic = 2.6 if passes > 1 else 1.0  # fwd+bwd moves ~832 / 320 of the forward
-    byte_count = B * H * T * (2 * D + 2 * Dv) * dtype.itemsize * traffic
+    byte_count = traffic_bytes(B, T, H, D, Dv, dtype, objective)
     flops = chunked_flops(B, T, H, D, Dv, fm.num_features(D), 64) * passes
     peer = (res.best or {}).get("sdpa_ms")
     if peer is None:  # measured once per bucket, kept with the tuned record

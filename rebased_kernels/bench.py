@@ -47,6 +47,37 @@ def chunked_flops(B: int, T: int, H: int, D: int, Dv: int, F: int, C: int) -> fl
     return 2.0 * B * H * T * (C * D + C * Dv + 2 * F * Dv + F)
 
 
+def copy_tbps(device: str, n: int | None = None) -> float:
+    """The device's measured copy rate of ``n`` bytes (read + written), the memory ceiling."""
+    n = n or (2**26 if device == "cuda" else 2**24)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * n / (median_ms(lambda: b.copy_(a), device, warmup=2, repeats=10) * 1e-3) / 1e12
+
+
+def sdpa_ms(B, T, H, Dv, dtype, device, objective) -> float:
+    """Softmax attention (SDPA, causal) at head dim Dv: the line a user would otherwise draw."""
+    q, k, v = (torch.randn(B, H, T, Dv, dtype=dtype, device=device, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def call():
+        o = sdpa(q, k, v, is_causal=True)
+        if objective == "forward_backward":
+            o.backward(o)
+
+    return median_ms(call, device, warmup=2, repeats=5)
+
+
+def traffic_bytes(B: int, T: int, H: int, D: int, Dv: int, dtype: torch.dtype,
+                  objective: str = "forward") -> float:  # fmt: skip
+    """The memory floor's bytes: the forward reads q, k, v and writes o (``2 D + 2 Dv``
+    elements per token and head); forward+backward also reads dO and writes dq, dk, dv,
+    ~2.6x that (832 against 320 bytes at D = 16, Dv = 64, bf16)."""
+    factor = 2.6 if objective == "forward_backward" else 1.0
+    return B * H * T * (2 * D + 2 * Dv) * dtype.itemsize * factor
+
+
 def matmul_gflops(device: str, n: int = 2048) -> float:
     """The machine's measured float32 matmul rate (the compute ceiling for the report)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)

@@ -26,16 +26,13 @@ import torch
 import rebased_kernels as rk
 from rebased_kernels import reference
 from rebased_kernels.backend import get_backend
-from rebased_kernels.bench import median_ms
+from rebased_kernels.bench import copy_tbps, median_ms, sdpa_ms, traffic_bytes
 from rebased_kernels.check import check_one
 from rebased_kernels.features import pre_transform
 from rebased_kernels.spec import PRESETS, LinearAttention
 from rebased_kernels.testing import random_inputs, rel_err
 
 PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
-FLOOR_BYTES_FWD = 320  # bf16 bytes per token per head: q, k (D=16), v, o (Dv=64)
-FLOOR_BYTES_FWD_BWD = 832
-COPY_TBPS = 3.0  # device-to-device copy, ../shared/baselines (measured again below)
 
 
 DEVICE = "cuda"
@@ -188,15 +185,10 @@ def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
             row["fla_fwd_bwd"] = ms(
                 lambda: parallel_rebased(qf, kf, vf).backward(torch.ones_like(vf)), 2, 5
             )
-        qs, ks, vs = (
-            torch.randn(B, H, T, 64, device=DEVICE, dtype=dt, requires_grad=True) for _ in "qkv"
-        )
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        row["sdpa_fwd"] = ms(lambda: sdpa(qs, ks, vs, is_causal=True))
-        row["sdpa_fwd_bwd"] = ms(lambda: sdpa(qs, ks, vs, is_causal=True).backward(qs), 2, 10)
-        tokens = B * H * T
-        row["floor_fwd"] = tokens * FLOOR_BYTES_FWD / (log["copy_TBps"] * 1e9)
-        row["floor_fwd_bwd"] = tokens * FLOOR_BYTES_FWD_BWD / (log["copy_TBps"] * 1e9)
+        for key, objective in (("fwd", "forward"), ("fwd_bwd", "forward_backward")):
+            row[f"sdpa_{key}"] = sdpa_ms(B, T, H, 64, dt, DEVICE, objective)
+            floor = traffic_bytes(B, T, H, 16, 64, dt, objective) / (log["copy_TBps"] * 1e9)
+            row[f"floor_{key}"] = floor
         rows.append(row)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     log["timings"] = rows
@@ -227,14 +219,6 @@ def properties(log: dict, out: str) -> None:
           f"{summary['skipped']} skipped", flush=True)  # fmt: skip
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in TB/s (bytes read + written)."""
-    a = torch.empty(2**20 if SMALL else 2**28, dtype=torch.uint8, device=DEVICE)
-    b = torch.empty_like(a)
-    t = ms(lambda: b.copy_(a), 3, 20)
-    return 2 * a.numel() / (t * 1e-3) / 1e12
-
-
 def main(argv: list[str] | None = None) -> int:
     global DEVICE, SMALL
     ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_check", description=__doc__)
@@ -259,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     log["triton"] = triton.__version__
-    log["copy_TBps"] = copy_bandwidth()
+    log["copy_TBps"] = copy_tbps(DEVICE, 2**20 if SMALL else 2**28)
     stage(f"start {log}", log, args.out)
     be = get_backend("triton")
     config = dict(be.default_config)
