@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 
-from rebased_kernels.backend import Problem, registered
+from rebased_kernels.backend import registered
 from rebased_kernels.bench import chunked_flops, copy_tbps, sdpa_ms, traffic_bytes
-from rebased_kernels.spec import LinearAttention, get_feature_map
+from rebased_kernels.spec import get_feature_map
 
 from .cache import TuneCache
-from .keys import bucket_key
-from .tuner import candidates, tune
+from .tuner import bucket_of, candidates, tune
 from .warm import warm
 
 SLOW_COMPILE = ("torch_compile",)
@@ -48,7 +47,9 @@ def run(
     rows = []
     buckets = [(dtype, shape) for dtype in dtypes for shape in shapes]
     warmed = None
-    todo = [b for b in buckets if force or _key(fm, b[1], b[0], device) not in cache.entries()]
+    todo = [
+        b for b in buckets if force or bucket_of(b[1], b[0], device, fm)[2] not in cache.entries()
+    ]
     if precompile and torch.device(device).type == "cuda" and todo:
         warmed = warm(backends, dtypes, sorted({(s[3], s[4]) for s in shapes}), device)
         print(f"precompiled {warmed['jobs']} configurations in {warmed['seconds']:.0f} s "
@@ -73,12 +74,6 @@ def run(
         plot(record, out / "tune.png")
         print(f"wrote {out / 'tune.json'} and {out / 'tune.png'}")
     return record
-
-
-def _key(fm, shape, dtype, device: str) -> str:
-    B, T, H, D, Dv = shape
-    problem = Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, torch.device(device).type)
-    return bucket_key(problem, T, B * H)
 
 
 def _rows(res, shape, dtype, device, fm, objective, ceiling, cache) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rebased_kernels import reference
+from rebased_kernels._validate import PARAM_NAMES
 from rebased_kernels.backend import Inputs, Outputs, Problem, registered
 from rebased_kernels.bench import median_ms
 from rebased_kernels.spec import LinearAttention, get_feature_map
@@ -24,7 +25,6 @@ from rebased_kernels.testing import feature_form_tolerance, random_inputs, rel_e
 from .cache import TuneCache
 from .keys import bucket_key
 
-PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
 OBJECTIVES = ("forward", "forward_backward")
 
 
@@ -48,9 +48,22 @@ def candidates(problem: Problem, names: list[str] | None = None) -> list:
     return out
 
 
+def bucket_of(shape: tuple, dtype: torch.dtype, device: str, fm, normalize: bool = True):
+    """``(attention, problem, cache key)`` of a ``(B, T, H, D, Dv)`` problem."""
+    B, T, H, D, Dv = shape
+    attn = LinearAttention(fm, D**-0.5, normalize)
+    problem = Problem(attn, D, Dv, dtype, torch.device(device).type)
+    return attn, problem, bucket_key(problem, T, B * H)
+
+
+def random_grads(out: Outputs) -> Outputs:
+    """Random cotangents for every output of a forward."""
+    return Outputs(*(torch.randn_like(t) for t in out))
+
+
 def _inputs(B, T, H, D, Dv, dtype, device, fm, seed) -> tuple[Inputs, dict]:
     x = random_inputs(B, T, H, D, Dv, dtype, device, fm, seed=seed, requires_grad=False)
-    return Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAMS)), x
+    return Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES)), x
 
 
 def check_config(be, attn: LinearAttention, D: int, Dv: int, dtype, device, config) -> float:
@@ -58,7 +71,7 @@ def check_config(be, attn: LinearAttention, D: int, Dv: int, dtype, device, conf
     inp, x = _inputs(1, 67, 2, D, Dv, dtype, device, attn.feature_map, seed=12345)
     o = be.forward(inp, attn, config, None).o
     x64 = {n: t.double() for n, t in x.items()}
-    params = tuple(x64.get(n) for n in PARAMS)
+    params = tuple(x64.get(n) for n in PARAM_NAMES)
     ref = reference.quadratic(x64["q"], x64["k"], x64["v"], attn, params)[0]
     kappa = reference.condition(x64["q"], x64["k"], x64["v"], attn, params)
     return rel_err(o, ref) / feature_form_tolerance(dtype, kappa)
@@ -74,10 +87,8 @@ def tune(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     fm = get_feature_map(feature_map)
-    attn = LinearAttention(fm, D**-0.5, normalize)
-    problem = Problem(attn, D, Dv, dtype, torch.device(device).type)
+    attn, problem, key = bucket_of((B, T, H, D, Dv), dtype, device, fm, normalize)
     cache = cache or TuneCache(problem.device_type)
-    key = bucket_key(problem, T, B * H)
     hit = cache.get(key)
     if hit is not None and not force and (backends is None or hit["backend"] in backends):
         return TuneResult(key, hit, hit.get("rows", []), 0.0, cached=True)
@@ -142,10 +153,7 @@ def _time(be, attn, config, sets, objective: str, device: str) -> float:
     state = {"i": 0}
     grads = []
     for x in sets:
-        out = be.forward(x, attn, config, None)
-        grads.append(
-            Outputs(torch.randn_like(out.o), torch.randn_like(out.S), torch.randn_like(out.z))
-        )
+        grads.append(random_grads(be.forward(x, attn, config, None)))
 
     def call():
         i = state["i"] = (state["i"] + 1) % len(sets)

@@ -17,26 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from rebased_kernels.backend import Inputs, Outputs, Problem, registered
-from rebased_kernels.spec import LinearAttention, get_feature_map
-from rebased_kernels.testing import random_inputs
+from rebased_kernels.backend import registered
+from rebased_kernels.spec import get_feature_map
 
-PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
+from .tuner import _inputs, bucket_of, candidates, random_grads
 
 
 def jobs(names: list[str] | None, dtypes: list[torch.dtype], dims: list[tuple[int, int]],
          device: str, feature_map: str = "rebased") -> list[tuple]:  # fmt: skip
-    """``(backend, dtype, config, D, Dv)`` of every compiling backend that can run here."""
+    """``(backend, dtype, config, D, Dv)`` of every compiling backend the tuner would time."""
     fm = get_feature_map(feature_map)
     out = []
-    for name, be in sorted(registered().items()):
-        if not be.compiles or name == "reference" or (names is not None and name not in names):
-            continue
-        for dtype in dtypes:
-            for D, Dv in dims:
-                problem = Problem(LinearAttention(fm, D**-0.5), D, Dv, dtype, device)
-                if be.unavailable_reason() is None and be.unsupported_reason(problem) is None:
-                    out += [(name, str(dtype)[6:], c, D, Dv) for c in (be.configs() or [{}])]
+    for dtype in dtypes:
+        for D, Dv in dims:
+            problem = bucket_of((1, 1, 1, D, Dv), dtype, device, fm)[1]
+            out += [(be.name, str(dtype)[6:], c, D, Dv) for be in candidates(problem, names)
+                    if be.compiles for c in (be.configs() or [{}])]  # fmt: skip
     return out
 
 
@@ -65,9 +61,7 @@ def one(name: str, dtype: str, config: dict, D: int, Dv: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fm = get_feature_map("rebased")
     # B, H > 1: size-1 dims are specialised by torch.compile, the tune's shapes are not
-    x = random_inputs(2, 256, 2, D, Dv, getattr(torch, dtype), device, fm, requires_grad=False)
-    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
-    attn = LinearAttention(fm, D**-0.5)
-    out = be.forward(inp, attn, {**be.default_config, **config}, None)
-    grads = Outputs(torch.randn_like(out.o), torch.randn_like(out.S), torch.randn_like(out.z))
-    be.backward(inp, attn, {**be.default_config, **config}, None, grads)
+    inp, _ = _inputs(2, 256, 2, D, Dv, getattr(torch, dtype), device, fm, seed=0)
+    attn = bucket_of((2, 256, 2, D, Dv), inp.q.dtype, device, fm)[0]
+    config = {**be.default_config, **config}
+    be.backward(inp, attn, config, None, random_grads(be.forward(inp, attn, config, None)))

@@ -25,15 +25,13 @@ import torch
 
 import rebased_kernels as rk
 from rebased_kernels import reference
+from rebased_kernels._validate import PARAM_NAMES
 from rebased_kernels.backend import get_backend
 from rebased_kernels.bench import copy_tbps, median_ms, sdpa_ms, traffic_bytes
 from rebased_kernels.check import check_one
 from rebased_kernels.features import pre_transform
 from rebased_kernels.spec import PRESETS, LinearAttention
 from rebased_kernels.testing import random_inputs, rel_err
-
-PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
-
 
 DEVICE = "cuda"
 SMALL = False  # --dry-run: tiny shapes on the CPU (Triton interpreter), to test this script
@@ -93,7 +91,11 @@ def fla_check(log: dict) -> None:
         ours = rk.linear_attention(**x, feature_map=fm, backend="triton")
         x64 = {n: t.double() for n, t in x.items()}
         ref = reference.quadratic(
-            x64["q"], x64["k"], x64["v"], LinearAttention(fm, 0.25), tuple(x64[n] for n in PARAMS)
+            x64["q"],
+            x64["k"],
+            x64["v"],
+            LinearAttention(fm, 0.25),
+            tuple(x64[n] for n in PARAM_NAMES),
         )[0]
         rows.append(dict(T=T, ours_vs_fla=rel_err(ours, theirs), ours_vs_ref=rel_err(ours, ref),
                          fla_vs_ref=rel_err(theirs, ref)))  # fmt: skip
@@ -130,7 +132,7 @@ def _ours(B: int, T: int, H: int, config: dict):
     fm = PRESETS["rebased"]
     x = random_inputs(B, T, H, 16, 64, bench_dtype(), DEVICE, fm, requires_grad=False)
     be = get_backend("triton")
-    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
+    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAM_NAMES))
     attn = LinearAttention(fm, 0.25)
     out = be.forward_dense(inp, attn, config)
     grads = Outputs(torch.randn_like(out.o), torch.zeros_like(out.S), torch.zeros_like(out.z))

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .._validate import PARAM_NAMES
 from ..layer import ReBasedAttention
 from ..ops import linear_attention
 from ..spec import LAYER_NORM_EPS
@@ -119,7 +120,7 @@ class StackedMQAR(nn.Module):
         def fold(t: torch.Tensor) -> torch.Tensor:  # [M, B, T, H, E] -> [B, T, M*H, E]
             return t.permute(1, 2, 0, 3, 4).reshape(B, T, M * a.H, t.shape[-1])
 
-        params = {n: p(pre + n) for n in ("q_weight", "q_bias", "k_weight", "k_bias")}
+        params = {n: p(pre + n) for n in PARAM_NAMES}
         params = {n: t.reshape(M * a.H, a.D) for n, t in params.items() if t is not None}
         o = linear_attention(fold(q), fold(k), fold(v), a.feature_map, **params,
                              normalize=a.normalize, eps=a.eps, backend=a.backend)  # fmt: skip
