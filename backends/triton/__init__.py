@@ -144,12 +144,12 @@ class _Call:
         self.kg, self.kb, self.kg_stride = _params(x.k_weight, x.k_bias, fm.pre, H, D, x.q.device)
         self.unpack, self.pack = _maps(fm, D, float(attn.scale), str(x.q.device))
 
-    def full(self, canonical: torch.Tensor | None, cols: int) -> torch.Tensor:
-        """A canonical state ``[B, H, F(, Dv)]`` as full rows ``[B*H, RF, cols]`` (or zeros)."""
-        BH = self.B * self.H
+    def full(self, canonical: torch.Tensor | None, cols: int) -> torch.Tensor | None:
+        """A canonical state ``[B, H, F(, Dv)]`` as full rows ``[B*H, RF, cols]`` (None for
+        none: the scan then adds nothing)."""
         if canonical is None:
-            return self.q.new_zeros(BH, self.RF, cols, dtype=torch.float32)
-        c = canonical.to(torch.float32).reshape(BH, -1, cols)
+            return None
+        c = canonical.to(torch.float32).reshape(self.B * self.H, -1, cols)
         return self.unpack @ c
 
     def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool):
@@ -213,15 +213,19 @@ class _Call:
         return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
 
 
-def _scan(seg: torch.Tensor, init: torch.Tensor, reverse: bool):
-    """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])``."""
+def _scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
+    """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])`` from ``init``
+    (``[BH, RF, c]``, or None for a zero state)."""
     if reverse:
         seg = seg.flip(1)
     incl = torch.cumsum(seg, 1)
-    prefix = torch.cat([torch.zeros_like(incl[:, :1]), incl[:, :-1]], 1) + init[:, None]
+    prefix = torch.cat([torch.zeros_like(incl[:, :1]), incl[:, :-1]], 1)
+    total = incl[:, -1]
+    if init is not None:
+        prefix, total = prefix + init[:, None], total + init
     if reverse:
         prefix = prefix.flip(1)
-    return prefix.contiguous(), init + incl[:, -1]
+    return prefix.contiguous(), total
 
 
 def triton_cdiv(a: int, b: int) -> int:
