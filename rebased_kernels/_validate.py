@@ -132,11 +132,22 @@ def is_finite(t: torch.Tensor) -> bool:
 
 
 def check_finite(named: dict[str, torch.Tensor | None]) -> None:
-    """Raise on NaN/Inf inputs; ``REBASED_KERNELS_CHECK_FINITE=0`` skips (one sync per call)."""
+    """Raise on NaN/Inf inputs; ``REBASED_KERNELS_CHECK_FINITE=0`` skips it.
+
+    On a GPU one flag per tensor is reduced on the device and read back once (one sync per
+    call, not one per tensor); the slow per-tensor pass only runs to name the culprit.
+    """
     if os.environ.get("REBASED_KERNELS_CHECK_FINITE", "1") == "0":
         return
-    for name, t in named.items():
-        if t is not None and t.numel() and not is_finite(t):
+    present = {n: t for n, t in named.items() if t is not None and t.numel()}
+    if not present:
+        return
+    if next(iter(present.values())).device.type != "cpu":
+        flags = torch.stack([torch.isfinite(t).all() for t in present.values()])
+        if bool(flags.all()):
+            return
+    for name, t in present.items():
+        if not is_finite(t):
             raise ValueError(
                 f"{name} contains NaN or Inf: the kernels would return garbage; "
                 "fix the input (set REBASED_KERNELS_CHECK_FINITE=0 to skip this check)"

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml counted), "
-                    "oracle, fla, sweep, timings, stress, tune, asv")  # fmt: skip
+                    "oracle, fla, sweep, timings, stress, profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--tune-backends", default=None, help="default: every available one")
     ap.add_argument("--tune-total", type=float, default=None, help="seconds (tune --total-budget)")
@@ -265,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             timings(log, config, Ts)
         elif name == "stress":
             stress(log, config)
+        elif name == "profile":
+            from rebased_kernels.gpu_profile import decode, profile
+
+            for T in (64, 200) if SMALL else (2048, 16384):
+                fwd, fwd_bwd, api_fwd = _ours(*((1, T, 2) if SMALL else (4, T, 16)), config)
+                profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T, DEVICE, ms)
+            decode(log, DEVICE, lambda fn: ms(fn, 20, 200), bench_dtype())
         elif name == "tune":
             from rebased_kernels import gpu_tune
 

@@ -215,17 +215,20 @@ class _Call:
 
 def _scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
     """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])`` from ``init``
-    (``[BH, RF, c]``, or None for a zero state)."""
-    if reverse:
-        seg = seg.flip(1)
-    incl = torch.cumsum(seg, 1)
-    prefix = torch.cat([torch.zeros_like(incl[:, :1]), incl[:, :-1]], 1)
-    total = incl[:, -1]
+    (``[BH, RF, c]``, or None for a zero state); the prefix overwrites ``seg`` (one launch)."""
+    from .kernels import prefix_kernel
+
+    BH, NSEG = seg.shape[:2]
+    N = seg[0, 0].numel()
+    total = torch.empty(BH, *seg.shape[2:], device=seg.device, dtype=torch.float32)
     if init is not None:
-        prefix, total = prefix + init[:, None], total + init
-    if reverse:
-        prefix = prefix.flip(1)
-    return prefix.contiguous(), total
+        init = init.to(torch.float32).contiguous()
+    BLOCK = min(1024, triton_next_pow2(N))
+    prefix_kernel[(BH, triton_cdiv(N, BLOCK))](
+        seg, total if init is None else init, total, NSEG, N,
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=BLOCK, num_warps=4,
+    )  # fmt: skip
+    return seg, total
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -361,6 +361,31 @@ def sweep_kernel(
         tl.store(DB + (bh * NSEG + seg) * BD + offs_d, db_acc)
 
 
+@triton.jit(do_not_specialize=["NSEG", "N"])
+def prefix_kernel(SEG, INIT, TOTAL, NSEG, N, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """Grid ``(B*H, cdiv(N, BLOCK))``: per-segment sums ``SEG [B*H, NSEG, N]`` become, in
+    place, the exclusive prefix over segments (suffix when ``REVERSE``) starting from
+    ``INIT [B*H, N]`` (zero without ``HAS_INIT``); ``TOTAL [B*H, N]`` gets the full sum."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    m = offs < N
+    if HAS_INIT:
+        acc = tl.load(INIT + bh * N + offs, mask=m, other=0.0)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(NSEG):
+        if REVERSE:
+            seg = NSEG - 1 - i
+        else:
+            seg = i
+        ptrs = SEG + (bh * NSEG + seg) * N + offs
+        x = tl.load(ptrs, mask=m, other=0.0)
+        tl.store(ptrs, acc, mask=m)
+        acc += x
+    tl.store(TOTAL + bh * N + offs, acc, mask=m)
+
+
 @triton.jit
 def _phi_packed(ptr, g_ptr, b_ptr, i0, i1, wf, D, NORM, BD: tl.constexpr):
     """Canonical features of one vector: ``wf * x'[i0] * x'[i1]`` (index D stands for 1)."""

@@ -133,10 +133,10 @@ def evaluate(
     correct = total = 0
     for lo in range(0, inputs.shape[0], batch_size):
         x, y = inputs[lo : lo + batch_size], labels[lo : lo + batch_size]
-        with _autocast(x.device):
-            logits = model(x)
         mask = y != IGNORE_INDEX
-        correct += int((logits.argmax(-1) == y)[mask].sum())
+        with _autocast(x.device):
+            logits = model(x, mask)  # [N, V]: the query positions only
+        correct += int((logits.argmax(-1) == y[mask]).sum())
         total += int(mask.sum())
     model.train(was_training)
     return correct / max(1, total)
@@ -261,6 +261,7 @@ def train(
     done = bool(history) and history[-1]["test_acc"] >= cfg.early_stop_acc
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", leave=False)
     model.train()
+    loss_acc = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # no sync per step
     while step < total and not done:
         epoch, b = divmod(step, spe)
         if epoch != order_epoch:
@@ -268,19 +269,21 @@ def train(
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x, y = train_x[idx], train_y[idx]
         lr = optimizer.param_groups[0]["lr"]
+        mask = y != IGNORE_INDEX
         with _autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+            logits = model(x, mask)  # [N, V]: the query positions only
+        loss = F.cross_entropy(logits.float(), y[mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         step += 1
-        loss_sum += loss.item()
+        loss_acc += loss.detach()
         loss_count += 1
         bar.update(1)
 
         if step % cfg.eval_every == 0 or step == total:
+            loss_sum = float(loss_acc)
             acc = evaluate(model, test_x, test_y, cfg.eval_batch_size)
             row = {
                 "step": step,
@@ -292,6 +295,7 @@ def train(
             }
             history.append(row)
             loss_sum, loss_count = 0.0, 0
+            loss_acc.zero_()
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{acc:.3f}")
             if metrics_path is not None:
                 _write_metrics(metrics_path, [row], "a")
@@ -299,7 +303,7 @@ def train(
         if out_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint(
                 out_dir / CHECKPOINT_NAME, model, optimizer, scheduler, step,
-                loss_sum=loss_sum, loss_count=loss_count, history=history,
+                loss_sum=float(loss_acc), loss_count=loss_count, history=history,
                 elapsed_s=elapsed0 + time.perf_counter() - start,
             )  # fmt: skip
         if stop_after is not None and step >= stop_after:

@@ -170,7 +170,9 @@ class Block(nn.Module):
 class MQARModel(nn.Module):
     """Embeddings, ``[BaseConv block, mixer block]``, final LayerNorm, tied output head.
 
-    ``forward(inputs [B, T] int64) -> logits [B, T, vocab_size]``.
+    ``forward(inputs [B, T] int64) -> logits [B, T, vocab_size]``; with ``where [B, T]``
+    (bool) only the selected positions' logits, ``[N, vocab_size]`` in row-major order (the
+    loss needs the query positions only: the head is skipped on the rest).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -194,10 +196,12 @@ class MQARModel(nn.Module):
         pos = torch.arange(T, device=inputs.device)
         return self.tok_emb(inputs) + self.pos_emb(pos)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
         x = self._embed(inputs)
         for block in self.blocks:
             x = block(x)
+        if where is not None:
+            x = x[where]  # [N, d]
         return self.lm_head(self.norm_f(x))
 
     @torch.no_grad()
