@@ -52,7 +52,7 @@ gpu-check:
 		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 		tail -12 $(OUT)/properties.txt
 	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
-		--stages properties,oracle,fla,profile,timings,stress
+		--stages $(or $(STAGES),properties,oracle,fla,profile,timings,stress)
 
 # The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).

@@ -27,6 +27,8 @@ class ReBasedAttention(nn.Module):
             ``"all_heads"`` normalises over all H * D jointly, as the paper's released code.
         normalize, eps: the attention normaliser (see ``linear_attention``).
         backend: the backend name or ``"auto"``.
+        check_finite: check the attention's inputs for NaN / Inf on every call (a device
+            sync per call on a GPU; training harnesses that watch their loss turn it off).
     """
 
     def __init__(
@@ -40,8 +42,10 @@ class ReBasedAttention(nn.Module):
         normalize: bool = True,
         eps: float = 1e-5,
         backend: str = "auto",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = check_finite
         if norm_scope not in ("head", "all_heads"):
             raise ValueError(f"norm_scope must be 'head' or 'all_heads', got {norm_scope!r}")
         head_dim = d_model // num_heads if head_dim is None else head_dim
@@ -114,7 +118,7 @@ class ReBasedAttention(nn.Module):
         else:
             o, new_state = linear_attention(
                 q, k, v, self.feature_map, initial_state=state, output_final_state=True,
-                cu_seqlens=cu_seqlens, **self._kwargs(),
+                cu_seqlens=cu_seqlens, check_finite=self.check_finite, **self._kwargs(),
             )  # fmt: skip
         y = self.o_proj(o.reshape(B, T, self.H * self.Dv))
         return (y, new_state) if use_cache else y

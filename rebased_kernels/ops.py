@@ -79,9 +79,11 @@ def _fwd_op(
     eps: float,
     backend: str,
     config: str,
+    check_finite: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = Inputs(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
-    _validate.check_finite(dict(zip(Inputs._fields, x)))
+    if check_finite:
+        _validate.check_finite(dict(zip(Inputs._fields, x)))
     attn = _attention(norm, affine, coeffs, scale, normalize, eps)
     if q.shape[1] == 0:  # N empty sequences when packed, else B
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -111,6 +113,7 @@ def _(
     eps,
     backend,
     config,
+    check_finite,
 ):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -167,14 +170,14 @@ def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, do, dS, d
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:10])
-    ctx.args = inputs[10:]
+    ctx.args = inputs[10:-1]  # not check_finite: the backward has no inputs to check
 
 
 def _backward(ctx, do, dS, dz):
     saved = ctx.saved_tensors
     grads = _bwd_op(*saved, do, dS, dz, *ctx.args)
     present = [t is not None for t in saved[:9]]
-    return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 9
+    return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 10
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -251,6 +254,7 @@ def linear_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     config: dict | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, State]:
     """Causal linear attention with a polynomial kernel on pre-transformed q, k.
 
@@ -270,6 +274,8 @@ def linear_attention(
         output_final_state: also return the state after the last token.
         cu_seqlens: int32/int64 ``[N + 1]`` offsets of N sequences packed along T (B == 1).
         backend: a registered name or ``"auto"``; config: that backend's tunables.
+        check_finite: raise on NaN / Inf in the inputs (one device sync per call on a GPU;
+            training loops that watch their loss can pass False to keep the host ahead).
 
     Returns:
         ``o [B, T, H, Dv]`` in v's dtype, or ``(o, State(S, z))`` with S, z in float32
@@ -300,6 +306,7 @@ def linear_attention(
     o, S, z = _fwd_op(
         q, k, v, *params, S0, z0, cu_seqlens,
         fm.pre.norm, fm.pre.affine, list(fm.coeffs), scale, normalize, eps, name, cfg,
+        check_finite,
     )  # fmt: skip
     return (o, State(S, z)) if output_final_state else o
 

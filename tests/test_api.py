@@ -242,6 +242,7 @@ def test_custom_op_passes_opcheck() -> None:
         1e-5,
         "torch",
         '{"chunk_size": 16}',
+        True,
     )
     torch.library.opcheck(_fwd_op, args)
 
@@ -330,3 +331,28 @@ def test_packed_empty_sequences_give_one_state_each() -> None:
     assert o.shape == (1, 0, 2, 3)
     assert st.S.shape == (3, 2, 10, 3) and st.z.shape == (3, 2, 10)
     assert not st.S.any() and not st.z.any()
+
+
+def test_fast_finite_check_names_the_culprit_and_tolerates_overflowing_sums() -> None:
+    """The GPU path (one fp32 sum per tensor): a NaN or Inf is named; finite values whose
+    sum overflows fall through to the exact pass and raise nothing."""
+    from rebased_kernels._validate import check_finite
+
+    big = torch.full((2, 3), 3e38)  # finite, sums to inf in fp32
+    ok = torch.randn(4, 5)
+    check_finite({"q": ok, "k": big, "S0": None}, fast=True)
+    bad = ok.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^k contains NaN or Inf"):
+        check_finite({"q": ok, "k": bad}, fast=True)
+    with pytest.raises(ValueError, match="^v contains NaN or Inf"):
+        check_finite({"q": big, "v": torch.tensor([1.0, float("-inf")])}, fast=True)
+
+
+def test_check_finite_false_skips_the_check_and_nan_propagates() -> None:
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    q[0, 2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rk.linear_attention(q, k, v, backend="torch")
+    o = rk.linear_attention(q, k, v, backend="torch", check_finite=False)
+    assert torch.isnan(o[0, 2:, 1]).any() and torch.isfinite(o[0, :2]).all()

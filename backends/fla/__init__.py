@@ -33,6 +33,11 @@ class FlaBackend(Backend):
     max_degree: ClassVar[int | None] = 2
     max_D: ClassVar[int | None] = 128
     compiles: ClassVar[bool] = True
+    tolerance_factor: ClassVar[float] = 4.0
+    """fla takes q', k' rounded back to the half input type after the pre-transform (a
+    rounding the oracle's inputs never see) and squares scores formed from them: on an H100
+    (gpu profile) it measured 2.8e-2 against the 1e-2 bf16 rule (o, T=1, D=4) and 2.4e-2
+    against 1.1e-2 in fp16 (dq), where ours meets the rule."""
 
     def unavailable_reason(self) -> str | None:
         if not INTERPRET and not torch.cuda.is_available():

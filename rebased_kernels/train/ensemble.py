@@ -122,8 +122,10 @@ class StackedMQAR(nn.Module):
 
         params = {n: p(pre + n) for n in PARAM_NAMES}
         params = {n: t.reshape(M * a.H, a.D) for n, t in params.items() if t is not None}
+        # no finite check: a diverged member (NaN weights) must not stop the others
         o = linear_attention(fold(q), fold(k), fold(v), a.feature_map, **params,
-                             normalize=a.normalize, eps=a.eps, backend=a.backend)  # fmt: skip
+                             normalize=a.normalize, eps=a.eps, backend=a.backend,
+                             check_finite=False)  # fmt: skip
         o = o.view(B, T, M, a.H * a.Dv).permute(2, 0, 1, 3)  # [M, B, T, H*Dv]
         return _linear(o, p(pre + "o_proj.weight"))
 

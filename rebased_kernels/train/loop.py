@@ -284,6 +284,11 @@ def train(
 
         if step % cfg.eval_every == 0 or step == total:
             loss_sum = float(loss_acc)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"the training loss became {loss_sum} before step {step}: lower the lr "
+                    "or check the data (inputs to the attention are not checked per step)"
+                )
             acc = evaluate(model, test_x, test_y, cfg.eval_batch_size)
             row = {
                 "step": step,

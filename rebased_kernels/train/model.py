@@ -152,6 +152,7 @@ def make_mixer(
         feature_map=name,
         norm_scope=norm_scope,  # type: ignore[arg-type]
         backend=backend,
+        check_finite=False,  # no sync per step: the loop raises on a non-finite loss
     )
 
 
