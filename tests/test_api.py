@@ -343,9 +343,9 @@ def test_fast_finite_check_names_the_culprit_and_tolerates_overflowing_sums() ->
     check_finite({"q": ok, "k": big, "S0": None}, fast=True)
     bad = ok.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="^k contains NaN or Inf"):
+    with pytest.raises(ValueError, match=r"^k contains NaN or Inf"):
         check_finite({"q": ok, "k": bad}, fast=True)
-    with pytest.raises(ValueError, match="^v contains NaN or Inf"):
+    with pytest.raises(ValueError, match=r"^v contains NaN or Inf"):
         check_finite({"q": big, "v": torch.tensor([1.0, float("-inf")])}, fast=True)
 
 
