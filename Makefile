@@ -58,8 +58,9 @@ gpu-check:
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).
 gpu-tune:
 	$(GPU_INSTALL)
-	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) --stages tune,asv \
-		--asv-backends triton,fla
+	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
+		--stages $(or $(STAGES),tune,asv) --asv-backends triton,fla \
+		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL))
 
 # The MQAR harness's H100 lines: reach 0.99, steps/s vs fla at L=2048, Table 1, IoU table.
 gpu-mqar:
