@@ -305,7 +305,11 @@ def sweep_kernel(
         mask = causal & rmask[None, :]
         A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
         x1 = (C1 * sc) * x  # [BC, BD]
-        out = _dot(A, Wt, DOT) + C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
+        if MODE == 1:  # r = -(dO . out) / den^2 meets U . W in P: both to ~fp32 (see P)
+            out = _dot_x3(A, Wt, DOT)
+        else:
+            out = _dot(A, Wt, DOT)
+        out += C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
         den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
         if HAS_C2:
             xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
