@@ -44,28 +44,31 @@ PROPS_S ?= 240
 GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
 	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
 	--target /tmp/site $(WHEELS)/*.whl; fi
+# The device image's site-packages hold no bytecode and are not writable: every process
+# recompiled torch's sources (~5 s of a cached `tune`); a writable pycache prefix keeps them.
+GPU_ENV = PYTHONPATH=/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache
 gpu-check:
 	$(GPU_INSTALL)
-	PYTHONPATH=/tmp/site REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
+	$(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
 		timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n 8 \
 		tests/test_properties.py tests/test_triton.py -k "triton or fla" \
 		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 		tail -12 $(OUT)/properties.txt
-	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages $(or $(STAGES),properties,oracle,fla,profile,timings,stress)
 
 # The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).
 gpu-tune:
 	$(GPU_INSTALL)
-	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_check --out $(OUT) \
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages $(or $(STAGES),tune,asv) --asv-backends triton,fla \
 		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL))
 
 # The MQAR harness's H100 lines: reach 0.99, steps/s vs fla at L=2048, Table 1, IoU table.
 gpu-mqar:
 	$(GPU_INSTALL)
-	PYTHONPATH=/tmp/site python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
 		--stages $(or $(STAGES),reach,speed,table1,iou)
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
