@@ -26,7 +26,14 @@ BACKENDS = (
 """Every registered backend but the oracle; ``REBASED_KERNELS_ASV_BACKENDS=a,b`` narrows a
 run (a GPU run of every cell spends minutes on backends nobody tracks there)."""
 B, H, D, Dv = (4, 16, 16, 64) if DEVICE == "cuda" else (1, 8, 16, 64)
-LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768] if DEVICE == "cuda" else [1024, 4096]
+LENGTHS = (
+    [int(t) for t in os.environ["REBASED_KERNELS_ASV_LENGTHS"].split(",")]
+    if os.environ.get("REBASED_KERNELS_ASV_LENGTHS")
+    else [1024, 2048, 4096, 8192, 16384, 32768]
+    if DEVICE == "cuda"
+    else [1024, 4096]
+)
+"""``REBASED_KERNELS_ASV_LENGTHS=2048,16384`` narrows the sequence lengths likewise."""
 DTYPES = ["bfloat16", "float16"] if DEVICE == "cuda" else ["float32", "bfloat16"]
 
 
