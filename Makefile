@@ -50,6 +50,10 @@ GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-
 # The device image's site-packages hold no bytecode and are not writable: every process
 # recompiled torch's sources (~5 s of a cached `tune`); a writable pycache prefix keeps them.
 GPU_ENV = PYTHONPATH=/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache
+# default stages of each GPU target (STAGES=a,b overrides; a comma list cannot sit in $(or))
+CHECK_STAGES = properties,oracle,fla,profile,timings,stress
+TUNE_STAGES = tune,asv
+MQAR_STAGES = reach,speed,table1,iou
 gpu-check:
 	$(GPU_INSTALL)
 	$(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
@@ -58,21 +62,21 @@ gpu-check:
 		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 		tail -12 $(OUT)/properties.txt
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
-		--stages $(or $(STAGES),properties,oracle,fla,profile,timings,stress)
+		--stages $(or $(STAGES),$(CHECK_STAGES))
 
 # The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).
 gpu-tune:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
-		--stages $(or $(STAGES),tune,asv) --asv-backends triton,fla \
+		--stages $(or $(STAGES),$(TUNE_STAGES)) --asv-backends triton,fla \
 		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL))
 
 # The MQAR harness's H100 lines: reach 0.99, steps/s vs fla at L=2048, Table 1, IoU table.
 gpu-mqar:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
-		--stages $(or $(STAGES),reach,speed,table1,iou)
+		--stages $(or $(STAGES),$(MQAR_STAGES))
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.
