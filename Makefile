@@ -45,7 +45,7 @@ GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-
 	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
 	--target /tmp/site $(WHEELS)/*.whl; fi \
 	&& (python3 -c "import importlib_metadata" 2>/dev/null \
-	|| echo "from importlib.metadata import *  # asv's import, from the stdlib" \
+	|| echo "from importlib.metadata import *" \
 	> /tmp/site/importlib_metadata.py)
 # The device image's site-packages hold no bytecode and are not writable: every process
 # recompiled torch's sources (~5 s of a cached `tune`); a writable pycache prefix keeps them.
