@@ -106,7 +106,10 @@ def asv(log: dict, out: str, machine: str, backends: str, bench: str) -> None:
                 results_dir=f"{out}/asv-results", html_dir=f"{out}/asv-html")  # fmt: skip
     path = Path(out) / "asv.conf.json"
     path.write_text(json.dumps(conf))
-    env = dict(os.environ, REBASED_KERNELS_ASV_BACKENDS=backends)
+    # asv drops PYTHONPATH from the benchmark processes unless it comes as ASV_PYTHONPATH:
+    # without it the peers installed beside the image (fla) vanished from the registry there
+    env = dict(os.environ, REBASED_KERNELS_ASV_BACKENDS=backends,
+               ASV_PYTHONPATH=os.environ.get("PYTHONPATH", ""))  # fmt: skip
     asv_cmd = [sys.executable, "-m", "asv"]
     subprocess.run([*asv_cmd, "machine", "--config", str(path), "--machine", machine, "--yes"],
                    env=env, check=True)  # fmt: skip
@@ -119,4 +122,6 @@ def asv(log: dict, out: str, machine: str, backends: str, bench: str) -> None:
     )  # fmt: skip
     log["asv"] = dict(commit=commit.strip(), machine=machine, backends=backends, bench=bench,
                       rc=proc.returncode, seconds=time.perf_counter() - t0)  # fmt: skip
+    # one file back from the device (its nested result folders did not come back)
+    subprocess.run(["tar", "czf", f"{out}/asv-results.tgz", "-C", out, "asv-results"], check=True)
     print("asv:", log["asv"], flush=True)

@@ -56,3 +56,22 @@ def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
     pairs += [(state[i].grad, ref_state[i].grad, f"d{n}0") for i, n in enumerate("Sz")]
     for a, b, n in pairs:
         assert_close(a, b, torch.float32, f"D={D} d{n}", tol)
+
+
+@pytest.mark.parametrize("NSEG", [1, 5, 37])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
+    """The segment scan (one tile per program): exclusive prefix or suffix plus the initial
+    state, in place, and the total."""
+    from rebased_kernels.backends.triton import _scan
+
+    g = torch.Generator().manual_seed(NSEG)
+    seg = torch.randn(2, NSEG, 7, 45, generator=g).to(DEVICE)
+    init = torch.randn(2, 7, 45, generator=g).to(DEVICE)
+    walk = seg.flip(1) if reverse else seg
+    incl = walk.cumsum(1)
+    expect = incl - walk + init[:, None]
+    expect = expect.flip(1) if reverse else expect
+    prefix, total = _scan(seg.clone(), init, reverse)
+    torch.testing.assert_close(prefix, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, incl[:, -1] + init, rtol=1e-5, atol=1e-5)

@@ -223,10 +223,11 @@ def _scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
     total = torch.empty(BH, *seg.shape[2:], device=seg.device, dtype=torch.float32)
     if init is not None:
         init = init.to(torch.float32).contiguous()
-    BLOCK = min(1024, triton_next_pow2(N))
+    BS = triton_next_pow2(NSEG)  # the whole segment axis in one tile
+    BLOCK = max(16, min(triton_next_pow2(N), 4096 // BS))
     prefix_kernel[(BH, triton_cdiv(N, BLOCK))](
         seg, total if init is None else init, total, NSEG, N,
-        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=BLOCK, num_warps=4,
+        HAS_INIT=init is not None, REVERSE=reverse, BS=BS, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
     return seg, total
 

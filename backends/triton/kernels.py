@@ -127,6 +127,17 @@ def _dot_x3(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _dot_state(a, b, DOT: tl.constexpr, MODE: tl.constexpr):
+    """Products with the state: tf32 in the forward (``_dot_tf32``), ~fp32 (``_dot_x3``) in
+    the gradient sweeps, whose states carry the cotangents of the final state: random-sign
+    sums that cancel; tf32 there measured dv errors of 1.5e-2 (fp16, T=1, H100)."""
+    if MODE == 0:
+        return _dot_tf32(a, b, DOT)
+    else:
+        return _dot_x3(a, b, DOT)
+
+
+@triton.jit
 def _dot_tf32(a, b, DOT: tl.constexpr):
     """Never below tf32: ``q' k'^T`` (s is squared) and ``phi(q) . S`` (a long state's
     entries outgrow a chunk's, so half operands there lose the chunk; measured 1.9e-2
@@ -309,18 +320,19 @@ def sweep_kernel(
             out = _dot_x3(A, Wt, DOT)
         else:
             out = _dot(A, Wt, DOT)
-        out += C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
+        out += C0 * S0[None, :] + _dot_state(x1, S1, DOT, MODE)  # [BC, BV]
         den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
         if HAS_C2:
             xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
             if BA == BD:
                 x2 = _outer(x, BC, BD)  # [BC, BD*BD]
-                out += (C2 * sc * sc) * _dot_tf32(x2, S2, DOT)
+                out += (C2 * sc * sc) * _dot_state(x2, S2, DOT, MODE)
             else:
                 for a0 in range(0, BD, BA):
                     blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
                                   mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
-                    out += (C2 * sc * sc) * _dot_tf32(_outer_block(x, a0, BC, BA, BD), blk, DOT)
+                    xb = _outer_block(x, a0, BC, BA, BD)  # [BC, BA*BD]
+                    out += (C2 * sc * sc) * _dot_state(xb, blk, DOT, MODE)
             den += (C2 * sc * sc) * tl.sum(x * xz, 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
@@ -347,13 +359,13 @@ def sweep_kernel(
             # (T = 1 normalised: entirely); tf32 P measured dq errors of 4.3e-2 (fp16, H100)
             P = _dot_x3(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
             G = tl.where(mask, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
-            dphi1 = _dot(Ut, tl.trans(S1), DOT) + u[:, None] * z1[None, :]  # [BC, BD]
+            dphi1 = _dot_state(Ut, tl.trans(S1), DOT, MODE) + u[:, None] * z1[None, :]  # [BC, BD]
             # exact fp32: LayerNorm's backward projects dx' onto the complement of (1, xhat),
             # which can keep 1/100 of its norm; tf32 y measured dq errors of 4e-2 (bf16, T=1)
             dxp = sc * tl.dot(G, y, input_precision="ieee") + (C1 * sc) * dphi1  # [BC, BD]
             if HAS_C2:  # S_2 and z_2 are symmetric
                 if BA == BD:
-                    dphi2 = tl.reshape(_dot(Ut, tl.trans(S2), DOT), (BC, BD, BD))
+                    dphi2 = tl.reshape(_dot_state(Ut, tl.trans(S2), DOT, MODE), (BC, BD, BD))
                     dx2 = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BD]
                 else:
                     dx2 = xz * 0.0
@@ -366,7 +378,7 @@ def sweep_kernel(
                         blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
                                       mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
                         sel = ((a0 + j // BD)[:, None] == offs_d[None, :]).to(tl.float32)
-                        dphi2 = _dot(Ut, tl.trans(blk), DOT)  # [BC, BA*BD]
+                        dphi2 = _dot_state(Ut, tl.trans(blk), DOT, MODE)  # [BC, BA*BD]
                         dx2 += tl.dot(dphi2 * xrep, sel, input_precision="ieee")  # [BC, BD]
                 dxp += (2.0 * C2 * sc * sc) * (dx2 + u[:, None] * xz)
             dxp = tl.where(rmask[:, None], dxp, 0.0)
@@ -385,27 +397,32 @@ def sweep_kernel(
 
 @triton.jit(do_not_specialize=["NSEG", "N"])
 def prefix_kernel(SEG, INIT, TOTAL, NSEG, N, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+                  BS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Grid ``(B*H, cdiv(N, BLOCK))``: per-segment sums ``SEG [B*H, NSEG, N]`` become, in
     place, the exclusive prefix over segments (suffix when ``REVERSE``) starting from
-    ``INIT [B*H, N]`` (zero without ``HAS_INIT``); ``TOTAL [B*H, N]`` gets the full sum."""
+    ``INIT [B*H, N]`` (zero without ``HAS_INIT``); ``TOTAL [B*H, N]`` gets the full sum.
+
+    One ``[BS, BLOCK]`` tile (BS >= NSEG) per program, scanned along the segments at once:
+    the exclusive prefix is the inclusive scan of the tile shifted by one segment (a second
+    read of the same rows), so no value is formed as a difference."""
     bh, blk = tl.program_id(0), tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     m = offs < N
-    if HAS_INIT:
-        acc = tl.load(INIT + bh * N + offs, mask=m, other=0.0)
+    i = tl.arange(0, BS)  # [BS]: position in the walk order
+    if REVERSE:
+        seg, prev = NSEG - 1 - i, NSEG - i
     else:
-        acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(NSEG):
-        if REVERSE:
-            seg = NSEG - 1 - i
-        else:
-            seg = i
-        ptrs = SEG + (bh * NSEG + seg) * N + offs
-        x = tl.load(ptrs, mask=m, other=0.0)
-        tl.store(ptrs, acc, mask=m)
-        acc += x
-    tl.store(TOTAL + bh * N + offs, acc, mask=m)
+        seg, prev = i, i - 1
+    row = SEG + bh * NSEG * N + offs[None, :]  # [1, BLOCK]
+    here = (i < NSEG)[:, None] & m[None, :]  # [BS, BLOCK]
+    x = tl.load(row + seg[:, None] * N, mask=here, other=0.0)  # [BS, BLOCK]
+    before = tl.load(row + prev[:, None] * N, mask=here & (i >= 1)[:, None], other=0.0)
+    if HAS_INIT:
+        init = tl.load(INIT + bh * N + offs, mask=m, other=0.0)  # [BLOCK]
+    else:
+        init = tl.zeros([BLOCK], tl.float32)
+    tl.store(row + seg[:, None] * N, tl.cumsum(before, 0) + init[None, :], mask=here)
+    tl.store(TOTAL + bh * N + offs, tl.sum(x, 0) + init, mask=m)
 
 
 @triton.jit
