@@ -76,7 +76,7 @@ gpu-tune:
 gpu-mqar:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
-		--stages $(or $(STAGES),$(MQAR_STAGES))
+		--stages $(or $(STAGES),$(MQAR_STAGES)) $(MQAR_ARGS)
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.

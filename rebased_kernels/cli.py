@@ -107,7 +107,7 @@ def _train_mqar(args: argparse.Namespace) -> int:
 def _sweep_mqar(args: argparse.Namespace) -> int:
     from .train.sweep import markdown, sweep
 
-    rows = sweep(args.config, args.out)
+    rows = sweep(args.config, args.out, resume=not args.fresh, max_seconds=args.max_seconds)
     print(markdown(rows))
     print(f"written: {args.out}/results.md, results.json, runs.jsonl")
     return 0
@@ -210,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     sweep_mqar.add_argument("config", help="the sweep file (YAML, see rebased_kernels.train.sweep)")
     sweep_mqar.add_argument("--out", default="sweep-out", help="folder for the results")
+    sweep_mqar.add_argument(
+        "--fresh",
+        action="store_true",
+        help="retrain every point (default: keep the points in OUT/runs.jsonl)",
+    )
+    sweep_mqar.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="start no new cell after this many seconds (resume later)",
+    )
     sweep_mqar.set_defaults(fn=_sweep_mqar)
     analyze = sub.add_parser("analyze", help="where a trained model attends (MQAR)")
     analyze_mqar = analyze.add_subparsers(dest="task", required=True).add_parser(

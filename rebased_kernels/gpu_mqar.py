@@ -78,8 +78,16 @@ def speed(log: dict) -> None:
                         ratio=rows[ours] / rows[peer])  # fmt: skip
 
 
-def table1(log: dict, out: Path) -> None:
-    """``docs/sweeps/mqar-table1-L256.yaml`` through ``sweep`` (a toy grid in a dry run)."""
+TABLE1_DONE = Path(__file__).resolve().parents[1] / "docs/results/h100-mqar/table1"
+"""Where the Table 1 runs of earlier calls are committed; a call continues from them."""
+
+
+def table1(log: dict, out: Path, max_seconds: float | None = None) -> None:
+    """``docs/sweeps/mqar-table1-L256.yaml`` through ``sweep`` (a toy grid in a dry run),
+    continuing from the runs committed in ``TABLE1_DONE`` and starting no new cell after
+    ``max_seconds``: the grid spreads over several GPU calls."""
+    import shutil
+
     from .train.sweep import sweep
 
     path = Path(__file__).resolve().parents[1] / "docs/sweeps/mqar-table1-L256.yaml"
@@ -89,19 +97,25 @@ def table1(log: dict, out: Path) -> None:
             mixer=["rebased", "based"], d_model=[16], seq_len=[32], kv_pairs=[4], lr=list(LRS),
             seed=[0], vocab=64, examples=256, test_examples=64, epochs=1, batch_size=32,
             eval_every=4, device="cpu", backend="torch")))  # fmt: skip
+    (out / "table1").mkdir(parents=True, exist_ok=True)
+    if not SMALL and (TABLE1_DONE / "runs.jsonl").exists():
+        shutil.copy(TABLE1_DONE / "runs.jsonl", out / "table1" / "runs.jsonl")
     t = time.perf_counter()
-    rows = sweep(path, out / "table1", progress=False)
-    log["table1"] = dict(seconds=time.perf_counter() - t, rows=rows, sweep=str(path))
+    rows = sweep(path, out / "table1", progress=False, max_seconds=max_seconds)
+    done = json.loads((out / "table1" / "results.json").read_text())
+    log["table1"] = dict(seconds=time.perf_counter() - t, rows=rows, sweep=str(path),
+                         missing=done["missing"], points=done["points"])  # fmt: skip
 
 
-def iou(log: dict, out: Path, backend: str) -> None:
+def iou(log: dict, out: Path, backend: str,
+        mixers: tuple[str, ...] = ("attention", "based", "rebased")) -> None:  # fmt: skip
     from .train.analysis import analyze
 
     L, kv = (32, 4) if SMALL else (128, 32)
     kw = dict(batch_size=32 if SMALL else 256, epochs=1 if SMALL else 16, eval_every=8 if
               SMALL else 200)  # fmt: skip
     rows = []
-    for mixer in ("attention", "based", "rebased"):
+    for mixer in mixers:  # ~140 s each on an H100: a call can take a subset
         cfgs = [_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS]
         best = max(train_ensemble(cfgs, progress=False), key=lambda r: r["test_acc"])
         model = best["model"].cpu()
@@ -119,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="reach,speed,table1,iou")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument(
+        "--table1-seconds",
+        type=float,
+        default=None,
+        help="start no new Table 1 cell after this many seconds (resume next call)",
+    )
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     SMALL = args.dry_run
@@ -127,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     log: dict = dict(device=torch.cuda.get_device_name() if not SMALL else "cpu", stages=[])
     for name in args.stages.split(","):
         try:
-            run_stage(name, log, out, args.backend)
+            run_stage(name, log, out, args.backend, args.table1_seconds,
+                      tuple(args.iou_mixers.split(",")))  # fmt: skip
         except Exception as exc:  # record it and go on: one call runs every stage
             log[name] = dict(error=f"{type(exc).__name__}: {exc}"[:2000])
         log["stages"].append((name, round(time.time() - T0, 1)))
@@ -137,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_stage(name: str, log: dict, out: Path, backend: str) -> None:
+def run_stage(name: str, log: dict, out: Path, backend: str,
+              table1_seconds: float | None = None,
+              iou_mixers: tuple[str, ...] = ("attention", "based", "rebased")) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
-                  table1=lambda: table1(log, out), iou=lambda: iou(log, out, backend))  # fmt: skip
+                  table1=lambda: table1(log, out, table1_seconds),
+                  iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
         raise ValueError(f"unknown stage {name!r}: one of {sorted(stages)}")
     stages[name]()

@@ -69,3 +69,30 @@ def test_sweep_command_trains_for_real(tmp_path, capsys) -> None:
     assert main(["sweep", "mqar", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 0
     assert "| rebased | 16 | 32 | 4 |" in capsys.readouterr().out
     assert len((tmp_path / "o" / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_sweep_resumes_where_a_time_limit_stopped_it(tmp_path) -> None:
+    """A sweep cut by ``max_seconds`` keeps what it ran; the next call trains only the rest
+    (the Table 1 grid spreads over several GPU calls this way)."""
+    (tmp_path / "s.yaml").write_text(SPEC)
+    trained: list[tuple] = []
+
+    def fake(point, fixed):
+        trained.append((point["mixer"], point["lr"], point["seed"]))
+        return 0.5 + 0.1 * point["seed"]
+
+    sweep(tmp_path / "s.yaml", tmp_path / "out", run=fake, progress=False, max_seconds=0.0)
+    first = list(trained)
+    assert len(first) == 1  # the first job always runs; none starts after the limit
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (
+        saved["missing"] == 7
+        and "7 of 8 points not run yet" in (tmp_path / "out" / "results.md").read_text()
+    )
+    rows = sweep(tmp_path / "s.yaml", tmp_path / "out", run=fake, progress=False)
+    assert len(trained) == 8 and set(trained[1:]).isdisjoint(first)  # nothing retrained
+    assert len((tmp_path / "out" / "runs.jsonl").read_text().splitlines()) == 8
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["missing"] == 0
+    assert {r["mixer"] for r in rows} == {"rebased", "based"}
+    sweep(tmp_path / "s.yaml", tmp_path / "out", run=fake, progress=False, resume=False)
+    assert len(trained) == 16  # --fresh retrains every point

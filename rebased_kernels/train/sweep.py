@@ -124,16 +124,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key(point: dict) -> tuple:
+    return tuple(point[k] for k in GRID_KEYS)
+
+
 def sweep(
     path: str | Path,
     out_dir: str | Path,
     run: Callable[[dict, dict], float] | None = None,
     progress: bool = True,
+    resume: bool = True,
+    max_seconds: float | None = None,
 ) -> list[dict]:
     """Run every grid point of the sweep file; write runs.jsonl, results.json, results.md.
 
     ``run(point, fixed) -> accuracy`` trains one point; by default (``ensemble: true`` in the
-    file, the default) each cell's points train together (``run_cell``), else one by one."""
+    file, the default) each cell's points train together (``run_cell``), else one by one.
+    With ``resume`` the points already in ``out_dir/runs.jsonl`` are kept and not trained
+    again; with ``max_seconds`` no job after the first starts after that much time (a sweep
+    spread over several GPU calls). The tables cover the points done so far."""
     from tqdm import tqdm
 
     spec = load_sweep(path)
@@ -141,17 +150,29 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     points = [dict(zip(GRID_KEYS, v)) for v in itertools.product(*spec["grid"].values())]
     fixed = spec["fixed"]
+    log_path = out / "runs.jsonl"
+    runs = []
+    if resume and log_path.exists():
+        wanted = {_key(p) for p in points}
+        runs = [r for r in map(json.loads, log_path.read_text().splitlines())
+                if _key(r) in wanted]  # fmt: skip
+    done = {_key(r) for r in runs}
+    todo = [p for p in points if _key(p) not in done]
     if run is None and fixed["ensemble"]:  # one job per cell: its lrs x seeds together
         cells: dict[tuple, list[dict]] = {}
-        for p in points:
+        for p in todo:
             cells.setdefault(tuple(p[k] for k in GRID_KEYS[:4]), []).append(p)
         jobs = [(ps, lambda ps=ps: run_cell(ps, fixed)) for ps in cells.values()]
     else:
         one = run or run_one
-        jobs = [([p], lambda p=p: [one(p, fixed)]) for p in points]
-    runs = []
-    with open(out / "runs.jsonl", "w") as log:
-        for job_points, job in tqdm(jobs, desc="sweep", disable=not progress):
+        jobs = [([p], lambda p=p: [one(p, fixed)]) for p in todo]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        for record in runs:
+            log.write(json.dumps(record) + "\n")
+        for i, (job_points, job) in enumerate(tqdm(jobs, desc="sweep", disable=not progress)):
+            if i and max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                break  # (a call always runs one job: it makes progress)
             start = time.perf_counter()
             accs = job()
             seconds = (time.perf_counter() - start) / len(job_points)  # a cell's share each
@@ -162,8 +183,11 @@ def sweep(
             log.flush()
     rows = summarise(runs)
     total = sum(r["seconds"] for r in runs)
-    (out / "results.json").write_text(
-        json.dumps(dict(rows=rows, fixed=spec["fixed"], total_seconds=total), indent=2)
-    )
-    (out / "results.md").write_text(markdown(rows) + f"\nTotal training time: {total:.0f} s\n")
+    missing = len(points) - len(runs)
+    (out / "results.json").write_text(json.dumps(
+        dict(rows=rows, fixed=spec["fixed"], total_seconds=total, points=len(points),
+             missing=missing), indent=2))  # fmt: skip
+    note = f", {missing} of {len(points)} points not run yet" if missing else ""
+    footer = f"\nTotal training time: {total:.0f} s{note}\n"
+    (out / "results.md").write_text(markdown(rows) + footer)
     return rows
