@@ -356,3 +356,22 @@ def test_check_finite_false_skips_the_check_and_nan_propagates() -> None:
         rk.linear_attention(q, k, v, backend="torch")
     o = rk.linear_attention(q, k, v, backend="torch", check_finite=False)
     assert torch.isnan(o[0, 2:, 1]).any() and torch.isfinite(o[0, :2]).all()
+
+
+def test_plan_is_marked_constant_like_the_decorator_and_import_skips_dynamo() -> None:
+    """``ops._plan`` carries what ``torch.compiler.assume_constant_result`` sets (the fullgraph
+    test checks dynamo honours it), and importing the package does not import dynamo."""
+    import subprocess
+    import sys
+
+    from rebased_kernels.ops import _plan
+
+    def probe() -> None:
+        pass
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
+    assert flags and all(getattr(_plan, k, None) == v for k, v in flags.items())
+    code = "import sys, rebased_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
