@@ -22,24 +22,37 @@ import rebased_kernels as rk
 from rebased_kernels.testing import random_inputs
 
 
+def one_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one call of ``fn`` in ms (CUDA events on GPU, a monotonic clock on CPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeats: int = 15) -> float:
     """Median wall time of ``fn`` in ms (CUDA events on GPU, a monotonic clock on CPU)."""
+    return interleaved_ms([fn], device, warmup, repeats)[0]
+
+
+def interleaved_ms(fns: list[Callable[[], object]], device: str, warmup: int = 3,
+                   repeats: int = 15) -> list[float]:  # fmt: skip
+    """Median ms of each of ``fns``, timed call by call in turn (a drift of the machine's
+    clocks or load hits every one alike: for ratios of near-equal calls)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            t.append(one_ms(fn, device))
+    return [statistics.median(t) for t in times]
 
 
 def chunked_flops(B: int, T: int, H: int, D: int, Dv: int, F: int, C: int) -> float:

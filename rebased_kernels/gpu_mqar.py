@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="reach,speed,table1,iou")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--iou-mixers", default="attention,based,rebased",
+                    help="the iou stage's mixers (~140 s each on an H100)")  # fmt: skip
     ap.add_argument(
         "--table1-seconds",
         type=float,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import rebased_kernels as rk
-from rebased_kernels.bench import median_ms
+from rebased_kernels.bench import interleaved_ms
 from rebased_kernels.testing import random_inputs
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (an editable install)
@@ -57,7 +57,7 @@ def tune(log: dict, out: str, shapes: str | None, dtypes: str | None, device: st
 
 def auto(log: dict, out: str, record_path: Path, device: str) -> None:
     """Per tuned bucket: forward+backward through the public API with ``backend="auto"`` vs
-    the winner named with its configuration, alternated five times (min of medians)."""
+    the winner named with its configuration, timed call by call in turn (medians)."""
     os.environ["REBASED_KERNELS_CACHE_DIR"] = f"{out}/tune-cache"
     from rebased_kernels import autotune
 
@@ -71,24 +71,20 @@ def auto(log: dict, out: str, record_path: Path, device: str) -> None:
         g = torch.randn(r["B"], r["T"], r["H"], r["Dv"], dtype=dt, device=device)
 
         named = dict(backend=r["backend"], config=r["config"])
-        t_auto, t_named = [], []
-        for _ in range(5):
-            t_auto.append(_ms(x, g, dict(backend="auto"), device))
-            t_named.append(_ms(x, g, named, device))
+        t_auto, t_named = interleaved_ms([_call(x, g, dict(backend="auto")), _call(x, g, named)],
+                                         device, 3, 100 if r["T"] <= 4096 else 30)  # fmt: skip
         rows.append(dict(T=r["T"], dtype=r["dtype"], best=r["backend"], config=r["config"],
-                         auto_uses=why.backend, auto_config=why.config, auto_ms=min(t_auto),
-                         named_ms=min(t_named), ratio=min(t_auto) / min(t_named)))  # fmt: skip
+                         auto_uses=why.backend, auto_config=why.config, auto_ms=t_auto,
+                         named_ms=t_named, ratio=t_auto / t_named))  # fmt: skip
         print("auto:", rows[-1], flush=True)
     log["auto"] = rows
     log["auto_worst_ratio"] = max((r["ratio"] for r in rows), default=None)
 
 
-def _ms(x: dict, g: torch.Tensor, kw: dict, device: str) -> float:
-    """Median ms of one public forward+backward with the keyword arguments ``kw`` (no finite
-    check: its sync per call made short-T timings swing by 10% between identical calls)."""
-    return median_ms(
-        lambda: rk.linear_attention(**x, **kw, check_finite=False).backward(g), device, 3, 30
-    )
+def _call(x: dict, g: torch.Tensor, kw: dict):
+    """One public forward+backward with the keyword arguments ``kw`` (no finite check: its
+    sync per call made short-T timings swing by 10% between identical calls)."""
+    return lambda: rk.linear_attention(**x, **kw, check_finite=False).backward(g)
 
 
 def asv(log: dict, out: str, machine: str, backends: str, bench: str) -> None:
