@@ -71,7 +71,8 @@ gpu-tune:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages $(or $(STAGES),$(TUNE_STAGES)) --asv-backends triton,fla \
-		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL))
+		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL)) \
+		$(if $(TUNE_BACKENDS),--tune-backends $(TUNE_BACKENDS))
 
 # The MQAR harness's H100 lines: reach 0.99, steps/s vs fla at L=2048, Table 1, IoU table.
 gpu-mqar:

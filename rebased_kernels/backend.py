@@ -85,6 +85,9 @@ class Backend:
     default_config: ClassVar[dict[str, Any]] = {}
     compiles: ClassVar[bool] = False
     """Whether the first call compiles (or loads compiled code): ``info`` times it."""
+    compiles_per_shape: ClassVar[bool] = False
+    """Whether each new (B, T bucket, H) compiles again (static graphs): the tuner's
+    precompile (``autotune.warm``) then compiles each tuned shape, not one small call."""
     tolerance_factor: ClassVar[float] = 1.0
     """How much looser than the tolerance rule (``testing``) this backend's results are
     checked; 1 for ours. Only a peer whose numerics we cannot change sets more, saying why."""

@@ -172,8 +172,16 @@ def test_precompile_jobs_cover_every_configuration_and_run_in_processes() -> Non
     from rebased_kernels.autotune import warm
 
     numba_be = get_backend("numba")
-    todo = warm.jobs(["numba", "torch"], [torch.float32, torch.float64], [(16, 8)], "cpu")
+    shapes = [(1, 64, 2, 16, 8), (1, 256, 2, 16, 8)]
+    todo = warm.jobs(["numba", "torch"], [torch.float32, torch.float64], shapes, "cpu")
     assert {j[0] for j in todo} == {"numba"}  # torch does not compile
-    assert len(todo) == 2 * len(numba_be.configs())
-    res = warm.warm(["numba"], [torch.float32], [(16, 8)], "cpu", workers=2)
+    assert len(todo) == 2 * len(numba_be.configs())  # one small call per config, any length
+    assert all(j[5] is None for j in todo)
+    # static graphs compile per shape: the default configuration at each tuned (B, T, H)
+    per_shape = warm.jobs(["torch_compile"], [torch.float32], shapes, "cpu")
+    assert [(j[0], j[2], j[5]) for j in per_shape] == [
+        ("torch_compile", {}, [1, 64, 2]),
+        ("torch_compile", {}, [1, 256, 2]),
+    ]
+    res = warm.warm(["numba"], [torch.float32], shapes[:1], "cpu", workers=2)
     assert res["jobs"] == len(numba_be.configs()) and res["failed"] == []

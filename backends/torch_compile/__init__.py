@@ -36,6 +36,7 @@ class TorchCompileBackend(Backend):
     tuning_space: ClassVar[dict[str, tuple]] = {"chunk_size": (16, 32, 64, 128)}
     default_config: ClassVar[dict[str, Any]] = {"chunk_size": 64}
     compiles: ClassVar[bool] = True
+    compiles_per_shape: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._compiled: dict[tuple, Callable] = {}
