@@ -41,7 +41,18 @@ def jobs(names: list[str] | None, dtypes: list[torch.dtype], shapes: list[tuple]
                     out += [(be.name, str(dtype)[6:], {}, D, Dv, list(s[:3])) for s in shapes
                             if (s[3], s[4]) == (D, Dv)]  # fmt: skip
                 else:
-                    out += [(be.name, str(dtype)[6:], c, D, Dv, None) for c in be.configs() or [{}]]
+                    out += [(be.name, str(dtype)[6:], c, D, Dv, None) for c in _compiles(be)]
+    return out
+
+
+def _compiles(be) -> list[dict]:
+    """One configuration per distinct compile (run-time tunables do not recompile)."""
+    seen, out = set(), []
+    for c in be.configs() or [{}]:
+        key = tuple(sorted((k, v) for k, v in c.items() if k not in be.runtime_tunables))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
     return out
 
 

@@ -85,6 +85,9 @@ class Backend:
     default_config: ClassVar[dict[str, Any]] = {}
     compiles: ClassVar[bool] = False
     """Whether the first call compiles (or loads compiled code): ``info`` times it."""
+    runtime_tunables: ClassVar[tuple[str, ...]] = ()
+    """Tunables that are run-time arguments (no recompile): configurations differing only in
+    these share one compile, and the precompile runs one of them."""
     compiles_per_shape: ClassVar[bool] = False
     """Whether each new (B, T bucket, H) compiles again (static graphs): the tuner's
     precompile (``autotune.warm``) then compiles each tuned shape, not one small call."""

@@ -176,6 +176,12 @@ def test_precompile_jobs_cover_every_configuration_and_run_in_processes() -> Non
     todo = warm.jobs(["numba", "torch"], [torch.float32, torch.float64], shapes, "cpu")
     assert {j[0] for j in todo} == {"numba"}  # torch does not compile
     assert len(todo) == 2 * len(numba_be.configs())  # one small call per config, any length
+    # run-time tunables share a compile: triton's segment length is not precompiled per value
+    triton_be = get_backend("triton")
+    compiles = warm._compiles(triton_be)
+    assert len(compiles) == len(triton_be.configs()) // len(
+        triton_be.tuning_space["chunks_per_segment"]
+    )
     assert all(j[5] is None for j in todo)
     # static graphs compile per shape: the default configuration at each tuned (B, T, H)
     per_shape = warm.jobs(["torch_compile"], [torch.float32], shapes, "cpu")

@@ -200,6 +200,21 @@ class _Call:
             HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
         )  # fmt: skip
 
+    def tiles(self, prefix, o: torch.Tensor, BV: int) -> None:
+        """The forward's ``tiles`` variant: one program per query chunk (``kernels``)."""
+        from .kernels import tile_forward_kernel
+
+        fm, attn = self.fm, self.attn
+        (S_pre, _), (z_pre, _) = prefix
+        grid = (triton_cdiv(self.T, self.BC), self.B * self.H, triton_cdiv(self.Dv, BV))
+        tile_forward_kernel[grid](
+            self.q, self.qg, self.qb, self.k, self.kg, self.kb, self.v, S_pre, z_pre, o,
+            self.T, self.H, self.D, self.Dv, self.qg_stride, self.kg_stride, self.NSEG, self.NCS,
+            int(fm.pre.norm), int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
+            BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, HAS_C2=self.C[2] != 0.0, DOT=self.dot,
+            num_warps=4,
+        )  # fmt: skip
+
     def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
         c = self.pack @ full  # [BH, F, cols]
         shape = (self.B, self.H, c.shape[1]) + ((cols,) if cols is not None else ())
@@ -248,10 +263,19 @@ class TritonBackend(Backend):
     tuning_space: ClassVar[dict[str, tuple]] = {
         "chunk_size": (32, 64),
         "chunks_per_segment": (4, 8, 16, 32),
+        "variant": ("walk", "tiles"),
     }
     """The chunk length compiles a kernel per value; the segment length (chunks one program
-    walks, i.e. how many programs split a sequence) is a run-time argument."""
-    default_config: ClassVar[dict[str, Any]] = {"chunk_size": 64, "chunks_per_segment": 16}
+    walks, i.e. how many programs split a sequence) is a run-time argument. ``variant`` is
+    the forward's second kernel: ``walk`` (one program per segment carries the state from
+    chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix state plus
+    the segment's earlier chunks quadratically; D <= 16, else it walks). The backward walks."""
+    runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
+    default_config: ClassVar[dict[str, Any]] = {
+        "chunk_size": 64,
+        "chunks_per_segment": 16,
+        "variant": "walk",
+    }
     compiles: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
@@ -272,7 +296,10 @@ class TritonBackend(Backend):
         )  # fmt: skip
         o = torch.empty_like(call.v)
         BV = min(BLOCK_V, max(16, triton_next_pow2(Dv)))
-        call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
+        if config.get("variant", "walk") == "tiles" and call.BA == call.BD:
+            call.tiles(prefix, o, BV)
+        else:
+            call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
         (_, S_total), (_, z_total) = prefix
         return Outputs(o, call.canonical(S_total, Dv), call.canonical(z_total, None))
 

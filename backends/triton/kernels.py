@@ -258,6 +258,60 @@ def segment_state_kernel(
 
 
 @triton.jit(do_not_specialize=RUNTIME)
+def tile_forward_kernel(
+    X, XG, XB, Y, YG, YB, W, Sst, Zst, OUT,
+    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
+    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
+    HAS_C2: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: the forward, one query chunk per program.
+
+    The ``tiles`` variant: no walk. Chunk c of segment ``c // NCS`` takes the segment's prefix
+    state (``Sst``, ``Zst``: what ``segment_state_kernel`` and ``prefix_kernel`` leave) and
+    adds the earlier key chunks of its own segment quadratically, ``A_ij = sim(sc x'_i.y'_j)``
+    from the raw D-dim q', k', up to and including its diagonal chunk:
+    ``out_i = phi(x_i) . S + sum_j A_ij W_j``, ``den_i = phi(x_i) . z + sum_j A_ij``. Every
+    program is independent (a sequence's chunks all run at once); the price is the
+    quadratic part, ``NCS / 2`` chunk products per chunk on average. D <= 16 only."""
+    c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    tok = b * T * H + h
+    offs_c, offs_d, offs_f = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BD * BD)
+    offs_v = vb * BV + tl.arange(0, BV)
+    vmask = offs_v < Dv
+    seg = c // NCS
+    base = (bh * NSEG + seg) * RF
+    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
+                                         False)  # fmt: skip
+    rows = c * BC + offs_c
+    rmask = rows < T
+    x, _, _ = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
+                   D, H * D, NORM)  # [BC, BD]  # fmt: skip
+    x1 = (C1 * sc) * x  # [BC, BD]
+    out = C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
+    den = C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
+    if HAS_C2:
+        out += (C2 * sc * sc) * _dot_tf32(_outer(x, BC, BD), S2, DOT)
+        den += (C2 * sc * sc) * tl.sum(x * tl.dot(x, z2, input_precision="ieee"), 1)
+    for j in range(seg * NCS, c + 1):  # the segment's key chunks up to the diagonal one
+        cols = j * BC + offs_c
+        cmask = cols < T
+        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, cols, cmask,
+                       offs_d, D, H * D, NORM)  # [BC, BD]  # fmt: skip
+        Wt = tl.load(W + (tok + cols[:, None] * H) * Dv + offs_v[None, :],
+                     mask=cmask[:, None] & vmask[None, :], other=0.0)  # [BC, BV]  # fmt: skip
+        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
+        keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
+        A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
+        out += _dot(A, Wt, DOT)
+        den += tl.sum(A, 1)
+    if NORMALIZE:
+        out = out / (den + eps)[:, None]
+    tl.store(OUT + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
+             out.to(OUT.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])  # fmt: skip
+
+
+@triton.jit(do_not_specialize=RUNTIME)
 def sweep_kernel(
     X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
     OUT, GOUT, ROUT, DX, DG, DB,
