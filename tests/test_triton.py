@@ -25,15 +25,19 @@ def _available() -> bool:
 pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
 
 
-@pytest.mark.parametrize("D, name", [(24, "rebased"), (64, "based")])
-def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
+def _check_against_the_oracle(D: int, name: str, normalize: bool, T: int, Dv: int,
+                              config: dict, seed: int) -> None:  # fmt: skip
+    """o, S, z and every gradient (q, k, v, the four parameters, the initial state) of one
+    triton call against the float64 oracle, with a random initial state."""
     fm = PRESETS[name]
-    x = random_inputs(1, 45, 2, D, 8, torch.float64, DEVICE, fm, seed=D, requires_grad=False)
+    x = random_inputs(1 if D > 16 else 2, T, 2 if D > 16 else 3, D, Dv, torch.float64, DEVICE, fm,
+                      seed=seed, requires_grad=False)  # fmt: skip
+    B, H = x["q"].shape[0], x["q"].shape[2]
     F = fm.num_features(D)
-    g = torch.Generator().manual_seed(D)
-    S0 = (0.1 * torch.randn(1, 2, F, 8, generator=g, dtype=torch.float64)).to(DEVICE)
-    z0 = torch.rand(1, 2, F, generator=g, dtype=torch.float64).to(DEVICE)
-    attn = LinearAttention(fm, D**-0.5)
+    g = torch.Generator().manual_seed(seed)
+    S0 = (0.1 * torch.randn(B, H, F, Dv, generator=g, dtype=torch.float64)).to(DEVICE)
+    z0 = torch.rand(B, H, F, generator=g, dtype=torch.float64).to(DEVICE)
+    attn = LinearAttention(fm, D**-0.5, normalize=normalize)
     ref_in = {n: t.clone().requires_grad_() for n, t in x.items()}
     ref_state = (S0.clone().requires_grad_(), z0.clone().requires_grad_())
     params = tuple(ref_in.get(n) for n in PARAMS)
@@ -41,21 +45,28 @@ def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
     ours_in = {n: t.float().requires_grad_() for n, t in x.items()}
     state = (S0.float().requires_grad_(), z0.float().requires_grad_())
     o, st = rk.linear_attention(
-        **ours_in, feature_map=fm, backend="triton", initial_state=state,
-        output_final_state=True, config={"chunk_size": 32, "chunks_per_segment": 1},
+        **ours_in, feature_map=fm, normalize=normalize, backend="triton", initial_state=state,
+        output_final_state=True, config=config,
     )  # fmt: skip
     kappa = reference.condition(x["q"], x["k"], x["v"], attn, tuple(x.get(n) for n in PARAMS),
                                 (S0, z0))  # fmt: skip
     tol = feature_form_tolerance(torch.float32, kappa)
+    what = f"D={D} {name} {config}"
     for a, b, n in zip((o, st.S, st.z), ref, "oSz"):
-        assert_close(a, b, torch.float32, f"D={D} {n}", tol)
+        assert_close(a, b, torch.float32, f"{what} {n}", tol)
     cots = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in ref]
     sum((a.double() * c).sum() for a, c in zip((o, st.S, st.z), cots)).backward()
     sum((b * c).sum() for b, c in zip(ref, cots)).backward()
     pairs = [(ours_in[n].grad, ref_in[n].grad, n) for n in ours_in]
-    pairs += [(state[i].grad, ref_state[i].grad, f"d{n}0") for i, n in enumerate("Sz")]
+    pairs += [(state[i].grad, ref_state[i].grad, f"{n}0") for i, n in enumerate("Sz")]
     for a, b, n in pairs:
-        assert_close(a, b, torch.float32, f"D={D} d{n}", tol)
+        assert_close(a, b, torch.float32, f"{what} d{n}", tol)
+
+
+@pytest.mark.parametrize("D, name", [(24, "rebased"), (64, "based")])
+def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
+    _check_against_the_oracle(D, name, True, 45, 8, {"chunk_size": 32, "chunks_per_segment": 1},
+                              seed=D)  # fmt: skip
 
 
 @pytest.mark.parametrize("NSEG", [1, 5, 37])
@@ -75,3 +86,12 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
     prefix, total = _scan(seg.clone(), init, reverse)
     torch.testing.assert_close(prefix, expect, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total, incl[:, -1] + init, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["walk", "tiles"])
+@pytest.mark.parametrize("name, normalize", [("rebased", True), ("x2", False)])
+def test_both_variants_match_the_oracle(variant: str, name: str, normalize: bool) -> None:
+    """Each forward/backward variant across segment and chunk edges (T = 70: chunks of 32, 2
+    per segment)."""
+    config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant}
+    _check_against_the_oracle(16, name, normalize, 70, 24, config, seed=7)

@@ -179,12 +179,7 @@ class _Call:
         from .kernels import sweep_kernel
 
         reverse = mode == 2
-        xg, xb, xs = (
-            (self.kg, self.kb, self.kg_stride) if reverse else (self.qg, self.qb, self.qg_stride)
-        )
-        yg, yb, ys = (
-            (self.qg, self.qb, self.qg_stride) if reverse else (self.kg, self.kb, self.kg_stride)
-        )
+        (xg, xb, xs), (yg, yb, ys) = self.sides(reverse)
         dummy = self.v
         grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
         (S_pre, _), (z_pre, _) = prefix
@@ -199,6 +194,12 @@ class _Call:
             HAS_WSC="Wsc" in t,
             HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
         )  # fmt: skip
+
+    def sides(self, reverse: bool) -> tuple[tuple, tuple]:
+        """``((gamma, beta, stride) of the row side, ... of the column side)``: q then k, or
+        k then q for the reverse (dk, dv) sweep."""
+        q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
+        return (k, q) if reverse else (q, k)
 
     def tiles(self, prefix, o: torch.Tensor, BV: int) -> None:
         """The forward's ``tiles`` variant: one program per query chunk (``kernels``)."""
@@ -215,16 +216,38 @@ class _Call:
             num_warps=4,
         )  # fmt: skip
 
+    def tiles_grad(self, mode: int, states, **t) -> None:
+        """The gradient modes' ``tiles`` variant (``sweep``'s arguments; one program per chunk)."""
+        from .kernels import tile_backward_kernel
+
+        fm, attn = self.fm, self.attn
+        reverse = mode == 2
+        (xg, xb, xs), (yg, yb, ys) = self.sides(reverse)
+        dummy = self.v
+        (S_st, _), (z_st, _) = states
+        grid = (triton_cdiv(self.T, self.BC), self.B * self.H)
+        tile_backward_kernel[grid](
+            t["X"], xg, xb, t["Y"], yg, yb, t["W"], t.get("Wsc", dummy), t.get("U", dummy),
+            t.get("DO", dummy), S_st, z_st,
+            t.get("OUT", dummy), t.get("GOUT", dummy), t.get("ROUT", dummy),
+            t["DX"], t["DG"], t["DB"],
+            self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
+            int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
+            BC=self.BC, BD=self.BD, BV=t["BV"], RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
+            HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
+        )  # fmt: skip
+
     def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
         c = self.pack @ full  # [BH, F, cols]
         shape = (self.B, self.H, c.shape[1]) + ((cols,) if cols is not None else ())
         return c.reshape(shape)
 
     def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment ``[B*H, NSEG, BD]`` sums into p's shape."""
+        """Sum the kernels' per-segment (per-chunk: ``tiles``) ``[B*H, n, BD]`` sums into p's
+        shape."""
         if not used or p is None:
             return None
-        g = partial.reshape(self.B, self.H, self.NSEG, self.BD)[..., : self.D].sum((0, 2))
+        g = partial.reshape(self.B, self.H, -1, self.BD)[..., : self.D].sum((0, 2))
         return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
 
 
@@ -269,7 +292,8 @@ class TritonBackend(Backend):
     walks, i.e. how many programs split a sequence) is a run-time argument. ``variant`` is
     the forward's second kernel: ``walk`` (one program per segment carries the state from
     chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix state plus
-    the segment's earlier chunks quadratically; D <= 16, else it walks). The backward walks."""
+    the segment's earlier chunks quadratically; D <= 16, else it walks); the backward's
+    two gradient sweeps follow the same variant (``tile_backward_kernel``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 64,
@@ -318,9 +342,12 @@ class TritonBackend(Backend):
         g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
         r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
         dq = torch.empty_like(call.q)
-        dgq = torch.empty(B * H, call.NSEG, call.BD, device=dev, dtype=torch.float32)
+        tiles = config.get("variant", "walk") == "tiles" and call.BA == call.BD
+        parts = triton_cdiv(T, call.BC) if tiles else call.NSEG  # d gamma / d beta partials
+        dgq = torch.empty(B * H, parts, call.BD, device=dev, dtype=torch.float32)
         dbq = torch.empty_like(dgq)
-        call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
+        grad_sweep = call.tiles_grad if tiles else call.sweep
+        grad_sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
                    ROUT=r, DX=dq, DG=dgq, DB=dbq, BV=BV)  # fmt: skip
         suffix = call.states(
             call.q, call.qg, call.qb, call.qg_stride, g, r,
@@ -329,7 +356,7 @@ class TritonBackend(Backend):
         dk = torch.empty_like(call.k)
         dv = torch.empty_like(call.v)
         dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
-        call.sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
+        grad_sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
                    DB=dbk, BV=BV)  # fmt: skip
         (_, dS_total), (_, dz_total) = suffix
         has_state = x.S0 is not None

@@ -197,6 +197,117 @@ def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v, vmask, Dv,
 
 
 @triton.jit
+def _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1, C2,
+               DOT: tl.constexpr, MODE: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+               BA: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """The state's part of a chunk: ``(phi(x) . S [BC, BV], phi(x) . z [BC], x z_2 [BC, BD])``
+    with ``phi(x) . S = C0 S_0 + C1 sc x.S_1 + C2 sc^2 (x (x) x).S_2`` (S_2 streamed from
+    ``Sst`` in blocks of BA rows of a when ``BA < BD``)."""
+    x1 = (C1 * sc) * x  # [BC, BD]
+    out = C0 * S0[None, :] + _dot_state(x1, S1, DOT, MODE)  # [BC, BV]
+    den = C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
+    xz = x * 0.0
+    if HAS_C2:
+        xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
+        if BA == BD:
+            out += (C2 * sc * sc) * _dot_state(_outer(x, BC, BD), S2, DOT, MODE)
+        else:
+            for a0 in range(0, BD, BA):
+                blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
+                              mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
+                xb = _outer_block(x, a0, BC, BA, BD)  # [BC, BA*BD]
+                out += (C2 * sc * sc) * _dot_state(xb, blk, DOT, MODE)
+        den += (C2 * sc * sc) * tl.sum(x * xz, 1)
+    return out, den, xz
+
+
+@triton.jit
+def _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc, C1,
+                    C2, DOT: tl.constexpr, MODE: tl.constexpr, BC: tl.constexpr,
+                    BD: tl.constexpr, BA: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """The state's part of ``dx'`` [BC, BD]: ``d phi(x_i)/dx' . (S U_i + z u_i)`` (S_2 and
+    z_2 are symmetric)."""
+    dphi1 = _dot_state(Ut, tl.trans(S1), DOT, MODE) + u[:, None] * z1[None, :]  # [BC, BD]
+    dxp = (C1 * sc) * dphi1
+    if HAS_C2:
+        if BA == BD:
+            dphi2 = tl.reshape(_dot_state(Ut, tl.trans(S2), DOT, MODE), (BC, BD, BD))
+            dx2 = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BD]
+        else:
+            dx2 = xz * 0.0
+            # dx2[c, a] += sum_b (U S_2[a, b])[c] x[c, b] over this block's rows a,
+            # with 0/1 matrices (exact fp32 products) instead of a 3-D reshape
+            j = tl.arange(0, BA * BD)  # block row a0 + j // BD, column j % BD
+            rep = (offs_d[:, None] == (j % BD)[None, :]).to(tl.float32)  # [BD, BA*BD]
+            xrep = tl.dot(x, rep, input_precision="ieee")  # [BC, BA*BD]: x[c, j % BD]
+            for a0 in range(0, BD, BA):
+                blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
+                              mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
+                sel = ((a0 + j // BD)[:, None] == offs_d[None, :]).to(tl.float32)
+                dphi2 = _dot_state(Ut, tl.trans(blk), DOT, MODE)  # [BC, BA*BD]
+                dx2 += tl.dot(dphi2 * xrep, sel, input_precision="ieee")  # [BC, BD]
+        dxp += (2.0 * C2 * sc * sc) * (dx2 + u[:, None] * xz)
+    return dxp
+
+
+@triton.jit
+def _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT: tl.constexpr):
+    """The chunk pairs' part of ``dx'`` [BC, BD]: ``sc sum_j P_ij sim'(s_ij) y'_j`` with
+    ``P_ij = U_i . W_j + u_i w_j`` over the kept pairs.
+
+    P in ~fp32 (3 tf32 passes): ``P = (dO . v_j - dO . o_i) / den`` cancels when v_j ~ o_i
+    (T = 1 normalised: entirely); tf32 P measured dq errors of 4.3e-2 (fp16, H100). G y' in
+    exact fp32: LayerNorm's backward projects dx' onto the complement of (1, xhat), which can
+    keep 1/100 of its norm; tf32 y' measured dq errors of 4e-2 (bf16, T=1)."""
+    P = _dot_x3(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
+    G = tl.where(keep, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
+    return sc * tl.dot(G, y, input_precision="ieee")
+
+
+@triton.jit
+def _store_dx(dxp, xh, rstd, rmask, DX, XG, tok, rows, offs_d, H, D, NORM):
+    """d x from the chunk's ``dx'`` through the pre-transform, stored; ``(d gamma, d beta)``
+    sums of the chunk [BD] are returned."""
+    dxp = tl.where(rmask[:, None], dxp, 0.0)
+    dx, dg, db = _pre_backward(dxp, xh, rstd, XG, offs_d, D, NORM)
+    dmask = rmask[:, None] & (offs_d < D)[None, :]
+    tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
+             mask=dmask)  # fmt: skip
+    return dg, db
+
+
+@triton.jit
+def _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask, H, eps,
+                      NORMALIZE):  # fmt: skip
+    """The dq sweep's per-row weights, stored for the dk/dv sweep: ``U = g = dO / (den + eps)``
+    and ``u = r = -(dO . out) / (den + eps)^2`` (``dO`` and 0 without normalising)."""
+    dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+    inv = 1.0 / (den + eps)
+    if NORMALIZE:
+        Ut = dO * inv[:, None]
+        u = -tl.sum(dO * out, 1) * inv * inv
+    else:
+        Ut = dO
+        u = inv * 0.0
+    tl.store(GOUT + o_ptrs, Ut, mask=tv_mask)
+    tl.store(ROUT + tok + rows * H, u, mask=rmask)
+    return Ut, u
+
+
+@triton.jit
+def _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T, H, D, Dv,
+                  pgy_stride, NORM, BC: tl.constexpr):  # fmt: skip
+    """Chunk j of the column side: ``(y' [BC, BD], W [BC, BV] fp32, column mask [BC])``."""
+    cols = j * BC + offs_c
+    cmask = cols < T
+    y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, cols, cmask, offs_d,
+                   D, H * D, NORM)  # fmt: skip
+    Wt = tl.load(W + (tok + cols[:, None] * H) * Dv + offs_v[None, :],
+                 mask=cmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    return y, Wt, cmask
+
+
+@triton.jit
 def _program(T, H, Dv, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """A ``(segment, batch*head, value block)`` program's indices: ``(seg, bh, h, tok,
     offs_c [BC], offs_d [BD], offs_f [BD*BD], offs_v [BV], vmask [BV])``; ``tok`` is token
@@ -287,19 +398,11 @@ def tile_forward_kernel(
     rmask = rows < T
     x, _, _ = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
                    D, H * D, NORM)  # [BC, BD]  # fmt: skip
-    x1 = (C1 * sc) * x  # [BC, BD]
-    out = C0 * S0[None, :] + _dot_tf32(x1, S1, DOT)  # [BC, BV]
-    den = C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
-    if HAS_C2:
-        out += (C2 * sc * sc) * _dot_tf32(_outer(x, BC, BD), S2, DOT)
-        den += (C2 * sc * sc) * tl.sum(x * tl.dot(x, z2, input_precision="ieee"), 1)
+    out, den, _ = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
+                             C2, DOT, 0, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
     for j in range(seg * NCS, c + 1):  # the segment's key chunks up to the diagonal one
-        cols = j * BC + offs_c
-        cmask = cols < T
-        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, cols, cmask,
-                       offs_d, D, H * D, NORM)  # [BC, BD]  # fmt: skip
-        Wt = tl.load(W + (tok + cols[:, None] * H) * Dv + offs_v[None, :],
-                     mask=cmask[:, None] & vmask[None, :], other=0.0)  # [BC, BV]  # fmt: skip
+        y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T, H,
+                                     D, Dv, pgy_stride, NORM, BC)  # [BC, BD], [BC, BV]  # fmt: skip
         s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
         keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
         A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
@@ -309,6 +412,84 @@ def tile_forward_kernel(
         out = out / (den + eps)[:, None]
     tl.store(OUT + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
              out.to(OUT.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])  # fmt: skip
+
+
+@triton.jit(do_not_specialize=RUNTIME)
+def tile_backward_kernel(
+    X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
+    OUT, GOUT, ROUT, DX, DG, DB,
+    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
+    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
+    MODE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant of ``sweep_kernel``'s gradient
+    modes, one chunk per program (``BV >= Dv``; D <= 16).
+
+    MODE 1 (x = q, y = k, W = v): the chunk's out and den from its segment's prefix state
+    and the segment's key chunks up to the diagonal (first pass), then ``U = g``, ``u = r``
+    (stored), then ``dq`` from the same key chunks (second pass) and the state.
+    MODE 2 (x = k, y = q, W = g, w = r, U = v): the segment's suffix state and its query
+    chunks from the diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    tok = b * T * H + h
+    offs_c, offs_d, offs_f = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BD * BD)
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < Dv
+    NCH = tl.cdiv(T, BC)
+    seg = c // NCS
+    base = (bh * NSEG + seg) * RF
+    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
+                                         False)  # fmt: skip
+    rows = c * BC + offs_c
+    rmask = rows < T
+    tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
+    o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
+    x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
+                       D, H * D, NORM)  # [BC, BD]  # fmt: skip
+    out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
+                              C2, DOT, MODE, BC, BD, BD, HAS_C2)  # fmt: skip
+    if MODE == 1:
+        lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
+    else:
+        lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
+    if MODE == 1:  # first pass: the row weights need the whole row's out and den
+        for j in range(lo, hi):
+            y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
+                                         T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
+            s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
+            keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
+            A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
+            out += _dot_x3(A, Wt, DOT)
+            den += tl.sum(A, 1)
+        Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask, H,
+                                  eps, NORMALIZE)  # fmt: skip
+    else:
+        Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+        u = rmask.to(tl.float32)
+    dxp = _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc, C1,
+                          C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
+    for j in range(lo, hi):
+        y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T,
+                                     H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
+        if HAS_WSC:
+            wc = tl.load(Wsc + tok + (j * BC + offs_c) * H, mask=cmask, other=0.0)  # [BC]
+        else:
+            wc = cmask.to(tl.float32)
+        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
+        if MODE == 1:
+            keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
+        else:
+            keep = cmask[None, :] & ((j > c) | (offs_c[None, :] >= offs_c[:, None]))
+            A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
+            out += _dot(A, Wt, DOT)
+        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+    if MODE == 2:
+        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+    dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H, D,
+                       NORM)  # fmt: skip
+    tl.store(DG + (bh * NCH + c) * BD + offs_d, dg)
+    tl.store(DB + (bh * NCH + c) * BD + offs_d, db)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -369,25 +550,13 @@ def sweep_kernel(
         s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
         mask = causal & rmask[None, :]
         A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
-        x1 = (C1 * sc) * x  # [BC, BD]
-        if MODE == 1:  # r = -(dO . out) / den^2 meets U . W in P: both to ~fp32 (see P)
-            out = _dot_x3(A, Wt, DOT)
+        out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc,
+                                  C0, C1, C2, DOT, MODE, BC, BD, BA, HAS_C2)  # fmt: skip
+        if MODE == 1:  # r = -(dO . out) / den^2 meets U . W in P: both to ~fp32 (_pair_grad)
+            out += _dot_x3(A, Wt, DOT)
         else:
-            out = _dot(A, Wt, DOT)
-        out += C0 * S0[None, :] + _dot_state(x1, S1, DOT, MODE)  # [BC, BV]
-        den = tl.sum(A * wc[None, :], 1) + C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
-        if HAS_C2:
-            xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
-            if BA == BD:
-                x2 = _outer(x, BC, BD)  # [BC, BD*BD]
-                out += (C2 * sc * sc) * _dot_state(x2, S2, DOT, MODE)
-            else:
-                for a0 in range(0, BD, BA):
-                    blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
-                                  mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
-                    xb = _outer_block(x, a0, BC, BA, BD)  # [BC, BA*BD]
-                    out += (C2 * sc * sc) * _dot_state(xb, blk, DOT, MODE)
-            den += (C2 * sc * sc) * tl.sum(x * xz, 1)
+            out += _dot(A, Wt, DOT)
+        den += tl.sum(A * wc[None, :], 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
             if NORMALIZE:
@@ -395,53 +564,19 @@ def sweep_kernel(
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
         else:
             if MODE == 1:
-                dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
-                inv = 1.0 / (den + eps)
-                if NORMALIZE:
-                    Ut = dO * inv[:, None]
-                    u = -tl.sum(dO * out, 1) * inv * inv
-                else:
-                    Ut = dO
-                    u = inv * 0.0
-                tl.store(GOUT + o_ptrs, Ut, mask=tv_mask)
-                tl.store(ROUT + tok + rows * H, u, mask=rmask)
+                Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows,
+                                          rmask, H, eps, NORMALIZE)  # fmt: skip
             else:
                 tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
                 Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
                 u = rmask.to(tl.float32)
-            # ~fp32 (3 tf32 passes): P = (dO . v_j - dO . o_i) / den cancels when v_j ~ o_i
-            # (T = 1 normalised: entirely); tf32 P measured dq errors of 4.3e-2 (fp16, H100)
-            P = _dot_x3(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
-            G = tl.where(mask, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
-            dphi1 = _dot_state(Ut, tl.trans(S1), DOT, MODE) + u[:, None] * z1[None, :]  # [BC, BD]
-            # exact fp32: LayerNorm's backward projects dx' onto the complement of (1, xhat),
-            # which can keep 1/100 of its norm; tf32 y measured dq errors of 4e-2 (bf16, T=1)
-            dxp = sc * tl.dot(G, y, input_precision="ieee") + (C1 * sc) * dphi1  # [BC, BD]
-            if HAS_C2:  # S_2 and z_2 are symmetric
-                if BA == BD:
-                    dphi2 = tl.reshape(_dot_state(Ut, tl.trans(S2), DOT, MODE), (BC, BD, BD))
-                    dx2 = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BD]
-                else:
-                    dx2 = xz * 0.0
-                    # dx2[c, a] += sum_b (U S_2[a, b])[c] x[c, b] over this block's rows a,
-                    # with 0/1 matrices (exact fp32 products) instead of a 3-D reshape
-                    j = tl.arange(0, BA * BD)  # block row a0 + j // BD, column j % BD
-                    rep = (offs_d[:, None] == (j % BD)[None, :]).to(tl.float32)  # [BD, BA*BD]
-                    xrep = tl.dot(x, rep, input_precision="ieee")  # [BC, BA*BD]: x[c, j % BD]
-                    for a0 in range(0, BD, BA):
-                        blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
-                                      mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
-                        sel = ((a0 + j // BD)[:, None] == offs_d[None, :]).to(tl.float32)
-                        dphi2 = _dot_state(Ut, tl.trans(blk), DOT, MODE)  # [BC, BA*BD]
-                        dx2 += tl.dot(dphi2 * xrep, sel, input_precision="ieee")  # [BC, BD]
-                dxp += (2.0 * C2 * sc * sc) * (dx2 + u[:, None] * xz)
-            dxp = tl.where(rmask[:, None], dxp, 0.0)
-            dx, dg, db = _pre_backward(dxp, xh, rstd, XG + h * pgx_stride, offs_d, D, NORM)
+            dxp = _pair_grad(Ut, u, Wt, wc, s, mask, y, sc, C1, C2, DOT)
+            dxp += _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask,
+                                   Dv, sc, C1, C2, DOT, MODE, BC, BD, BA, HAS_C2)  # fmt: skip
+            dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d,
+                               H, D, NORM)  # fmt: skip
             dg_acc += dg
             db_acc += db
-            dmask = rmask[:, None] & (offs_d < D)[None, :]
-            tl.store(DX + (tok + rows[:, None] * H) * D + offs_d[None, :],
-                     dx.to(DX.dtype.element_ty), mask=dmask)  # fmt: skip
         S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v,
                                          vmask, Dv, DOT, BC, BD, BA, HAS_C2)  # fmt: skip
     if MODE != 0:
