@@ -134,6 +134,8 @@ class _Call:
         if self.BD > 16:  # 64-row chunks need > 227 KB of shared memory at BD = 64
             self.BC = min(self.BC, 32)
         self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
+        # the tiles variant keeps the whole state on chip: D <= 16, else it walks
+        self.tiles = config.get("variant", "walk") == "tiles" and self.BA == self.BD
         self.num_warps = NUM_WARPS
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
@@ -172,70 +174,38 @@ class _Call:
         )  # fmt: skip
         return _scan(seg_S, init_S, reverse), _scan(seg_z[..., None], init_z, reverse)
 
-    def sweep(self, mode: int, prefix, **t) -> None:
-        fm, attn = self.fm, self.attn
-        BH, Dv = self.B * self.H, self.Dv
-        BV = t.pop("BV")
-        from .kernels import sweep_kernel
+    def sweep(self, mode: int, states, **t) -> None:
+        """The second kernel of mode 0 (forward), 1 (dq) or 2 (dk, dv) from the segments'
+        ``states``: ``sweep_kernel`` walks each segment, ``tile_kernel`` (``self.tiles``)
+        runs one program per chunk. ``t``: the tensors by kernel argument name, and BV."""
+        from .kernels import sweep_kernel, tile_kernel
 
-        reverse = mode == 2
-        (xg, xb, xs), (yg, yb, ys) = self.sides(reverse)
+        fm, attn = self.fm, self.attn
+        BH, Dv, BV = self.B * self.H, self.Dv, t.pop("BV")
+        q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
+        (xg, xb, xs), (yg, yb, ys) = (k, q) if mode == 2 else (q, k)  # rows, columns
         dummy = self.v
-        grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
-        (S_pre, _), (z_pre, _) = prefix
-        sweep_kernel[grid](
+        (S_st, _), (z_st, _) = states
+        args = (
             t["X"], xg, xb, t["Y"], yg, yb, t["W"], t.get("Wsc", dummy), t.get("U", dummy),
-            t.get("DO", dummy), S_pre, z_pre,
+            t.get("DO", dummy), S_st, z_st,
             t.get("OUT", dummy), t.get("GOUT", dummy), t.get("ROUT", dummy),
             t.get("DX", dummy), t.get("DG", dummy), t.get("DB", dummy),
             self.T, self.H, self.D, Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
-            BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, MODE=mode, REVERSE=reverse,
-            HAS_WSC="Wsc" in t,
-            HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
         )  # fmt: skip
+        flags = dict(BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
+                     HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps)  # fmt: skip
+        if self.tiles:
+            tile_kernel[(triton_cdiv(self.T, self.BC), BH, triton_cdiv(Dv, BV))](*args, **flags)
+        else:
+            grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
+            sweep_kernel[grid](*args, BA=self.BA, REVERSE=mode == 2, **flags)
 
-    def sides(self, reverse: bool) -> tuple[tuple, tuple]:
-        """``((gamma, beta, stride) of the row side, ... of the column side)``: q then k, or
-        k then q for the reverse (dk, dv) sweep."""
-        q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
-        return (k, q) if reverse else (q, k)
-
-    def tiles(self, prefix, o: torch.Tensor, BV: int) -> None:
-        """The forward's ``tiles`` variant: one program per query chunk (``kernels``)."""
-        from .kernels import tile_forward_kernel
-
-        fm, attn = self.fm, self.attn
-        (S_pre, _), (z_pre, _) = prefix
-        grid = (triton_cdiv(self.T, self.BC), self.B * self.H, triton_cdiv(self.Dv, BV))
-        tile_forward_kernel[grid](
-            self.q, self.qg, self.qb, self.k, self.kg, self.kb, self.v, S_pre, z_pre, o,
-            self.T, self.H, self.D, self.Dv, self.qg_stride, self.kg_stride, self.NSEG, self.NCS,
-            int(fm.pre.norm), int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
-            BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, HAS_C2=self.C[2] != 0.0, DOT=self.dot,
-            num_warps=4,
-        )  # fmt: skip
-
-    def tiles_grad(self, mode: int, states, **t) -> None:
-        """The gradient modes' ``tiles`` variant (``sweep``'s arguments; one program per chunk)."""
-        from .kernels import tile_backward_kernel
-
-        fm, attn = self.fm, self.attn
-        reverse = mode == 2
-        (xg, xb, xs), (yg, yb, ys) = self.sides(reverse)
-        dummy = self.v
-        (S_st, _), (z_st, _) = states
-        grid = (triton_cdiv(self.T, self.BC), self.B * self.H)
-        tile_backward_kernel[grid](
-            t["X"], xg, xb, t["Y"], yg, yb, t["W"], t.get("Wsc", dummy), t.get("U", dummy),
-            t.get("DO", dummy), S_st, z_st,
-            t.get("OUT", dummy), t.get("GOUT", dummy), t.get("ROUT", dummy),
-            t["DX"], t["DG"], t["DB"],
-            self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
-            int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
-            BC=self.BC, BD=self.BD, BV=t["BV"], RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
-            HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps,
-        )  # fmt: skip
+    def partials(self) -> int:
+        """How many d gamma / d beta partial sums a gradient sweep leaves per (b, h): one per
+        segment (walk) or per chunk (tiles)."""
+        return triton_cdiv(self.T, self.BC) if self.tiles else self.NSEG
 
     def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
         c = self.pack @ full  # [BH, F, cols]
@@ -293,7 +263,7 @@ class TritonBackend(Backend):
     the forward's second kernel: ``walk`` (one program per segment carries the state from
     chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix state plus
     the segment's earlier chunks quadratically; D <= 16, else it walks); the backward's
-    two gradient sweeps follow the same variant (``tile_backward_kernel``)."""
+    two gradient sweeps follow the same variant (``tile_kernel``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 64,
@@ -320,10 +290,7 @@ class TritonBackend(Backend):
         )  # fmt: skip
         o = torch.empty_like(call.v)
         BV = min(BLOCK_V, max(16, triton_next_pow2(Dv)))
-        if config.get("variant", "walk") == "tiles" and call.BA == call.BD:
-            call.tiles(prefix, o, BV)
-        else:
-            call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
+        call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
         (_, S_total), (_, z_total) = prefix
         return Outputs(o, call.canonical(S_total, Dv), call.canonical(z_total, None))
 
@@ -342,12 +309,9 @@ class TritonBackend(Backend):
         g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
         r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
         dq = torch.empty_like(call.q)
-        tiles = config.get("variant", "walk") == "tiles" and call.BA == call.BD
-        parts = triton_cdiv(T, call.BC) if tiles else call.NSEG  # d gamma / d beta partials
-        dgq = torch.empty(B * H, parts, call.BD, device=dev, dtype=torch.float32)
+        dgq = torch.empty(B * H, call.partials(), call.BD, device=dev, dtype=torch.float32)
         dbq = torch.empty_like(dgq)
-        grad_sweep = call.tiles_grad if tiles else call.sweep
-        grad_sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
+        call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
                    ROUT=r, DX=dq, DG=dgq, DB=dbq, BV=BV)  # fmt: skip
         suffix = call.states(
             call.q, call.qg, call.qb, call.qg_stride, g, r,
@@ -356,7 +320,7 @@ class TritonBackend(Backend):
         dk = torch.empty_like(call.k)
         dv = torch.empty_like(call.v)
         dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
-        grad_sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
+        call.sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
                    DB=dbk, BV=BV)  # fmt: skip
         (_, dS_total), (_, dz_total) = suffix
         has_state = x.S0 is not None

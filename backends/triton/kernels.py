@@ -308,6 +308,34 @@ def _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T, H, 
 
 
 @triton.jit
+def _sim(x, y, keep, sc, C0, C1, C2, DOT: tl.constexpr):
+    """``(s, A)`` of a chunk pair: ``s = sc x' y'^T`` and ``A = sim(s)`` on the kept pairs."""
+    s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
+    return s, tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)
+
+
+@triton.jit
+def _keep(j, c, cmask, offs_c, REVERSE: tl.constexpr):
+    """The causal pairs of row chunk c and column chunk j: all of an earlier (later when
+    ``REVERSE``) chunk, the lower (upper) triangle of the diagonal one; valid columns only."""
+    if REVERSE:
+        inside = (j > c) | (offs_c[None, :] >= offs_c[:, None])
+    else:
+        inside = (j < c) | (offs_c[None, :] <= offs_c[:, None])
+    return cmask[None, :] & inside  # [BC, BC]
+
+
+@triton.jit
+def _dot_A(A, Wt, DOT: tl.constexpr, MODE: tl.constexpr):
+    """``A W``: to ~fp32 in the dq sweep, where r = -(dO . out) / den^2 meets U . W in P
+    (``_pair_grad``), else in the sweep's precision."""
+    if MODE == 1:
+        return _dot_x3(A, Wt, DOT)
+    else:
+        return _dot(A, Wt, DOT)
+
+
+@triton.jit
 def _program(T, H, Dv, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """A ``(segment, batch*head, value block)`` program's indices: ``(seg, bh, h, tok,
     offs_c [BC], offs_d [BD], offs_f [BD*BD], offs_v [BV], vmask [BV])``; ``tok`` is token
@@ -369,72 +397,28 @@ def segment_state_kernel(
 
 
 @triton.jit(do_not_specialize=RUNTIME)
-def tile_forward_kernel(
-    X, XG, XB, Y, YG, YB, W, Sst, Zst, OUT,
-    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
-    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
-    HAS_C2: tl.constexpr, DOT: tl.constexpr,
-):  # fmt: skip
-    """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: the forward, one query chunk per program.
-
-    The ``tiles`` variant: no walk. Chunk c of segment ``c // NCS`` takes the segment's prefix
-    state (``Sst``, ``Zst``: what ``segment_state_kernel`` and ``prefix_kernel`` leave) and
-    adds the earlier key chunks of its own segment quadratically, ``A_ij = sim(sc x'_i.y'_j)``
-    from the raw D-dim q', k', up to and including its diagonal chunk:
-    ``out_i = phi(x_i) . S + sum_j A_ij W_j``, ``den_i = phi(x_i) . z + sum_j A_ij``. Every
-    program is independent (a sequence's chunks all run at once); the price is the
-    quadratic part, ``NCS / 2`` chunk products per chunk on average. D <= 16 only."""
-    c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    tok = b * T * H + h
-    offs_c, offs_d, offs_f = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BD * BD)
-    offs_v = vb * BV + tl.arange(0, BV)
-    vmask = offs_v < Dv
-    seg = c // NCS
-    base = (bh * NSEG + seg) * RF
-    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
-                                         False)  # fmt: skip
-    rows = c * BC + offs_c
-    rmask = rows < T
-    x, _, _ = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
-                   D, H * D, NORM)  # [BC, BD]  # fmt: skip
-    out, den, _ = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
-                             C2, DOT, 0, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
-    for j in range(seg * NCS, c + 1):  # the segment's key chunks up to the diagonal one
-        y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T, H,
-                                     D, Dv, pgy_stride, NORM, BC)  # [BC, BD], [BC, BV]  # fmt: skip
-        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
-        keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
-        A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
-        out += _dot(A, Wt, DOT)
-        den += tl.sum(A, 1)
-    if NORMALIZE:
-        out = out / (den + eps)[:, None]
-    tl.store(OUT + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
-             out.to(OUT.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])  # fmt: skip
-
-
-@triton.jit(do_not_specialize=RUNTIME)
-def tile_backward_kernel(
+def tile_kernel(
     X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
     OUT, GOUT, ROUT, DX, DG, DB,
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
     MODE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant of ``sweep_kernel``'s gradient
-    modes, one chunk per program (``BV >= Dv``; D <= 16).
+    """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: the ``tiles`` variant of ``sweep_kernel``,
+    one chunk per program instead of a walk (D <= 16; the gradient modes need ``BV >= Dv``).
 
-    MODE 1 (x = q, y = k, W = v): the chunk's out and den from its segment's prefix state
-    and the segment's key chunks up to the diagonal (first pass), then ``U = g``, ``u = r``
-    (stored), then ``dq`` from the same key chunks (second pass) and the state.
-    MODE 2 (x = k, y = q, W = g, w = r, U = v): the segment's suffix state and its query
-    chunks from the diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    Chunk c of segment ``c // NCS`` takes the segment's prefix (suffix in MODE 2) state and
+    adds its segment's other chunks quadratically, ``A_ij = sim(sc x'_i.y'_j)`` from the raw
+    D-dim q', k'; every program is independent, the price is ``NCS / 2`` chunk products per
+    chunk on average. MODE 0 (forward) and MODE 1 (dq) take the key chunks up to the
+    diagonal: out and den (first pass), then in MODE 1 ``U = g``, ``u = r`` (stored) and dq
+    from the same chunks (second pass). MODE 2 (x = k, y = q, W = g, w = r, U = v) takes the
+    query chunks from the diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
+    c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     tok = b * T * H + h
     offs_c, offs_d, offs_f = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BD * BD)
-    offs_v = tl.arange(0, BV)
+    offs_v = vb * BV + tl.arange(0, BV)
     vmask = offs_v < Dv
     NCH = tl.cdiv(T, BC)
     seg = c // NCS
@@ -448,48 +432,49 @@ def tile_backward_kernel(
     x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
                        D, H * D, NORM)  # [BC, BD]  # fmt: skip
     out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
-                              C2, DOT, MODE, BC, BD, BD, HAS_C2)  # fmt: skip
-    if MODE == 1:
-        lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
-    else:
+                              C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
+    if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
-    if MODE == 1:  # first pass: the row weights need the whole row's out and den
+    else:
+        lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
+    if MODE != 2:  # first pass: out and den of the whole row
         for j in range(lo, hi):
             y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
                                          T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
-            s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
-            keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
-            A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
-            out += _dot_x3(A, Wt, DOT)
+            s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
+            out += _dot_A(A, Wt, DOT, MODE)
             den += tl.sum(A, 1)
-        Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask, H,
-                                  eps, NORMALIZE)  # fmt: skip
-    else:
-        Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
-        u = rmask.to(tl.float32)
-    dxp = _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc, C1,
-                          C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
-    for j in range(lo, hi):
-        y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T,
-                                     H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
-        if HAS_WSC:
-            wc = tl.load(Wsc + tok + (j * BC + offs_c) * H, mask=cmask, other=0.0)  # [BC]
-        else:
-            wc = cmask.to(tl.float32)
-        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
-        if MODE == 1:
-            keep = cmask[None, :] & ((j < c) | (offs_c[None, :] <= offs_c[:, None]))
-        else:
-            keep = cmask[None, :] & ((j > c) | (offs_c[None, :] >= offs_c[:, None]))
-            A = tl.where(keep, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
-            out += _dot(A, Wt, DOT)
-        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
-    if MODE == 2:
+    if MODE == 0:
+        if NORMALIZE:
+            out = out / (den + eps)[:, None]
         tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-    dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H, D,
-                       NORM)  # fmt: skip
-    tl.store(DG + (bh * NCH + c) * BD + offs_d, dg)
-    tl.store(DB + (bh * NCH + c) * BD + offs_d, db)
+    else:
+        if MODE == 1:
+            Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask,
+                                      H, eps, NORMALIZE)  # fmt: skip
+        else:
+            Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+            u = rmask.to(tl.float32)
+        dxp = _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc,
+                              C1, C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
+        for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
+            y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
+                                         T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
+            if HAS_WSC:
+                wc = tl.load(Wsc + tok + (j * BC + offs_c) * H, mask=cmask, other=0.0)  # [BC]
+            else:
+                wc = cmask.to(tl.float32)
+            keep = _keep(j, c, cmask, offs_c, MODE == 2)
+            s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
+            if MODE == 2:
+                out += _dot(A, Wt, DOT)
+            dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+        if MODE == 2:
+            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+        dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
+                           D, NORM)  # fmt: skip
+        tl.store(DG + (bh * NCH + c) * BD + offs_d, dg)
+        tl.store(DB + (bh * NCH + c) * BD + offs_d, db)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -523,10 +508,6 @@ def sweep_kernel(
     base = (bh * NSEG + seg) * RF
     S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
                                          BA < BD)  # fmt: skip
-    if REVERSE:
-        causal = offs_c[None, :] >= offs_c[:, None]  # [BC, BC]
-    else:
-        causal = offs_c[None, :] <= offs_c[:, None]
     dg_acc = tl.zeros([BD], tl.float32)
     db_acc = tl.zeros([BD], tl.float32)
     for i in range(NCS):
@@ -547,15 +528,11 @@ def sweep_kernel(
             wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
         else:
             wc = rmask.to(tl.float32)
-        s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
-        mask = causal & rmask[None, :]
-        A = tl.where(mask, C0 + C1 * s + C2 * s * s, 0.0)  # [BC, BC]
+        mask = _keep(c, c, rmask, offs_c, REVERSE)  # the diagonal chunk
+        s, A = _sim(x, y, mask, sc, C0, C1, C2, DOT)  # [BC, BC]
         out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc,
                                   C0, C1, C2, DOT, MODE, BC, BD, BA, HAS_C2)  # fmt: skip
-        if MODE == 1:  # r = -(dO . out) / den^2 meets U . W in P: both to ~fp32 (_pair_grad)
-            out += _dot_x3(A, Wt, DOT)
-        else:
-            out += _dot(A, Wt, DOT)
+        out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         if MODE == 0:
