@@ -609,15 +609,13 @@ def decode_kernel(
     H, D, Dv, F, pg_stride, NORM, NORMALIZE, eps,
     BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(B*H, cdiv(Dv, BV))``: one token on the canonical packed state ``S [F, Dv]``,
-    ``z [F]``; each program owns one value block (the feature map is recomputed per block:
-    a few hundred FLOPs, against a latency-bound walk over all of Dv in one program).
+    """Grid ``(B*H,)``: one token on the canonical packed state ``S [F, Dv]``, ``z [F]``.
 
     ``phi(x)[f] = WF[f] * x'[I0[f]] * x'[I1[f]]`` (index D stands for 1);
     ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``.
     The state is read before it is written, by the same program: ``S_OUT`` may be ``S``.
     """
-    bh, vb = tl.program_id(0), tl.program_id(1)
+    bh = tl.program_id(0)
     h = bh % H
     offs_f = tl.arange(0, BF)
     fmask = offs_f < F
@@ -630,16 +628,16 @@ def decode_kernel(
                         NORM, BD)  # [BF]  # fmt: skip
     z = tl.load(Z + bh * F + offs_f, mask=fmask, other=0.0) + phi_k  # [BF]
     den = tl.sum(phi_q * z, 0) + eps
-    offs_v = vb * BV + tl.arange(0, BV)
-    vmask = offs_v < Dv
-    m = fmask[:, None] & vmask[None, :]
-    ptrs = (bh * F + offs_f[:, None]) * Dv + offs_v[None, :]  # [BF, BV]
-    v = tl.load(V + bh * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)  # [BV]
-    St = tl.load(S + ptrs, mask=m, other=0.0) + phi_k[:, None] * v[None, :]
-    tl.store(S_OUT + ptrs, St, mask=m)
-    o = tl.sum(phi_q[:, None] * St, 0)  # [BV]
-    if NORMALIZE:
-        o = o / den
-    tl.store(O + bh * Dv + offs_v, o.to(O.dtype.element_ty), mask=vmask)
-    if vb == 0:  # z is read by every block, written by one
-        tl.store(Z_OUT + bh * F + offs_f, z, mask=fmask)
+    for v0 in range(0, Dv, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        vmask = offs_v < Dv
+        m = fmask[:, None] & vmask[None, :]
+        ptrs = (bh * F + offs_f[:, None]) * Dv + offs_v[None, :]  # [BF, BV]
+        v = tl.load(V + bh * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)
+        St = tl.load(S + ptrs, mask=m, other=0.0) + phi_k[:, None] * v[None, :]
+        tl.store(S_OUT + ptrs, St, mask=m)
+        o = tl.sum(phi_q[:, None] * St, 0)  # [BV]
+        if NORMALIZE:
+            o = o / den
+        tl.store(O + bh * Dv + offs_v, o.to(O.dtype.element_ty), mask=vmask)
+    tl.store(Z_OUT + bh * F + offs_f, z, mask=fmask)
