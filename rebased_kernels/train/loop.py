@@ -299,7 +299,7 @@ def train(
                 "elapsed_s": elapsed0 + time.perf_counter() - start,
             }
             history.append(row)
-            loss_sum, loss_count = 0.0, 0
+            loss_count = 0
             loss_acc.zero_()
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{acc:.3f}")
             if metrics_path is not None:
