@@ -60,13 +60,17 @@ def warm(names: list[str] | None, dtypes: list[torch.dtype], shapes: list[tuple]
          device: str, workers: int | None = None) -> dict:  # fmt: skip
     """Run every job of ``jobs`` in its own process, ``workers`` at a time; wall seconds and
     the failures (a configuration that fails here is the tuner's to report, not ours)."""
-    todo = jobs(names, dtypes, shapes, device)
+    # the per-shape compiles (torch.compile graphs) are the longest: first, so none is last
+    todo = sorted(jobs(names, dtypes, shapes, device), key=lambda j: j[5] is None)
     workers = workers or max(1, min(len(todo), (os.cpu_count() or 2) - 1))
     start = time.perf_counter()
+    # the jobs already fill the cores: one Inductor compile thread each, not a pool per job
+    # (compile_threads is not part of Inductor's cache key)
+    env = {"TORCHINDUCTOR_COMPILE_THREADS": "1", **os.environ}
 
     def run(job) -> str | None:
         code = f"from rebased_kernels.autotune.warm import one; one(*{job!r})"
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         return None if p.returncode == 0 else f"{job}: {p.stderr.strip()[-300:]}"
 
     with ThreadPoolExecutor(workers) as pool:
