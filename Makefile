@@ -54,6 +54,7 @@ GPU_ENV = env -u PYTHONDONTWRITEBYTECODE PYTHONPATH=/tmp/site PYTHONPYCACHEPREFI
 # default stages of each GPU target (STAGES=a,b overrides; a comma list cannot sit in $(or))
 CHECK_STAGES = properties,oracle,fla,profile,timings,stress
 TUNE_STAGES = tune,asv
+ASV_BACKENDS ?= triton,fla,torch
 MQAR_STAGES = reach,speed,table1,iou
 gpu-check:
 	$(GPU_INSTALL)
@@ -70,7 +71,7 @@ gpu-check:
 gpu-tune:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
-		--stages $(or $(STAGES),$(TUNE_STAGES)) --asv-backends triton,fla \
+		--stages $(or $(STAGES),$(TUNE_STAGES)) --asv-backends $(ASV_BACKENDS) \
 		$(if $(TUNE_TOTAL),--tune-total $(TUNE_TOTAL)) \
 		$(if $(TUNE_BACKENDS),--tune-backends $(TUNE_BACKENDS))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,9 +100,10 @@ def asv(log: dict, out: str, machine: str, backends: str, bench: str) -> None:
     The device copy of the checkout has no ``.git``: ``.asvgit/repo.bundle`` (``git bundle
     create .asvgit/repo.bundle HEAD main``, carried) gives asv the commit to file results under."""
     repo = Path("/tmp/rk-asv-repo")
-    if not repo.exists():
-        bundle = str(ROOT / ".asvgit/repo.bundle")
-        subprocess.run(["git", "clone", "-q", "-b", "main", bundle, str(repo)], check=True)
+    if repo.exists():  # an earlier run's clone would file results under its own commit
+        shutil.rmtree(repo)
+    bundle = str(ROOT / ".asvgit/repo.bundle")
+    subprocess.run(["git", "clone", "-q", "-b", "main", bundle, str(repo)], check=True)
     commit = subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True)
     conf = json.loads((ROOT / "asv_bench/asv.conf.json").read_text())
     conf.update(repo=str(repo), benchmark_dir=str(ROOT / "asv_bench/benchmarks"),
