@@ -41,6 +41,14 @@ def median_ms(fn: Callable[[], object], device: str, warmup: int = 3, repeats: i
     return interleaved_ms([fn], device, warmup, repeats)[0]
 
 
+def budget_ms(fn: Callable[[], object], device: str, budget: float = 250.0, lo: int = 5,
+              hi: int = 20) -> float:  # fmt: skip
+    """``median_ms`` with ``hi`` repeats, fewer for a slow call (at least ``lo``): about
+    ``budget`` ms of timing after one warm-up call, which also sizes the repeats."""
+    first = one_ms(fn, device)
+    return median_ms(fn, device, warmup=0, repeats=max(lo, min(hi, int(budget / first))))
+
+
 def interleaved_ms(fns: list[Callable[[], object]], device: str, warmup: int = 3,
                    repeats: int = 15) -> list[float]:  # fmt: skip
     """Median ms of each of ``fns``, timed call by call in turn (a drift of the machine's

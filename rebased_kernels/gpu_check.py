@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             fla_check(log)
         elif name == "sweep":
             configs = be.configs()
+            sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
         elif name == "timings":
             Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))

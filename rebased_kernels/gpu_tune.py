@@ -121,7 +121,7 @@ def asv(log: dict, out: str, machine: str, backends: str, bench: str) -> None:
     proc = subprocess.run(
         [*asv_cmd, "run", "--config", str(path), "-E", f"existing:{sys.executable}",
          "--set-commit-hash", commit.strip(), "--machine", machine, "--bench", bench,
-         "--show-stderr"],
+         "--show-stderr", "-a", "rounds=1"],
         env=env,
     )  # fmt: skip
     log["asv"] = dict(commit=commit.strip(), machine=machine, backends=backends, bench=bench,

@@ -174,10 +174,12 @@ class _Call:
         )  # fmt: skip
         return _scan(seg_S, init_S, reverse), _scan(seg_z[..., None], init_z, reverse)
 
-    def sweep(self, mode: int, states, **t) -> None:
+    def sweep(self, mode: int, states, carried: bool = False, **t) -> None:
         """The second kernel of mode 0 (forward), 1 (dq) or 2 (dk, dv) from the segments'
         ``states``: ``sweep_kernel`` walks each segment, ``tile_kernel`` (``self.tiles``)
-        runs one program per chunk. ``t``: the tensors by kernel argument name, and BV."""
+        runs one program per chunk. ``t``: the tensors by kernel argument name, and BV.
+        ``carried``: the states start from the caller's state (an initial state, or a final
+        state's cotangent); a gradient sweep then takes its state products to ~fp32."""
         from .kernels import sweep_kernel, tile_kernel
 
         fm, attn = self.fm, self.attn
@@ -195,7 +197,8 @@ class _Call:
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
         )  # fmt: skip
         flags = dict(BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
-                     HAS_C2=self.C[2] != 0.0, DOT=self.dot, num_warps=self.num_warps)  # fmt: skip
+                     HAS_C2=self.C[2] != 0.0, DOT=self.dot, X3=carried and mode != 0,
+                     num_warps=self.num_warps)  # fmt: skip
         if self.tiles:
             tile_kernel[(triton_cdiv(self.T, self.BC), BH, triton_cdiv(Dv, BV))](*args, **flags)
         else:
@@ -311,8 +314,9 @@ class TritonBackend(Backend):
         dq = torch.empty_like(call.q)
         dgq = torch.empty(B * H, call.partials(), call.BD, device=dev, dtype=torch.float32)
         dbq = torch.empty_like(dgq)
-        call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=grads.o.contiguous(), GOUT=g,
-                   ROUT=r, DX=dq, DG=dgq, DB=dbq, BV=BV)  # fmt: skip
+        call.sweep(1, prefix, x.S0 is not None or x.z0 is not None, X=call.q, Y=call.k,
+                   W=call.v, DO=grads.o.contiguous(), GOUT=g, ROUT=r, DX=dq, DG=dgq, DB=dbq,
+                   BV=BV)  # fmt: skip
         suffix = call.states(
             call.q, call.qg, call.qb, call.qg_stride, g, r,
             call.full(grads.S, Dv), call.full(grads.z, 1), reverse=True,
@@ -320,8 +324,9 @@ class TritonBackend(Backend):
         dk = torch.empty_like(call.k)
         dv = torch.empty_like(call.v)
         dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
-        call.sweep(2, suffix, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk, DG=dgk,
-                   DB=dbk, BV=BV)  # fmt: skip
+        carried = grads.S is not None or grads.z is not None
+        call.sweep(2, suffix, carried, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk,
+                   DG=dgk, DB=dbk, BV=BV)  # fmt: skip
         (_, dS_total), (_, dz_total) = suffix
         has_state = x.S0 is not None
         return Inputs(

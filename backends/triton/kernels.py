@@ -127,14 +127,16 @@ def _dot_x3(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _dot_state(a, b, DOT: tl.constexpr, MODE: tl.constexpr):
-    """Products with the state: tf32 in the forward (``_dot_tf32``), ~fp32 (``_dot_x3``) in
-    the gradient sweeps, whose states carry the cotangents of the final state: random-sign
-    sums that cancel; tf32 there measured dv errors of 1.5e-2 (fp16, T=1, H100)."""
-    if MODE == 0:
-        return _dot_tf32(a, b, DOT)
-    else:
+def _dot_state(a, b, DOT: tl.constexpr, X3: tl.constexpr):
+    """Products with the state: tf32 (``_dot_tf32``), or ~fp32 (``_dot_x3``) with ``X3``: a
+    gradient sweep whose state carries the caller's cotangent of the final state (or an
+    initial state) sums random-sign terms that cancel; tf32 there measured dv errors of
+    1.5e-2 (fp16, T=1, H100). ``X3`` is off without a carried state: it doubles the sweeps'
+    register spills (ptxas, sm_90a) and measured 4x slower gradient sweeps."""
+    if X3:
         return _dot_x3(a, b, DOT)
+    else:
+        return _dot_tf32(a, b, DOT)
 
 
 @triton.jit
@@ -198,40 +200,40 @@ def _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v, vmask, Dv,
 
 @triton.jit
 def _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1, C2,
-               DOT: tl.constexpr, MODE: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+               DOT: tl.constexpr, X3: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                BA: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
     """The state's part of a chunk: ``(phi(x) . S [BC, BV], phi(x) . z [BC], x z_2 [BC, BD])``
     with ``phi(x) . S = C0 S_0 + C1 sc x.S_1 + C2 sc^2 (x (x) x).S_2`` (S_2 streamed from
     ``Sst`` in blocks of BA rows of a when ``BA < BD``)."""
     x1 = (C1 * sc) * x  # [BC, BD]
-    out = C0 * S0[None, :] + _dot_state(x1, S1, DOT, MODE)  # [BC, BV]
+    out = C0 * S0[None, :] + _dot_state(x1, S1, DOT, X3)  # [BC, BV]
     den = C0 * z0 + tl.sum(x1 * z1[None, :], 1)  # [BC]
     xz = x * 0.0
     if HAS_C2:
         xz = tl.dot(x, z2, input_precision="ieee")  # [BC, BD]
         if BA == BD:
-            out += (C2 * sc * sc) * _dot_state(_outer(x, BC, BD), S2, DOT, MODE)
+            out += (C2 * sc * sc) * _dot_state(_outer(x, BC, BD), S2, DOT, X3)
         else:
             for a0 in range(0, BD, BA):
                 blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
                               mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
                 xb = _outer_block(x, a0, BC, BA, BD)  # [BC, BA*BD]
-                out += (C2 * sc * sc) * _dot_state(xb, blk, DOT, MODE)
+                out += (C2 * sc * sc) * _dot_state(xb, blk, DOT, X3)
         den += (C2 * sc * sc) * tl.sum(x * xz, 1)
     return out, den, xz
 
 
 @triton.jit
 def _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc, C1,
-                    C2, DOT: tl.constexpr, MODE: tl.constexpr, BC: tl.constexpr,
+                    C2, DOT: tl.constexpr, X3: tl.constexpr, BC: tl.constexpr,
                     BD: tl.constexpr, BA: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
     """The state's part of ``dx'`` [BC, BD]: ``d phi(x_i)/dx' . (S U_i + z u_i)`` (S_2 and
     z_2 are symmetric)."""
-    dphi1 = _dot_state(Ut, tl.trans(S1), DOT, MODE) + u[:, None] * z1[None, :]  # [BC, BD]
+    dphi1 = _dot_state(Ut, tl.trans(S1), DOT, X3) + u[:, None] * z1[None, :]  # [BC, BD]
     dxp = (C1 * sc) * dphi1
     if HAS_C2:
         if BA == BD:
-            dphi2 = tl.reshape(_dot_state(Ut, tl.trans(S2), DOT, MODE), (BC, BD, BD))
+            dphi2 = tl.reshape(_dot_state(Ut, tl.trans(S2), DOT, X3), (BC, BD, BD))
             dx2 = tl.sum(dphi2 * x[:, None, :], 2)  # [BC, BD]
         else:
             dx2 = xz * 0.0
@@ -244,7 +246,7 @@ def _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, 
                 blk = tl.load(_block_ptrs(Sst, base, a0, offs_v, Dv, BA, BD),
                               mask=vmask[None, :], other=0.0)  # [BA*BD, BV]  # fmt: skip
                 sel = ((a0 + j // BD)[:, None] == offs_d[None, :]).to(tl.float32)
-                dphi2 = _dot_state(Ut, tl.trans(blk), DOT, MODE)  # [BC, BA*BD]
+                dphi2 = _dot_state(Ut, tl.trans(blk), DOT, X3)  # [BC, BA*BD]
                 dx2 += tl.dot(dphi2 * xrep, sel, input_precision="ieee")  # [BC, BD]
         dxp += (2.0 * C2 * sc * sc) * (dx2 + u[:, None] * xz)
     return dxp
@@ -403,6 +405,7 @@ def tile_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
     MODE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
+    X3: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: the ``tiles`` variant of ``sweep_kernel``,
     one chunk per program instead of a walk (D <= 16; the gradient modes need ``BV >= Dv``).
@@ -432,7 +435,7 @@ def tile_kernel(
     x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
                        D, H * D, NORM)  # [BC, BD]  # fmt: skip
     out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
-                              C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
+                              C2, DOT, X3, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
     if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
@@ -456,7 +459,7 @@ def tile_kernel(
             Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
             u = rmask.to(tl.float32)
         dxp = _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc,
-                              C1, C2, DOT, MODE, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
+                              C1, C2, DOT, X3, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
         for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
             y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
                                          T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
@@ -484,7 +487,7 @@ def sweep_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BD: tl.constexpr, BA: tl.constexpr, BV: tl.constexpr,
     RF: tl.constexpr, MODE: tl.constexpr, REVERSE: tl.constexpr, HAS_WSC: tl.constexpr,
-    HAS_C2: tl.constexpr, DOT: tl.constexpr,
+    HAS_C2: tl.constexpr, DOT: tl.constexpr, X3: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, cdiv(Dv, BV))``: walk one segment's chunks from its prefix state.
 
@@ -531,7 +534,7 @@ def sweep_kernel(
         mask = _keep(c, c, rmask, offs_c, REVERSE)  # the diagonal chunk
         s, A = _sim(x, y, mask, sc, C0, C1, C2, DOT)  # [BC, BC]
         out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc,
-                                  C0, C1, C2, DOT, MODE, BC, BD, BA, HAS_C2)  # fmt: skip
+                                  C0, C1, C2, DOT, X3, BC, BD, BA, HAS_C2)  # fmt: skip
         out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
@@ -549,7 +552,7 @@ def sweep_kernel(
                 u = rmask.to(tl.float32)
             dxp = _pair_grad(Ut, u, Wt, wc, s, mask, y, sc, C1, C2, DOT)
             dxp += _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask,
-                                   Dv, sc, C1, C2, DOT, MODE, BC, BD, BA, HAS_C2)  # fmt: skip
+                                   Dv, sc, C1, C2, DOT, X3, BC, BD, BA, HAS_C2)  # fmt: skip
             dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d,
                                H, D, NORM)  # fmt: skip
             dg_acc += dg
