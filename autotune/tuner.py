@@ -56,9 +56,13 @@ def bucket_of(shape: tuple, dtype: torch.dtype, device: str, fm, normalize: bool
     return attn, problem, bucket_key(problem, T, B * H)
 
 
-def random_grads(out: Outputs) -> Outputs:
-    """Random cotangents for every output of a forward."""
-    return Outputs(*(torch.randn_like(t) for t in out))
+def random_grads(out: Outputs, state: bool = False) -> Outputs:
+    """Random cotangents of a forward's outputs: of o only, as in training (no final state
+    is returned there), or of the final state too with ``state`` (a backend may take a
+    slower, more exact path for those: triton's ``X3``)."""
+    if state:
+        return Outputs(*(torch.randn_like(t) for t in out))
+    return Outputs(torch.randn_like(out.o), None, None)
 
 
 def _inputs(B, T, H, D, Dv, dtype, device, fm, seed) -> tuple[Inputs, dict]:

@@ -91,6 +91,9 @@ class Backend:
     compiles_per_shape: ClassVar[bool] = False
     """Whether each new (B, T bucket, H) compiles again (static graphs): the tuner's
     precompile (``autotune.warm``) then compiles each tuned shape, not one small call."""
+    state_cotangents_optional: ClassVar[bool] = False
+    """Whether ``backward_dense`` takes ``grads.S = grads.z = None`` (no final state in the
+    loss, as in training) and is faster for it; the others get zeros from ``backward``."""
     tolerance_factor: ClassVar[float] = 1.0
     """How much looser than the tolerance rule (``testing``) this backend's results are
     checked; 1 for ours. Only a peer whose numerics we cannot change sets more, saying why."""
@@ -157,7 +160,12 @@ class Backend:
         cu_seqlens: torch.Tensor | None,
         grads: Outputs,
     ) -> Inputs:
-        """``backward_dense``, or one call per packed sequence when ``cu_seqlens`` is given."""
+        """``backward_dense``, or one call per packed sequence when ``cu_seqlens`` is given.
+        ``grads.S``/``grads.z`` may be None: the final state is not in the loss."""
+        if grads.S is None and not self.state_cotangents_optional:
+            N = x.q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            zero = empty_sequence(x._replace(S0=None, z0=None), attn, N)
+            grads = grads._replace(S=zero.S, z=zero.z)
         if cu_seqlens is None:
             return self.backward_dense(x, attn, config, grads)
         g_parts = split_sequences(
@@ -244,9 +252,14 @@ def empty_sequence(x: Inputs, attn: LinearAttention, N: int | None = None) -> Ou
 def empty_sequence_grads(x: Inputs, grads: Outputs) -> Inputs:
     """The gradients for T = 0: the state's gradient passes through to the initial state."""
     zeros = [None if t is None else torch.zeros_like(t) for t in x[:7]]
-    dS0 = None if x.S0 is None else grads.S.to(x.S0.dtype)
-    dz0 = None if x.z0 is None else grads.z.to(x.z0.dtype)
+    dS0 = None if x.S0 is None else _or_zeros(grads.S, x.S0)
+    dz0 = None if x.z0 is None else _or_zeros(grads.z, x.z0)
     return Inputs(*zeros, dS0, dz0)
+
+
+def _or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A state cotangent in ``like``'s dtype; zeros for None (the state is not in the loss)."""
+    return torch.zeros_like(like) if g is None else g.to(like.dtype)
 
 
 def _merge(field: str, parts: tuple) -> torch.Tensor | None:

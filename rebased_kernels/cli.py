@@ -107,7 +107,8 @@ def _train_mqar(args: argparse.Namespace) -> int:
 def _sweep_mqar(args: argparse.Namespace) -> int:
     from .train.sweep import markdown, sweep
 
-    rows = sweep(args.config, args.out, resume=not args.fresh, max_seconds=args.max_seconds)
+    rows = sweep(args.config, args.out, resume=not args.fresh, max_seconds=args.max_seconds,
+                 workers=args.workers)  # fmt: skip
     print(markdown(rows))
     print(f"written: {args.out}/results.md, results.json, runs.jsonl")
     return 0
@@ -220,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="start no new cell after this many seconds (resume later)",
+    )
+    sweep_mqar.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="cells trained at once, each in its own process (small models leave a GPU idle)",
     )
     sweep_mqar.set_defaults(fn=_sweep_mqar)
     analyze = sub.add_parser("analyze", help="where a trained model attends (MQAR)")

@@ -82,7 +82,7 @@ TABLE1_DONE = Path(__file__).resolve().parents[1] / "docs/results/h100-mqar/tabl
 """Where the Table 1 runs of earlier calls are committed; a call continues from them."""
 
 
-def table1(log: dict, out: Path, max_seconds: float | None = None) -> None:
+def table1(log: dict, out: Path, max_seconds: float | None = None, workers: int = 1) -> None:
     """``docs/sweeps/mqar-table1-L256.yaml`` through ``sweep`` (a toy grid in a dry run),
     continuing from the runs committed in ``TABLE1_DONE`` and starting no new cell after
     ``max_seconds``: the grid spreads over several GPU calls."""
@@ -101,7 +101,9 @@ def table1(log: dict, out: Path, max_seconds: float | None = None) -> None:
     if not SMALL and (TABLE1_DONE / "runs.jsonl").exists():
         shutil.copy(TABLE1_DONE / "runs.jsonl", out / "table1" / "runs.jsonl")
     t = time.perf_counter()
-    rows = sweep(path, out / "table1", progress=False, max_seconds=max_seconds)
+    if not SMALL and (TABLE1_DONE / "walls.jsonl").exists():
+        shutil.copy(TABLE1_DONE / "walls.jsonl", out / "table1" / "walls.jsonl")
+    rows = sweep(path, out / "table1", progress=False, max_seconds=max_seconds, workers=workers)
     done = json.loads((out / "table1" / "results.json").read_text())
     log["table1"] = dict(seconds=time.perf_counter() - t, rows=rows, sweep=str(path),
                          missing=done["missing"], points=done["points"])  # fmt: skip
@@ -109,22 +111,45 @@ def table1(log: dict, out: Path, max_seconds: float | None = None) -> None:
 
 def iou(log: dict, out: Path, backend: str,
         mixers: tuple[str, ...] = ("attention", "based", "rebased")) -> None:  # fmt: skip
+    """Each mixer in its own process, all at once (~140 s each alone on an H100; the small
+    models leave the GPU idle between launches); rows from their ``iou-MIXER.json``."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(mixer: str) -> str | None:
+        code = (f"from rebased_kernels import gpu_mqar as g; g.SMALL = {SMALL}; "
+                f"g.iou_one({mixer!r}, {str(out)!r}, {backend!r})")  # fmt: skip
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        return None if p.returncode == 0 else f"{mixer}: {p.stderr[-1500:]}"
+
+    with ThreadPoolExecutor(len(mixers)) as pool:
+        failed = [f for f in pool.map(one, mixers) if f]
+    log["iou"] = [json.loads((out / f"iou-{m}.json").read_text()) for m in mixers
+                  if (out / f"iou-{m}.json").exists()]  # fmt: skip
+    if failed:
+        log["iou_failed"] = failed
+
+
+def iou_one(mixer: str, out: str, backend: str) -> None:
+    """Train ``mixer`` at the Table 3 setting (three lrs side by side), keep the best, and
+    write its IoU row to ``OUT/iou-MIXER.json`` (model and heat map beside it)."""
     from .train.analysis import analyze
 
+    out_dir = Path(out)
     L, kv = (32, 4) if SMALL else (128, 32)
     kw = dict(batch_size=32 if SMALL else 256, epochs=1 if SMALL else 16, eval_every=8 if
               SMALL else 200)  # fmt: skip
-    rows = []
-    for mixer in mixers:  # ~140 s each on an H100: a call can take a subset
-        cfgs = [_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS]
-        best = max(train_ensemble(cfgs, progress=False), key=lambda r: r["test_acc"])
-        model = best["model"].cpu()
-        model.cfg = dataclasses.replace(model.cfg, backend="torch")  # analyze runs on the CPU
-        path = out / f"iou-{mixer}.pt"
-        save_model(path, model, cfgs[0].data)
-        r = analyze(path, examples=64 if SMALL else 500, heatmap=out / f"iou-{mixer}.png")
-        rows.append(dict(mixer=mixer, test_acc=best["test_acc"], **r))
-    log["iou"] = rows
+    t = time.perf_counter()
+    cfgs = [_cfg(mixer, 64, L, kv, lr, 0, backend, **kw) for lr in LRS]
+    best = max(train_ensemble(cfgs, progress=False), key=lambda r: r["test_acc"])
+    model = best["model"].cpu()
+    model.cfg = dataclasses.replace(model.cfg, backend="torch")  # analyze runs on the CPU
+    path = out_dir / f"iou-{mixer}.pt"
+    save_model(path, model, cfgs[0].data)
+    r = analyze(path, examples=64 if SMALL else 500, heatmap=out_dir / f"iou-{mixer}.png")
+    row = dict(mixer=mixer, test_acc=best["test_acc"], seconds=time.perf_counter() - t, **r)
+    (out_dir / f"iou-{mixer}.json").write_text(json.dumps(row, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="start no new Table 1 cell after this many seconds (resume next call)",
     )
+    ap.add_argument("--table1-workers", type=int, default=8,
+                    help="Table 1 cells trained at once, each in its own process")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     SMALL = args.dry_run
@@ -150,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.stages.split(","):
         try:
             run_stage(name, log, out, args.backend, args.table1_seconds,
-                      tuple(args.iou_mixers.split(",")))  # fmt: skip
+                      tuple(args.iou_mixers.split(",")), args.table1_workers)  # fmt: skip
         except Exception as exc:  # record it and go on: one call runs every stage
             log[name] = dict(error=f"{type(exc).__name__}: {exc}"[:2000])
         log["stages"].append((name, round(time.time() - T0, 1)))
@@ -162,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_stage(name: str, log: dict, out: Path, backend: str,
               table1_seconds: float | None = None,
-              iou_mixers: tuple[str, ...] = ("attention", "based", "rebased")) -> None:  # fmt: skip
+              iou_mixers: tuple[str, ...] = ("attention", "based", "rebased"),
+              table1_workers: int = 1) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
-                  table1=lambda: table1(log, out, table1_seconds),
+                  table1=lambda: table1(log, out, table1_seconds, table1_workers),
                   iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
         raise ValueError(f"unknown stage {name!r}: one of {sorted(stages)}")

@@ -139,8 +139,8 @@ def _bwd_op(
     z0: _OPT,
     cu_seqlens: _OPT,
     do: torch.Tensor,
-    dS: torch.Tensor,
-    dz: torch.Tensor,
+    dS: _OPT,
+    dz: _OPT,
     norm: bool,
     affine: str,
     coeffs: list[float],
@@ -171,10 +171,19 @@ def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, do, dS, d
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:10])
     ctx.args = inputs[10:-1]  # not check_finite: the backward has no inputs to check
+    # None, not zeros, for outputs outside the loss: a backend can skip a final state that
+    # nobody used (triton's gradient sweeps run faster without one)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dS, dz):
     saved = ctx.saved_tensors
+    if do is None:  # only the final state is in the loss; o has v's shape and dtype
+        do = torch.zeros_like(saved[2])
+    if dS is None and dz is not None:  # one of the state's two parts in the loss
+        dS = dz.new_zeros(*dz.shape, saved[2].shape[-1])  # [N, H, F, Dv]
+    elif dz is None and dS is not None:
+        dz = dS.new_zeros(dS.shape[:-1])  # [N, H, F]
     grads = _bwd_op(*saved, do, dS, dz, *ctx.args)
     present = [t is not None for t in saved[:9]]
     return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 10

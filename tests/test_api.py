@@ -9,7 +9,7 @@ from strategies import backends_under_test
 import rebased_kernels as rk
 from rebased_kernels import backend as backend_module
 from rebased_kernels.backend import Backend
-from rebased_kernels.testing import rel_err
+from rebased_kernels.testing import random_inputs, rel_err
 
 BACKENDS = backends_under_test()
 
@@ -375,3 +375,34 @@ def test_plan_is_marked_constant_like_the_decorator_and_import_skips_dynamo() ->
     code = "import sys, rebased_kernels; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_state_outside_the_loss_reaches_the_backend_as_none(monkeypatch) -> None:
+    """A final state nobody used arrives as None cotangents (a backend may skip it; triton's
+    sweeps then run without ~fp32 state products); the gradients equal those of an explicit
+    zero cotangent, and a loss of the state alone still reaches k and v."""
+    be = backend_module.get_backend("torch")
+    seen = []
+    real = type(be).backward
+
+    def spy(self, x, attn, config, cu_seqlens, grads):
+        seen.append((grads.S is None, grads.z is None))
+        return real(self, x, attn, config, cu_seqlens, grads)  # torch's: zeros for None
+
+    monkeypatch.setattr(type(be), "backward", spy)
+    x = random_inputs(2, 37, 3, 16, 8, torch.float64, "cpu", "rebased", requires_grad=True)
+    o = rk.linear_attention(**x, backend="torch")
+    g = torch.randn_like(o)
+    o.backward(g)
+    without = {n: t.grad.clone() for n, t in x.items()}
+    for t in x.values():
+        t.grad = None
+    o, state = rk.linear_attention(**x, backend="torch", output_final_state=True)
+    (o * g).sum().backward(inputs=list(x.values()), retain_graph=True)
+    assert seen == [(True, True), (True, True)]
+    for n, t in x.items():
+        torch.testing.assert_close(t.grad, without[n], msg=n)
+        t.grad = None
+    (0 * o.sum() + (state.S * torch.randn_like(state.S)).sum()).backward()
+    assert seen[-1] == (False, False)  # dz materialised as zeros beside dS
+    assert x["k"].grad.abs().max() > 0 and x["v"].grad.abs().max() > 0

@@ -9,8 +9,8 @@ from rebased_kernels import gpu_mqar
 
 
 def test_gpu_mqar_iou_subset_and_table1_resume_dry_run(tmp_path) -> None:
-    argv = ["--dry-run", "--out", str(tmp_path), "--stages", "iou,table1",
-            "--iou-mixers", "attention", "--table1-seconds", "0"]  # fmt: skip
+    argv = ["--dry-run", "--out", str(tmp_path), "--stages", "iou,table1", "--iou-mixers",
+            "attention", "--table1-seconds", "0", "--table1-workers", "1"]  # fmt: skip
     assert gpu_mqar.main(argv) == 0
     log = json.loads((tmp_path / "gpu-mqar.json").read_text())
     assert [r["mixer"] for r in log["iou"]] == ["attention"]

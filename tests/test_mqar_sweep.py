@@ -96,3 +96,22 @@ def test_sweep_resumes_where_a_time_limit_stopped_it(tmp_path) -> None:
     assert {r["mixer"] for r in rows} == {"rebased", "based"}
     sweep(tmp_path / "s.yaml", tmp_path / "out", run=fake, progress=False, resume=False)
     assert len(trained) == 16  # --fresh retrains every point
+
+
+def test_cells_in_parallel_processes_match_one_process(tmp_path) -> None:
+    """``workers=2``: each cell trains in its own process, with the same accuracies as the
+    cells trained in this process one after another (seeded, CPU)."""
+    spec = SPEC.replace("[0, 1]", "[0]")
+    spec += "examples: 128\ntest_examples: 32\nsteps: 6\nheads: 2\neval_every: 6\n"
+    (tmp_path / "s.yaml").write_text(spec)
+    sweep(tmp_path / "s.yaml", tmp_path / "one", progress=False)
+    sweep(tmp_path / "s.yaml", tmp_path / "two", progress=False, workers=2)
+
+    def accs(d: str) -> dict:
+        lines = (tmp_path / d / "runs.jsonl").read_text().splitlines()
+        return {(r["mixer"], r["lr"]): r["test_acc"] for r in map(json.loads, lines)}
+
+    assert len(accs("two")) == 4 and accs("two") == accs("one")
+    walls = (tmp_path / "two" / "walls.jsonl").read_text().splitlines()
+    assert json.loads(walls[0])["workers"] == 2
+    assert "of wall time" in (tmp_path / "two" / "results.md").read_text()

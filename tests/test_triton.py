@@ -95,3 +95,23 @@ def test_both_variants_match_the_oracle(variant: str, name: str, normalize: bool
     per segment)."""
     config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant}
     _check_against_the_oracle(16, name, normalize, 70, 24, config, seed=7)
+
+
+def test_gradients_without_a_final_state_cotangent_match_a_zero_one() -> None:
+    """``grads.S = None`` (no final state in the loss: tf32 state products in the sweeps) and
+    a zero cotangent (``X3``: ~fp32) give the same gradients, within the tolerance."""
+    from rebased_kernels.backend import Inputs, Outputs
+
+    fm = PRESETS["rebased"]
+    x = random_inputs(2, 70, 2, 16, 24, torch.float32, DEVICE, fm, seed=3, requires_grad=False)
+    inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
+    be, attn = get_backend("triton"), LinearAttention(fm, 0.25)
+    config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": "walk"}
+    out = be.forward(inp, attn, config, None)
+    do = torch.randn_like(out.o)
+    a = be.backward(inp, attn, config, None, Outputs(do, None, None))
+    b = be.backward(inp, attn, config, None, Outputs(do, torch.zeros_like(out.S),
+                                                     torch.zeros_like(out.z)))  # fmt: skip
+    for n, ga, gb in zip(Inputs._fields, a, b):
+        if ga is not None:
+            assert_close(ga, gb, torch.float32, n)

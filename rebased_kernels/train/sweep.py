@@ -27,6 +27,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 GRID_KEYS = ("mixer", "d_model", "seq_len", "kv_pairs", "lr", "seed")
@@ -94,6 +95,22 @@ def run_cell(points: list[dict], fixed: dict) -> list[float]:
     return [float(r["test_acc"]) for r in runs]
 
 
+def _cell_in_process(points: list[dict], fixed: dict) -> list[float]:
+    """``run_cell`` in a fresh Python process (``sweep``'s ``workers``): its accuracies."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from rebased_kernels.train.sweep import run_cell; "
+        "print(json.dumps(run_cell(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))"
+    )
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(points), json.dumps(fixed)],
+                       capture_output=True, text=True)  # fmt: skip
+    if p.returncode != 0:
+        raise RuntimeError(f"cell {points[0]} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Per cell: the lr with the best mean accuracy over seeds, with its mean and std."""
     cells: dict[tuple, dict[float, list[float]]] = {}
@@ -135,6 +152,7 @@ def sweep(
     progress: bool = True,
     resume: bool = True,
     max_seconds: float | None = None,
+    workers: int = 1,
 ) -> list[dict]:
     """Run every grid point of the sweep file; write runs.jsonl, results.json, results.md.
 
@@ -142,7 +160,10 @@ def sweep(
     file, the default) each cell's points train together (``run_cell``), else one by one.
     With ``resume`` the points already in ``out_dir/runs.jsonl`` are kept and not trained
     again; with ``max_seconds`` no job after the first starts after that much time (a sweep
-    spread over several GPU calls). The tables cover the points done so far."""
+    spread over several GPU calls). ``workers > 1`` trains that many cells at once, each in
+    its own process (the paper's small models leave a GPU idle between kernel launches; this
+    process alone writes the log). The tables cover the points done so far; ``walls.jsonl``
+    keeps each invocation's wall time (the GPU time of a parallel sweep)."""
     from tqdm import tqdm
 
     spec = load_sweep(path)
@@ -151,6 +172,8 @@ def sweep(
     points = [dict(zip(GRID_KEYS, v)) for v in itertools.product(*spec["grid"].values())]
     fixed = spec["fixed"]
     log_path = out / "runs.jsonl"
+    if not resume:
+        (out / "walls.jsonl").unlink(missing_ok=True)
     runs = []
     if resume and log_path.exists():
         wanted = {_key(p) for p in points}
@@ -162,32 +185,50 @@ def sweep(
         cells: dict[tuple, list[dict]] = {}
         for p in todo:
             cells.setdefault(tuple(p[k] for k in GRID_KEYS[:4]), []).append(p)
-        jobs = [(ps, lambda ps=ps: run_cell(ps, fixed)) for ps in cells.values()]
+        cell = run_cell if workers <= 1 else _cell_in_process
+        jobs = [(ps, lambda ps=ps: cell(ps, fixed)) for ps in cells.values()]
     else:
         one = run or run_one
         jobs = [([p], lambda p=p: [one(p, fixed)]) for p in todo]
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
+
+    def timed(i: int, job: Callable[[], list[float]]) -> tuple[list[float], float] | None:
+        if (
+            i >= max(1, workers)
+            and max_seconds is not None
+            and (time.perf_counter() - t0 > max_seconds)
+        ):
+            return None  # (a call always runs its first jobs: it makes progress)
+        start = time.perf_counter()
+        return job(), time.perf_counter() - start
+
+    with open(log_path, "w") as log, ThreadPoolExecutor(max(1, workers)) as pool:
         for record in runs:
             log.write(json.dumps(record) + "\n")
-        for i, (job_points, job) in enumerate(tqdm(jobs, desc="sweep", disable=not progress)):
-            if i and max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-                break  # (a call always runs one job: it makes progress)
-            start = time.perf_counter()
-            accs = job()
-            seconds = (time.perf_counter() - start) / len(job_points)  # a cell's share each
-            for point, acc in zip(job_points, accs):
-                record = {**point, "test_acc": acc, "seconds": seconds}
+        log.flush()
+        futures = {pool.submit(timed, i, job): ps for i, (ps, job) in enumerate(jobs)}
+        for future in tqdm(as_completed(futures), total=len(jobs), desc="sweep",
+                           disable=not progress):  # fmt: skip
+            result, job_points = future.result(), futures[future]
+            if result is None:
+                continue
+            accs, seconds = result
+            for point, acc in zip(job_points, accs):  # a job's time, its points' share each
+                record = {**point, "test_acc": acc, "seconds": seconds / len(job_points)}
                 runs.append(record)
                 log.write(json.dumps(record) + "\n")
             log.flush()
+    with open(out / "walls.jsonl", "a") as f:
+        f.write(json.dumps(dict(seconds=time.perf_counter() - t0, workers=workers)) + "\n")
     rows = summarise(runs)
     total = sum(r["seconds"] for r in runs)
+    wall = sum(json.loads(line)["seconds"] for line in open(out / "walls.jsonl"))
     missing = len(points) - len(runs)
     (out / "results.json").write_text(json.dumps(
-        dict(rows=rows, fixed=spec["fixed"], total_seconds=total, points=len(points),
-             missing=missing), indent=2))  # fmt: skip
+        dict(rows=rows, fixed=spec["fixed"], total_seconds=total, wall_seconds=wall,
+             points=len(points), missing=missing), indent=2))  # fmt: skip
     note = f", {missing} of {len(points)} points not run yet" if missing else ""
-    footer = f"\nTotal training time: {total:.0f} s{note}\n"
+    footer = (f"\nTraining time: {total:.0f} s summed over cells; {wall:.0f} s of wall time "
+              f"(the GPU time) over this folder's sweep calls{note}\n")  # fmt: skip
     (out / "results.md").write_text(markdown(rows) + footer)
     return rows
