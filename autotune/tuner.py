@@ -135,8 +135,8 @@ def tune(
 def _configs(be, quick: bool) -> list[dict]:
     """The backend's default configuration first, then the rest of its space (two with
     ``quick``)."""
-    default = dict(be.default_config)
-    rest = [c for c in (be.configs() or [{}]) if c != default]
+    default = dict(be.default_config)  # may name settings outside the searched space
+    rest = [c for c in (be.configs() or [{}]) if {**default, **c} != default]
     return [default, *(rest[:2] if quick else rest)]
 
 

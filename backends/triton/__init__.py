@@ -266,28 +266,24 @@ class TritonBackend(Backend):
     tuning_space: ClassVar[dict[str, tuple]] = {
         "chunk_size": (32, 64),
         "chunks_per_segment": (4, 8, 16, 32),
-        "variant": ("walk", "tiles"),
     }
     """The chunk length compiles a kernel per value; the segment length (chunks one program
-    walks, i.e. how many programs split a sequence) is a run-time argument. ``variant`` is
-    the forward's second kernel: ``walk`` (one program per segment carries the state from
-    chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix state plus
-    the segment's earlier chunks quadratically; D <= 16, else it walks); the backward's
-    two gradient sweeps follow the same variant (``tile_kernel``)."""
+    walks, i.e. how many programs split a sequence) is a run-time argument. A configuration
+    may also name ``variant``: ``walk`` (the default: one program per segment carries the
+    state from chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix
+    state plus the segment's earlier chunks quadratically; D <= 16, else it walks; both
+    gradient sweeps follow, ``tile_kernel``). ``tiles`` is out of the searched space: on the
+    H100 it lost to ``walk`` at every segment length, T = 2048 and 16384, forward and
+    backward (``docs/results/h100-check-s5/``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
-    def configs(self) -> list[dict[str, Any]]:
-        """The tuning space less ``tiles`` at chunk 64 (it runs ``TILES_CHUNK``)."""
-        return [
-            c for c in Backend.configs(self)
-            if c["variant"] == "walk" or c["chunk_size"] == TILES_CHUNK
-        ]  # fmt: skip
-
     default_config: ClassVar[dict[str, Any]] = {
-        "chunk_size": 64,
+        "chunk_size": 32,
         "chunks_per_segment": 16,
         "variant": "walk",
     }
+    """Chunk 32: on the H100 the fastest forward and within 3% of the fastest forward +
+    backward at T = 2048 and 16384 (``docs/results/h100-check-s5/``)."""
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True
 
