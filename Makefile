@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar bench-compare
+.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -94,3 +94,8 @@ bench-compare: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache .ruff_cache
+
+# The asv HTML history of every machine's committed results (asv_bench/results/).
+bench-html: $(STAMP)
+	cd asv_bench && ../$(PY) -m asv publish --html-dir $(or $(HTML),html)
+	@echo "written: $(or $(HTML),html)/index.html, relative to asv_bench/ (asv preview serves it)"
