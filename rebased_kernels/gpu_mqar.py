@@ -78,6 +78,27 @@ def speed(log: dict) -> None:
                         ratio=rows[ours] / rows[peer])  # fmt: skip
 
 
+def probe(log: dict) -> None:
+    """What a Table 1 cell costs: steps/s of its 9-model ensemble (3 lrs x 3 seeds, L 256,
+    32 kv pairs, batch 256) between steps 10 and 60, per mixer, d_model and backend."""
+    L, kv, B = (32, 4, 8) if SMALL else (256, 32, 256)
+    first, last = (1, 3) if SMALL else (10, 60)
+    rows = []
+    cases = [("rebased", 16, "triton"), ("rebased", 48, "triton"), ("rebased", 48, "torch"),
+             ("based", 48, "triton"), ("based", 48, "torch")]  # fmt: skip
+    for mixer, d, backend in cases:
+        cfgs = [_cfg(mixer, d, L, kv, lr, seed, "torch" if SMALL else backend,
+                     examples=B * last, batch_size=B, max_steps=last, eval_every=first,
+                     test_examples=B) for lr in LRS for seed in range(3)]  # fmt: skip
+        hist = train_ensemble(cfgs, progress=False)[0]["history"]
+        at = {h["step"]: h["elapsed_s"] for h in hist}
+        rate = (last - first) / (at[last] - at[first])
+        rows.append(dict(mixer=mixer, d_model=d, backend=backend, steps_per_s=rate,
+                         cell_s_8_epochs=3125 / rate))  # fmt: skip
+        print("probe:", rows[-1], flush=True)
+    log["probe"] = rows
+
+
 TABLE1_DONE = Path(__file__).resolve().parents[1] / "docs/results/h100-mqar/table1"
 """Where the Table 1 runs of earlier calls are committed; a call continues from them."""
 
@@ -195,6 +216,7 @@ def run_stage(name: str, log: dict, out: Path, backend: str,
               table1_workers: int = 1) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
+                  probe=lambda: probe(log),
                   table1=lambda: table1(log, out, table1_seconds, table1_workers),
                   iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
