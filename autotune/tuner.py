@@ -106,9 +106,11 @@ def tune(
         row: dict[str, Any] = dict(backend=be.name, config=config)
         rows.append(row)
         # the first round (every backend's default) always runs: each backend gets a time
-        if n >= len(names) and time.perf_counter() - start > budget_s:
-            row["skipped"] = "time budget"
-            continue
+        if n >= len(names):
+            why = _not_searched(be, rows[: len(names)], budget_s - (time.perf_counter() - start))
+            if why:
+                row["skipped"] = why
+                continue
         t_row = time.perf_counter()
         try:
             err = check_config(be, attn, D, Dv, dtype, device, config)
@@ -130,6 +132,30 @@ def tune(
         cache.put(key, record)
         best = record
     return TuneResult(key, best, rows, seconds)
+
+
+PRUNE = 1.5
+"""A backend whose default configuration is this much slower than the best default is not
+searched further: on the H100 triton's chunk and segment lengths spanned at most 1.45x
+(forward, T = 16384; 1.26x forward+backward; ``docs/results/h100-check-s5/``)."""
+STATIC_COMPILE_S = 60.0
+"""A budget below which a per-shape compiling backend's other configurations are not tried:
+each compiles a static graph for the shape (``torch_compile``: ~30-60 s on the H100)."""
+
+
+def _not_searched(be, defaults: list[dict], left_s: float) -> str | None:
+    """Why a non-default configuration of ``be`` is skipped (None: time it)."""
+    if left_s <= 0:
+        return "time budget"
+    timed = {r["backend"]: r["ms"] for r in defaults if "ms" in r}
+    mine = timed.get(be.name)
+    if mine is None:
+        return "its default did not run"
+    if mine > PRUNE * min(timed.values()):
+        return f"its default is {mine / min(timed.values()):.1f}x the best default"
+    if be.compiles_per_shape and left_s < STATIC_COMPILE_S:
+        return "a static compile per configuration does not fit the budget left"
+    return None
 
 
 def _configs(be, quick: bool) -> list[dict]:

@@ -191,3 +191,24 @@ def test_precompile_jobs_cover_every_configuration_and_run_in_processes() -> Non
     ]
     res = warm.warm(["numba"], [torch.float32], shapes[:1], "cpu", workers=2)
     assert res["jobs"] == len(numba_be.configs()) and res["failed"] == []
+
+
+def test_search_skips_slow_backends_and_static_compiles_that_do_not_fit() -> None:
+    """After the defaults round: a backend PRUNE x slower than the best default is not
+    searched, nor a per-shape compiling one when less than a static compile's time is left."""
+    from types import SimpleNamespace
+
+    from rebased_kernels.autotune.tuner import PRUNE, STATIC_COMPILE_S, _not_searched
+
+    fast, slow = SimpleNamespace(name="fast", compiles_per_shape=False), SimpleNamespace(
+        name="slow", compiles_per_shape=False)  # fmt: skip
+    static = SimpleNamespace(name="static", compiles_per_shape=True)
+    defaults = [dict(backend="fast", ms=1.0), dict(backend="slow", ms=PRUNE * 1.01),
+                dict(backend="static", ms=1.1), dict(backend="broken", error="x")]  # fmt: skip
+    assert _not_searched(fast, defaults, 10.0) is None
+    assert "x the best default" in _not_searched(slow, defaults, 10.0)
+    assert "static compile" in _not_searched(static, defaults, STATIC_COMPILE_S - 1)
+    assert _not_searched(static, defaults, STATIC_COMPILE_S + 1) is None
+    assert _not_searched(fast, defaults, 0.0) == "time budget"
+    broken = SimpleNamespace(name="broken", compiles_per_shape=False)
+    assert _not_searched(broken, defaults, 10.0) == "its default did not run"
