@@ -18,13 +18,11 @@ from .tuner import bucket_of, candidates, tune
 from .warm import warm
 
 SLOW_COMPILE = ("torch_compile",)
-"""Backends left out unless named, with ``--quick`` and on a GPU: ``torch_compile`` compiles
-per shape bucket; its first call with dynamic shapes compiled for 204 s on an H100
-(``docs/results/h100-tune/``), more than a whole tune of the others. Its static graphs are
-now precompiled per tuned shape in parallel (``warm``), and a second process hits
-Inductor's on-disk cache (CPU: a backward's first call 12.5 s cold, 0.4 s after another
-process compiled it); whether that brings a GPU tune with it under 5 minutes is not measured
-yet, so it stays out of the default GPU tune until it is."""
+"""Backends left out of a ``--quick`` tune unless named: ``torch_compile`` compiles a static
+graph per shape bucket. A full GPU tune includes it: its graphs are precompiled per tuned
+shape in parallel (``warm``) and a second process loads them from Inductor's on-disk cache;
+on the H100 the whole cold tune of triton, fla, torch and torch_compile (12 buckets) took
+157 s (``docs/results/h100-tune-s5/``)."""
 
 
 def run(
@@ -40,7 +38,7 @@ def run(
     is timed regardless, see ``tuner.schedule``). With ``precompile``, compiling backends are
     first compiled side by side in worker processes (``warm``) when a bucket needs tuning."""
     fm = get_feature_map(feature_map)
-    if backends is None and (quick or torch.device(device).type == "cuda"):
+    if backends is None and quick:
         backends = [n for n in registered() if n not in SLOW_COMPILE]
         print(f"leaving out {', '.join(SLOW_COMPILE)} (slow to compile; name it with "
               f"--backends to tune it)")  # fmt: skip

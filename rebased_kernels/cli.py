@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--objective", default="forward_backward",
                       choices=("forward", "forward_backward"))  # fmt: skip
     tune.add_argument("--budget", type=float, default=60.0, help="seconds per shape and dtype")
-    tune.add_argument("--total-budget", type=float, default=270.0,
+    tune.add_argument("--total-budget", type=float, default=150.0,
                       help="seconds for the whole run, shared out over the buckets left "
                       "(every backend's default configuration is timed regardless)")  # fmt: skip
     tune.add_argument("--force", action="store_true", help="re-tune cached buckets")
