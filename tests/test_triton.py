@@ -115,3 +115,27 @@ def test_gradients_without_a_final_state_cotangent_match_a_zero_one() -> None:
     for n, ga, gb in zip(Inputs._fields, a, b):
         if ga is not None:
             assert_close(ga, gb, torch.float32, n)
+
+
+def test_ptxas_resource_report_without_a_gpu() -> None:
+    """``resources.usage`` compiles a sweep kernel for sm_90a here (no GPU) and reads its
+    registers and spills; the ~fp32 state products (``X3``) cost the dq sweep registers.
+    In a process without ``TRITON_INTERPRET`` (the interpreter's kernels do not compile)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "import json; from rebased_kernels.backends.triton import kernels, resources as r\n"
+        "u = [r.usage(kernels.sweep_kernel, r.sweep_constants(1, 32, 'walk', 'tf32', x3=x), 8)"
+        " for x in (False, True)]\n"
+        "print(json.dumps([[v.registers, v.stack] for v in u]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (regs, stack), (_, stack_x3) = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 0 < regs <= 255 and stack >= 0
+    assert stack_x3 > stack
