@@ -37,7 +37,10 @@ class FlaBackend(Backend):
     """fla takes q', k' rounded back to the half input type after the pre-transform (a
     rounding the oracle's inputs never see) and squares scores formed from them: on an H100
     (gpu profile) it measured 2.8e-2 against the 1e-2 bf16 rule (o, T=1, D=4) and 2.4e-2
-    against 1.1e-2 in fp16 (dq), where ours meets the rule."""
+    against 1.1e-2 in fp16 (dq), where ours meets the rule. Not enough for T = 1 with the
+    normaliser, where the true dq is ~0 (o = v up to eps) and everything left is rounding:
+    0.52 (bf16) and 8.2e-2 (fp16) against 4e-2 on an H100 (``docs/results/h100-check-s5/``);
+    those two property draws fail for this peer, and only for it."""
 
     def unavailable_reason(self) -> str | None:
         if not INTERPRET and not torch.cuda.is_available():
