@@ -78,25 +78,53 @@ def speed(log: dict) -> None:
                         ratio=rows[ours] / rows[peer])  # fmt: skip
 
 
-def probe(log: dict) -> None:
-    """What a Table 1 cell costs: steps/s of its 9-model ensemble (3 lrs x 3 seeds, L 256,
-    32 kv pairs, batch 256) between steps 10 and 60, per mixer, d_model and backend."""
+def probe_case(mixer: str, d: int, backend: str) -> dict:
+    """Steps/s of one Table 1 cell's 9-model ensemble (3 lrs x 3 seeds, L 256, 32 kv pairs,
+    batch 256) between steps 10 and 60."""
     L, kv, B = (32, 4, 8) if SMALL else (256, 32, 256)
     first, last = (1, 3) if SMALL else (10, 60)
+    cfgs = [_cfg(mixer, d, L, kv, lr, seed, "torch" if SMALL else backend,
+                 examples=B * last, batch_size=B, max_steps=last, eval_every=first,
+                 test_examples=B) for lr in LRS for seed in range(3)]  # fmt: skip
+    hist = train_ensemble(cfgs, progress=False)[0]["history"]
+    at = {h["step"]: h["elapsed_s"] for h in hist}
+    rate = (last - first) / (at[last] - at[first])
+    return dict(mixer=mixer, d_model=d, backend=backend, steps_per_s=rate,
+                cell_s_8_epochs=3125 / rate)  # fmt: skip
+
+
+def probe(log: dict) -> None:
+    """What a Table 1 cell costs, per mixer, d_model and backend (``probe_case``)."""
     rows = []
     cases = [("rebased", 16, "triton"), ("rebased", 48, "triton"), ("rebased", 48, "torch"),
              ("based", 48, "triton"), ("based", 48, "torch")]  # fmt: skip
-    for mixer, d, backend in cases:
-        cfgs = [_cfg(mixer, d, L, kv, lr, seed, "torch" if SMALL else backend,
-                     examples=B * last, batch_size=B, max_steps=last, eval_every=first,
-                     test_examples=B) for lr in LRS for seed in range(3)]  # fmt: skip
-        hist = train_ensemble(cfgs, progress=False)[0]["history"]
-        at = {h["step"]: h["elapsed_s"] for h in hist}
-        rate = (last - first) / (at[last] - at[first])
-        rows.append(dict(mixer=mixer, d_model=d, backend=backend, steps_per_s=rate,
-                         cell_s_8_epochs=3125 / rate))  # fmt: skip
+    for case in cases:
+        rows.append(probe_case(*case))
         print("probe:", rows[-1], flush=True)
     log["probe"] = rows
+
+
+def parallel(log: dict, n: int) -> None:
+    """Whether Table 1 cells gain from running side by side on one GPU: ``n`` processes
+    run ``probe_case("rebased", 48, "triton")`` at once; their steps/s and the sum."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = (f"import json; from rebased_kernels import gpu_mqar as g; g.SMALL = {SMALL}; "
+            "print(json.dumps(g.probe_case('rebased', 48, 'triton')))")  # fmt: skip
+
+    def one(_: int) -> dict:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(p.stderr[-1500:])
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(n) as pool:
+        rows = list(pool.map(one, range(n)))
+    total = sum(r["steps_per_s"] for r in rows)
+    log["parallel"] = dict(processes=n, rows=rows, total_steps_per_s=total,
+                           table1_s_8_cells=8 * 3125 / total)  # fmt: skip
 
 
 TABLE1_DONE = Path(__file__).resolve().parents[1] / "docs/results/h100-mqar/table1"
@@ -191,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--table1-workers", type=int, default=8,
                     help="Table 1 cells trained at once, each in its own process")  # fmt: skip
+    ap.add_argument("--parallel", type=int, default=4,
+                    help="processes of the parallel stage (Table 1 cells at once)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     SMALL = args.dry_run
@@ -200,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.stages.split(","):
         try:
             run_stage(name, log, out, args.backend, args.table1_seconds,
-                      tuple(args.iou_mixers.split(",")), args.table1_workers)  # fmt: skip
+                      tuple(args.iou_mixers.split(",")), args.table1_workers,
+                      args.parallel)  # fmt: skip
         except Exception as exc:  # record it and go on: one call runs every stage
             log[name] = dict(error=f"{type(exc).__name__}: {exc}"[:2000])
         log["stages"].append((name, round(time.time() - T0, 1)))
@@ -213,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(name: str, log: dict, out: Path, backend: str,
               table1_seconds: float | None = None,
               iou_mixers: tuple[str, ...] = ("attention", "based", "rebased"),
-              table1_workers: int = 1) -> None:  # fmt: skip
+              table1_workers: int = 1, parallel_n: int = 4) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
-                  probe=lambda: probe(log),
+                  probe=lambda: probe(log), parallel=lambda: parallel(log, parallel_n),
                   table1=lambda: table1(log, out, table1_seconds, table1_workers),
                   iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
