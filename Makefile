@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar bench-compare bench-html
+.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,6 +56,7 @@ CHECK_STAGES = properties,oracle,fla,profile,timings,stress
 TUNE_STAGES = tune,asv
 ASV_BACKENDS ?= triton,fla,torch
 MQAR_STAGES = reach,speed,table1,iou
+LM_STAGES = data,train,speed
 gpu-check:
 	$(GPU_INSTALL)
 	$(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
@@ -80,6 +81,13 @@ gpu-mqar:
 	$(GPU_INSTALL)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_mqar --out $(OUT) \
 		--stages $(or $(STAGES),$(MQAR_STAGES)) $(MQAR_ARGS)
+
+# The LM harness's H100 line: ReBased vs Based (lm-30m, seq 2048, 12M tokens of the machine's
+# standard library, byte-level), perplexity overall/AR/non-AR; tokens/s triton vs fla.
+gpu-lm:
+	$(GPU_INSTALL)
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_lm --out $(OUT) \
+		--stages $(or $(STAGES),$(LM_STAGES)) $(LM_ARGS)
 
 # Fail when any asv cell of HEAD is slower than BASE by more than FACTOR (asv's own
 # `compare` exits 0). Both commits need results for MACHINE under asv_bench/results/.

@@ -125,12 +125,12 @@ def stress(log: dict, config: dict) -> None:
     print("stress:", log["stress"], flush=True)
 
 
-def _ours(B: int, T: int, H: int, config: dict):
+def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64):
     """Timed closures: the backend's dense forward, forward+backward, and the public API."""
     from rebased_kernels.backend import Inputs, Outputs
 
     fm = PRESETS["rebased"]
-    x = random_inputs(B, T, H, 16, 64, bench_dtype(), DEVICE, fm, requires_grad=False)
+    x = random_inputs(B, T, H, 16, Dv, bench_dtype(), DEVICE, fm, requires_grad=False)
     be = get_backend("triton")
     inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAM_NAMES))
     attn = LinearAttention(fm, 0.25)
@@ -151,22 +151,55 @@ def _ours(B: int, T: int, H: int, config: dict):
     return fwd, fwd_bwd, api_fwd
 
 
-def sweep(log: dict, T: int, configs: list[dict]) -> dict:
-    """Time each configuration at (4, T, 16); returns the fastest forward+backward's."""
+def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: int = 64,
+          key: str | None = None) -> dict:  # fmt: skip
+    """Time each configuration at (B, T, H, D=16, Dv); returns the fastest forward's."""
     results = []
     for cfg in configs:
         try:
-            fwd, fwd_bwd, _ = _ours(4, T, 16, cfg)
+            fwd, fwd_bwd, _ = _ours(B, T, H, cfg, Dv)
             results.append(dict(config=cfg, fwd_ms=ms(fwd, 2, 10), fwd_bwd_ms=ms(fwd_bwd, 2, 5)))
         except Exception as exc:  # a config that does not compile (registers, smem)
             results.append(dict(config=cfg, error=f"{type(exc).__name__}: {exc}"[:300]))
         print("sweep", T, results[-1], flush=True)
-    log.setdefault("sweep", {})[T] = results
+    log.setdefault("sweep", {})[key or T] = results
     ok = [r for r in results if "error" not in r]
     best_f = min(ok, key=lambda r: r["fwd_ms"])
     best_fb = min(ok, key=lambda r: r["fwd_bwd_ms"])
     print("best fwd", best_f, "best fwd+bwd", best_fb, flush=True)
     return best_f["config"]
+
+
+def variant_configs(be) -> list[dict]:
+    """The sweep's configurations: the tuning space (the ``packed`` variant by default), its
+    chunk-64 and 16-chunk segments at 4 warps, and the ``walk`` variant's best of session 5."""
+    space = be.configs()
+    warps4 = [{**c, "num_warps": 4} for c in space if c["chunks_per_segment"] == 16]
+    walk = [{"chunk_size": 32, "chunks_per_segment": n, "variant": "walk"} for n in (16, 32)]
+    return space + warps4 + walk
+
+
+def precision(log: dict, config: dict) -> None:
+    """The packed variant's gradient sweeps with bf16 instead of tf32 state products: the
+    oracle errors (check's comparison) and the forward+backward time at T = 16384."""
+    from rebased_kernels.backends.triton import packed_call
+
+    rows = []
+    for sp in ("tf32", "bf16"):
+        packed_call.BWD_SP = sp
+        errs = [
+            check_one("triton", name, dtype, DEVICE, shape=(2, T, 3, 16, 64), seed=7)
+            for name in ("rebased", "based")
+            for dtype in ((torch.float16,) if SMALL else (torch.bfloat16, torch.float16))
+            for T in ((37,) if SMALL else (100, 3000))
+        ]
+        _, fwd_bwd, _ = _ours(*((1, 200, 2) if SMALL else (4, 16384, 16)), config)
+        rows.append(dict(bwd_sp=sp, fwd_bwd_ms=ms(fwd_bwd, 2, 10),
+                         worst_backward=max(r.backward_err for r in errs),
+                         rows=[asdict(r) for r in errs]))  # fmt: skip
+        print("precision", sp, {k: v for k, v in rows[-1].items() if k != "rows"}, flush=True)
+    packed_call.BWD_SP = "tf32"
+    log["precision"] = rows
 
 
 def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
@@ -226,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebased_kernels.gpu_check", description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
-                    help="comma-separated, run in order: properties (OUT/properties.xml counted), "
-                    "oracle, fla, sweep, timings, stress, profile, tune, asv")  # fmt: skip
+                    help="comma-separated, run in order: properties (OUT/properties.xml "
+                    "counted), oracle, fla, sweep, sweep-mqar, precision, timings, stress, "
+                    "profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--tune-backends", default=None, help="default: every available one")
     ap.add_argument("--tune-total", type=float, default=None, help="seconds (tune --total-budget)")
@@ -258,9 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "fla" and not SMALL:
             fla_check(log)
         elif name == "sweep":
-            configs = be.configs()
+            configs = variant_configs(be)
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
+        elif name == "sweep-mqar":  # a Table 1 cell's mixer call: 9 models x 12 heads, Dv 4
+            tiles = [{**c, "variant": "tiles"} for c in be.configs() if c["chunk_size"] == 32]
+            B, T, H = (4, 64, 12) if SMALL else (256, 256, 108)
+            sweep(log, T, be.configs() + tiles, B, H, 4, key="mqar")
+        elif name == "precision":
+            precision(log, config)
         elif name == "timings":
             Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))
             timings(log, config, Ts)

@@ -24,7 +24,7 @@ def add_lm_commands(sub, train_tasks) -> None:
 
     lm = train_tasks.add_parser("lm", help="a language model on a tokenised corpus")
     lm.add_argument("--data", required=True, help="a `data prepare` folder or a token file")
-    lm.add_argument("--preset", default="tiny", choices=("tiny", "paper-150m"))
+    lm.add_argument("--preset", default="tiny", choices=("tiny", "lm-30m", "paper-150m"))
     lm.add_argument("--mixer", default="rebased", help="a feature-map preset or 'attention'")
     lm.add_argument("--seq-len", type=int, default=256)
     lm.add_argument("--batch-size", type=int, default=8, help="global, per optimiser step")

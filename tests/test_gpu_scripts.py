@@ -4,8 +4,13 @@ stage, not an error (they run unattended on a lent machine, where a typo costs a
 from __future__ import annotations
 
 import json
+import math
 
-from rebased_kernels import gpu_mqar
+import pytest
+
+from rebased_kernels import gpu_lm, gpu_mqar
+
+PPL = ("ppl_all", "ppl_ar", "ppl_non_ar")
 
 
 def test_gpu_mqar_iou_subset_and_table1_resume_dry_run(tmp_path) -> None:
@@ -21,3 +26,37 @@ def test_gpu_mqar_iou_subset_and_table1_resume_dry_run(tmp_path) -> None:
     assert [stage for stage, _ in log["stages"]] == ["iou", "table1", "probe", "parallel"]
     assert log["parallel"]["processes"] == 2 and log["parallel"]["total_steps_per_s"] > 0
     assert len(log["probe"]) == 5 and all(r["steps_per_s"] > 0 for r in log["probe"])
+
+
+def test_gpu_lm_dry_run_trains_both_models_and_times_both_kernels(tmp_path, monkeypatch) -> None:
+    out, corpus = tmp_path / "out", tmp_path / "corpus"
+    assert gpu_lm.main(["--dry-run", "--out", str(out), "--corpus", str(corpus)]) == 0
+    log = json.loads((out / "gpu-lm.json").read_text())
+    assert [stage for stage, _ in log["stages"]] == ["data", "train", "speed"]
+    assert log["data"]["corpus"].endswith("standard library sources, byte-level")
+    assert log["data"]["train_tokens"] > 0 and log["data"]["val_tokens"] > 0
+    rows = log["train"]
+    assert list(rows) == ["rebased", "based"] and all("error" not in r for r in rows.values())
+    assert rows["rebased"]["tokens"] == rows["based"]["tokens"] == gpu_lm.DRY.tokens
+    assert abs(rows["rebased"]["params"] - rows["based"]["params"]) < 0.01 * rows["based"]["params"]
+    for r in rows.values():
+        assert all(math.isfinite(r["eval"][k]) and r["eval"][k] > 1 for k in PPL), r["eval"]
+        assert r["tokens_per_s"] > 0
+    assert log["speed"]["ours"]["tokens_per_s"] > 0 and log["speed"]["ratio"] > 0
+    table = (out / "lm-table.md").read_text()
+    assert "| ReBased |" in table and "| Based |" in table and "ratio" in table
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curves-based.png", "curves-rebased.png", "gpu-lm.json", "lm-table.md"]  # fmt: skip
+
+    def broken(*_) -> None:
+        raise RuntimeError("no GPU here")
+
+    monkeypatch.setitem(gpu_lm.STAGES, "train", broken)  # a failed stage: the next one runs
+    assert gpu_lm.main(["--dry-run", "--out", str(out), "--corpus", str(corpus),
+                        "--stages", "train,speed"]) == 0  # fmt: skip
+    log = json.loads((out / "gpu-lm.json").read_text())
+    assert log["train"]["error"] == "RuntimeError: no GPU here" and "data" not in log
+    assert log["speed"]["peer"]["tokens_per_s"] > 0
+    assert "ratio" in (out / "lm-table.md").read_text()
+    with pytest.raises(SystemExit):  # a typo is refused before any work
+        gpu_lm.main(["--dry-run", "--out", str(out), "--stages", "data,trian"])

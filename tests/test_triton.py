@@ -74,7 +74,7 @@ def test_large_feature_dims_match_the_oracle(D: int, name: str) -> None:
 def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
     """The segment scan (one tile per program): exclusive prefix or suffix plus the initial
     state, in place, and the total."""
-    from rebased_kernels.backends.triton import _scan
+    from rebased_kernels.backends.triton.launch import scan as _scan
 
     g = torch.Generator().manual_seed(NSEG)
     seg = torch.randn(2, NSEG, 7, 45, generator=g).to(DEVICE)

@@ -1,28 +1,26 @@
 """``triton``: fused, chunked, sequence-parallel ReBased attention for kernels of degree <= 2.
 
-Forward (``kernels.py``): (1) one program per (segment, batch*head, value block) sums its
-segment's state; (2) an exclusive prefix over segments (a cumsum over a handful of states);
-(3) one program per segment walks its chunks from that prefix, the state on chip: intra-chunk
-scores are the polynomial of ``s = sc * q'.k'`` from the raw D-dim q', k', inter-chunk
-terms go through the state. LayerNorm, gamma/beta, the polynomial and the fp32 normaliser
-are fused. The backward runs the same two kernels twice: forward-ordered for dq (which
-also stores ``g = dO / den`` and ``r``), reverse-ordered for dk and dv; d gamma and d beta
-come out of the kernels as per-segment partial sums.
+Forward: (1) one program per (segment, batch*head) sums its segment's state; (2) an
+exclusive prefix over segments (one scan launch); (3) one program per segment walks its
+chunks from that prefix, the state on chip: intra-chunk scores are the polynomial of
+``s = sc * q'.k'`` from the raw D-dim q', k', inter-chunk terms go through the state.
+LayerNorm, gamma/beta, the polynomial and the fp32 normaliser are fused. The backward runs
+the same kernels twice: forward-ordered for dq (which also stores ``1 / (den + eps)`` and
+``r`` per token), reverse-ordered for dk and dv; d gamma and d beta come out of the kernels
+as per-segment partial sums.
 
-Inside the kernels the state is the *full* unweighted layout (``RF = 1 + BD + BD^2`` rows,
-BD = D padded to 16, 32 or 64); ``_maps`` converts it to and from the canonical packed layout
-of ``spec`` (136 features for ``rebased`` at D = 16), so states continue across backends. For
-D <= 16 the whole state stays on chip; for D in (16, 64] S_2 (1024 or 4096 rows) stays in
-the program's own rows of the prefix buffer, updated block by block (a correctness path:
-the performance work targets D = 16). Supported: D <= 64, Dv <= 64, float32 / float16 /
-bfloat16. The decode kernel covers D <= 16 (larger D decode through the protocol's
-default). On CPU it runs under ``TRITON_INTERPRET=1``.
-"""
+Variants (``config["variant"]``): ``packed`` (the default for D <= 16; ``packed.py``) keeps
+the quadratic state as 144 cyclic-pair rows built on the tensor cores; ``walk`` (D <= 64,
+the default above 16; ``kernels.py``, ``walk.py``) keeps the full ``1 + BD + BD^2`` layout
+(S_2 in memory for D > 16); ``tiles`` (D <= 16) is the walk with one program per chunk.
+Supported: D <= 64, Dv <= 64, float32 / float16 / bfloat16. The decode kernel covers
+D <= 16 (larger D decode through the protocol's default). On CPU it runs under
+``TRITON_INTERPRET=1``."""
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
@@ -30,60 +28,19 @@ import torch
 from rebased_kernels.backend import Backend, Inputs, Outputs, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
+from . import packed_call, walk
+from .launch import INTERPRET, params, triton_next_pow2
+
 MAX_D = 64
+VARIANTS = ("packed", "walk", "tiles")
 
 
-def padded_dim(D: int) -> int:
-    """BD: the kernels' feature dim, D padded to 16, 32 or 64 (padded dims are zero)."""
-    return 16 if D <= 16 else (32 if D <= 32 else 64)
-
-
-def feature_rows(BD: int) -> int:
-    """RF: rows of the full state, ``1 + BD + BD * BD``."""
-    return 1 + BD + BD * BD
-
-
-def block_rows(BD: int) -> int:
-    """BA: rows of a per S_2 block; ``BA < BD`` (D > 16) keeps S_2 in memory, not on chip."""
-    return BD if BD == 16 else 256 // BD
-
-
-NUM_WARPS = 8  # 4 spills the state tiles (ptxas report with triton 3.6, sm_90a)
-BWD_CHUNK = 32  # the backward sweeps hold more tiles: 64 spills ~2.5 KB per thread
-BLOCK_V = 32
-TILES_CHUNK = 32
-"""The tiles variant's chunk: with 64-row chunks its forward gave wrong outputs on an H100
-(triton 3.6; relative errors 1.7e-2 to 0.36 at T = 33, 49 in the GPU property run of
-2026-11-23, session 5) and right ones under the interpreter; not understood yet."""
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@lru_cache(maxsize=64)
-def _maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tensor, ...]:
-    """``(unpack [RF, F], pack [F, RF])``: canonical <-> full state, ``pack @ unpack = I``.
-
-    A canonical feature f (multiset ``idx``, weight ``w_f``) is ``w_f`` times the full row of
-    ``idx``; unpacking puts ``S_f / w_f`` on every ordering of ``idx`` (the full S_2 is
-    symmetric). The same pair maps gradients: the final state's gradient unpacks into the
-    reverse sweep's initial state, whose total packs into the initial state's gradient.
-    """
-    layout = feature_layout(D, fm.powers)
-    w = feature_weights(fm, D, scale)
-    BD = padded_dim(D)
-    RF = feature_rows(BD)
-    unpack = torch.zeros(RF, len(layout), dtype=torch.float64)
-    pack = torch.zeros(len(layout), RF, dtype=torch.float64)
-    for f, ((idx, _), wf) in enumerate(zip(layout, w)):
-        if len(idx) == 0:
-            rows = [0]
-        elif len(idx) == 1:
-            rows = [1 + idx[0]]
-        else:
-            rows = sorted({1 + BD + idx[0] * BD + idx[1], 1 + BD + idx[1] * BD + idx[0]})
-        for r in rows:
-            unpack[r, f] = 1.0 / wf
-        pack[f, rows[0]] = wf
-    return unpack.to(device, torch.float32), pack.to(device, torch.float32)
+def _variant(x: Inputs, config: dict) -> ModuleType:
+    """The host module of the call's variant: ``packed`` runs D <= 16 only (else walk)."""
+    name = config.get("variant", "packed")
+    if name not in VARIANTS:
+        raise ValueError(f"triton variant {name!r} is not one of {VARIANTS}")
+    return packed_call if name == "packed" and x.q.shape[3] <= 16 else walk
 
 
 @lru_cache(maxsize=64)
@@ -94,164 +51,6 @@ def _packed_index(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[to
     i1 = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
     w = torch.tensor(feature_weights(fm, D, scale), dtype=torch.float32, device=device)
     return i0, i1, w
-
-
-def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
-    """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
-    forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
-    (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance)."""
-    if dtype == torch.float32:
-        return "ieee"
-    if backward:
-        return "tf32"
-    return "bf16" if dtype == torch.bfloat16 else "fp16"
-
-
-def _params(weight, bias, pre, H: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(gamma, beta, row stride)`` for the kernels: both ``[H, D]`` (stride D) or ``[D]``
-    (stride 0); the identity (ones, zeros) where the pre-transform does not use one."""
-    used = [p for p, u in ((weight, pre.uses_gamma), (bias, pre.uses_beta)) if u and p is not None]
-    rows = H if any(p.dim() == 2 for p in used) else 1
-    g = weight if pre.uses_gamma and weight is not None else _constant(1.0, rows, D, str(device))
-    b = bias if pre.uses_beta and bias is not None else _constant(0.0, rows, D, str(device))
-    g, b = (p.expand(rows, D) if rows > 1 else p.reshape(-1, D)[0] for p in (g, b))
-    return g.contiguous(), b.contiguous(), (D if rows > 1 else 0)
-
-
-@lru_cache(maxsize=32)
-def _constant(fill: float, rows: int, D: int, device: str) -> torch.Tensor:
-    return torch.full((rows, D), fill, dtype=torch.float32, device=device)
-
-
-class _Call:
-    """Launch arguments shared by the forward and both backward sweeps of one call."""
-
-    def __init__(self, x: Inputs, attn: LinearAttention, config: dict, backward: bool) -> None:
-        fm = attn.feature_map
-        self.B, self.T, self.H, self.D = x.q.shape
-        self.Dv = x.v.shape[3]
-        self.BC = BWD_CHUNK if backward else int(config["chunk_size"])
-        self.NCS = int(config["chunks_per_segment"])
-        self.BD = padded_dim(self.D)
-        self.RF = feature_rows(self.BD)
-        self.BA = block_rows(self.BD)
-        if self.BD > 16:  # 64-row chunks need > 227 KB of shared memory at BD = 64
-            self.BC = min(self.BC, 32)
-        self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
-        # the tiles variant keeps the whole state on chip: D <= 16, else it walks
-        self.tiles = config.get("variant", "walk") == "tiles" and self.BA == self.BD
-        if self.tiles:  # 64-row tiles: wrong forwards on an H100 (see TILES_CHUNK)
-            self.BC = TILES_CHUNK
-            self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
-        self.num_warps = NUM_WARPS
-        self.attn, self.fm = attn, fm
-        self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
-        self.dot = _dot_precision(x.v.dtype, backward)
-        self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
-        H, D = self.H, self.D
-        self.qg, self.qb, self.qg_stride = _params(x.q_weight, x.q_bias, fm.pre, H, D, x.q.device)
-        self.kg, self.kb, self.kg_stride = _params(x.k_weight, x.k_bias, fm.pre, H, D, x.q.device)
-        self.unpack, self.pack = _maps(fm, D, float(attn.scale), str(x.q.device))
-
-    def full(self, canonical: torch.Tensor | None, cols: int) -> torch.Tensor | None:
-        """A canonical state ``[B, H, F(, Dv)]`` as full rows ``[B*H, RF, cols]`` (None for
-        none: the scan then adds nothing)."""
-        if canonical is None:
-            return None
-        c = canonical.to(torch.float32).reshape(self.B * self.H, -1, cols)
-        return self.unpack @ c
-
-    def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool):
-        """Prefix (suffix when ``reverse``) states per segment and the total, full layout."""
-        BH, Dv = self.B * self.H, self.Dv
-        alloc = torch.empty if self.BA == self.BD else torch.zeros  # S_2 accumulates in place
-        seg_S = alloc(BH, self.NSEG, self.RF, Dv, device=y.device, dtype=torch.float32)
-        seg_z = torch.empty(BH, self.NSEG, self.RF, device=y.device, dtype=torch.float32)
-        BV = 16 if Dv <= 16 else (32 if Dv <= 32 else 64)
-        grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
-        fm = self.fm
-        from .kernels import segment_state_kernel
-
-        segment_state_kernel[grid](
-            y, yg, yb, W, W if Wsc is None else Wsc, seg_S, seg_z,
-            self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
-            BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, HAS_WSC=Wsc is not None,
-            HAS_C2=self.C[2] != 0.0,
-            DOT=self.dot, num_warps=self.num_warps,
-        )  # fmt: skip
-        return _scan(seg_S, init_S, reverse), _scan(seg_z[..., None], init_z, reverse)
-
-    def sweep(self, mode: int, states, carried: bool = False, **t) -> None:
-        """The second kernel of mode 0 (forward), 1 (dq) or 2 (dk, dv) from the segments'
-        ``states``: ``sweep_kernel`` walks each segment, ``tile_kernel`` (``self.tiles``)
-        runs one program per chunk. ``t``: the tensors by kernel argument name, and BV.
-        ``carried``: the states start from the caller's state (an initial state, or a final
-        state's cotangent); a gradient sweep then takes its state products to ~fp32."""
-        from .kernels import sweep_kernel, tile_kernel
-
-        fm, attn = self.fm, self.attn
-        BH, Dv, BV = self.B * self.H, self.Dv, t.pop("BV")
-        q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
-        (xg, xb, xs), (yg, yb, ys) = (k, q) if mode == 2 else (q, k)  # rows, columns
-        dummy = self.v
-        (S_st, _), (z_st, _) = states
-        args = (
-            t["X"], xg, xb, t["Y"], yg, yb, t["W"], t.get("Wsc", dummy), t.get("U", dummy),
-            t.get("DO", dummy), S_st, z_st,
-            t.get("OUT", dummy), t.get("GOUT", dummy), t.get("ROUT", dummy),
-            t.get("DX", dummy), t.get("DG", dummy), t.get("DB", dummy),
-            self.T, self.H, self.D, Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
-            int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
-        )  # fmt: skip
-        flags = dict(BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
-                     HAS_C2=self.C[2] != 0.0, DOT=self.dot, X3=carried and mode != 0,
-                     num_warps=self.num_warps)  # fmt: skip
-        if self.tiles:
-            tile_kernel[(triton_cdiv(self.T, self.BC), BH, triton_cdiv(Dv, BV))](*args, **flags)
-        else:
-            grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
-            sweep_kernel[grid](*args, BA=self.BA, REVERSE=mode == 2, **flags)
-
-    def partials(self) -> int:
-        """How many d gamma / d beta partial sums a gradient sweep leaves per (b, h): one per
-        segment (walk) or per chunk (tiles)."""
-        return triton_cdiv(self.T, self.BC) if self.tiles else self.NSEG
-
-    def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
-        c = self.pack @ full  # [BH, F, cols]
-        shape = (self.B, self.H, c.shape[1]) + ((cols,) if cols is not None else ())
-        return c.reshape(shape)
-
-    def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment (per-chunk: ``tiles``) ``[B*H, n, BD]`` sums into p's
-        shape."""
-        if not used or p is None:
-            return None
-        g = partial.reshape(self.B, self.H, -1, self.BD)[..., : self.D].sum((0, 2))
-        return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
-
-
-def _scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
-    """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])`` from ``init``
-    (``[BH, RF, c]``, or None for a zero state); the prefix overwrites ``seg`` (one launch)."""
-    from .kernels import prefix_kernel
-
-    BH, NSEG = seg.shape[:2]
-    N = seg[0, 0].numel()
-    total = torch.empty(BH, *seg.shape[2:], device=seg.device, dtype=torch.float32)
-    if init is not None:
-        init = init.to(torch.float32).contiguous()
-    BS = triton_next_pow2(NSEG)  # the whole segment axis in one tile
-    BLOCK = max(16, min(triton_next_pow2(N), 4096 // BS))
-    prefix_kernel[(BH, triton_cdiv(N, BLOCK))](
-        seg, total if init is None else init, total, NSEG, N,
-        HAS_INIT=init is not None, REVERSE=reverse, BS=BS, BLOCK=BLOCK, num_warps=4,
-    )  # fmt: skip
-    return seg, total
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class TritonBackend(Backend):
@@ -269,21 +68,18 @@ class TritonBackend(Backend):
     }
     """The chunk length compiles a kernel per value; the segment length (chunks one program
     walks, i.e. how many programs split a sequence) is a run-time argument. A configuration
-    may also name ``variant``: ``walk`` (the default: one program per segment carries the
-    state from chunk to chunk) or ``tiles`` (one program per chunk: the segment's prefix
-    state plus the segment's earlier chunks quadratically; D <= 16, else it walks; both
-    gradient sweeps follow, ``tile_kernel``). ``tiles`` is out of the searched space: on the
-    H100 it lost to ``walk`` at every segment length, T = 2048 and 16384, forward and
-    backward (``docs/results/h100-check-s5/``)."""
+    may also name ``variant`` (``VARIANTS``): ``packed`` (the default; D <= 16, else it
+    walks), ``walk`` (the full state layout) or ``tiles`` (one program per chunk: the
+    segment's prefix state plus the segment's earlier chunks quadratically; D <= 16). ``walk``
+    and ``tiles`` are out of the searched space: ``tiles`` lost to ``walk`` at every segment
+    length on the H100 (``docs/results/h100-check-s5/``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 32,
         "chunks_per_segment": 16,
-        "variant": "walk",
+        "variant": "packed",
     }
-    """Chunk 32: on the H100 the fastest forward and within 3% of the fastest forward +
-    backward at T = 2048 and 16384 (``docs/results/h100-check-s5/``)."""
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True
 
@@ -297,61 +93,12 @@ class TritonBackend(Backend):
         return None
 
     def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
-        call = _Call(x, attn, config, backward=False)
-        Dv = call.Dv
-        prefix = call.states(
-            call.k, call.kg, call.kb, call.kg_stride, call.v, None,
-            call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False,
-        )  # fmt: skip
-        o = torch.empty_like(call.v)
-        BV = min(BLOCK_V, max(16, triton_next_pow2(Dv)))
-        call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
-        (_, S_total), (_, z_total) = prefix
-        return Outputs(o, call.canonical(S_total, Dv), call.canonical(z_total, None))
+        return _variant(x, config).forward(x, attn, config)
 
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
-        call = _Call(x, attn, config, backward=True)
-        B, T, H, Dv = call.B, call.T, call.H, call.Dv
-        fm = attn.feature_map
-        dev = call.q.device
-        BV = max(16, triton_next_pow2(Dv))
-        prefix = call.states(
-            call.k, call.kg, call.kb, call.kg_stride, call.v, None,
-            call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False,
-        )  # fmt: skip
-        g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
-        r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
-        dq = torch.empty_like(call.q)
-        dgq = torch.empty(B * H, call.partials(), call.BD, device=dev, dtype=torch.float32)
-        dbq = torch.empty_like(dgq)
-        call.sweep(1, prefix, x.S0 is not None or x.z0 is not None, X=call.q, Y=call.k,
-                   W=call.v, DO=grads.o.contiguous(), GOUT=g, ROUT=r, DX=dq, DG=dgq, DB=dbq,
-                   BV=BV)  # fmt: skip
-        suffix = call.states(
-            call.q, call.qg, call.qb, call.qg_stride, g, r,
-            call.full(grads.S, Dv), call.full(grads.z, 1), reverse=True,
-        )  # fmt: skip
-        dk = torch.empty_like(call.k)
-        dv = torch.empty_like(call.v)
-        dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
-        carried = grads.S is not None or grads.z is not None
-        call.sweep(2, suffix, carried, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk,
-                   DG=dgk, DB=dbk, BV=BV)  # fmt: skip
-        (_, dS_total), (_, dz_total) = suffix
-        has_state = x.S0 is not None
-        return Inputs(
-            dq,
-            dk,
-            dv,
-            call.param_grad(dgq, x.q_weight, fm.pre.uses_gamma),
-            call.param_grad(dbq, x.q_bias, fm.pre.uses_beta),
-            call.param_grad(dgk, x.k_weight, fm.pre.uses_gamma),
-            call.param_grad(dbk, x.k_bias, fm.pre.uses_beta),
-            call.canonical(dS_total, Dv).to(x.S0.dtype) if has_state else None,
-            call.canonical(dz_total, None).to(x.z0.dtype) if has_state else None,
-        )
+        return _variant(x, config).backward(x, attn, config, grads)
 
     def decode_step(
         self, x: Inputs, attn: LinearAttention, out: tuple[torch.Tensor, torch.Tensor] | None
@@ -371,8 +118,8 @@ class TritonBackend(Backend):
         o = torch.empty(B, H, Dv, device=x.v.device, dtype=x.v.dtype)
         i0, i1, w = _packed_index(fm, D, float(attn.scale), str(x.q.device))
         q = x.q.contiguous()
-        g, bq, gs = _params(x.q_weight, x.q_bias, fm.pre, H, D, q.device)
-        kg, kb, ks = _params(x.k_weight, x.k_bias, fm.pre, H, D, q.device)
+        g, bq, gs = params(x.q_weight, x.q_bias, fm.pre, H, D, q.device)
+        kg, kb, ks = params(x.k_weight, x.k_bias, fm.pre, H, D, q.device)
         if ks != gs:
             raise ValueError("the triton decode step needs q and k parameters of one shape")
         decode_kernel[(B * H,)](
@@ -381,10 +128,6 @@ class TritonBackend(Backend):
             BD=16, BF=triton_next_pow2(F), BV=min(32, max(16, triton_next_pow2(Dv))), num_warps=4,
         )  # fmt: skip
         return Outputs(o, S, z)
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 register(TritonBackend())

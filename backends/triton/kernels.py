@@ -279,10 +279,9 @@ def _store_dx(dxp, xh, rstd, rmask, DX, XG, tok, rows, offs_d, H, D, NORM):
 
 
 @triton.jit
-def _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask, H, eps,
-                      NORMALIZE):  # fmt: skip
-    """The dq sweep's per-row weights, stored for the dk/dv sweep: ``U = g = dO / (den + eps)``
-    and ``u = r = -(dO . out) / (den + eps)^2`` (``dO`` and 0 without normalising)."""
+def _weights(out, den, DO, o_ptrs, tv_mask, ROUT, tok, rows, rmask, H, eps, NORMALIZE):
+    """The dq sweep's per-row weights ``(U = g = dO / (den + eps), u = r, inv)`` with
+    ``r = -(dO . out) / (den + eps)^2`` stored (``dO``, 0 and 1 without normalising)."""
     dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
     inv = 1.0 / (den + eps)
     if NORMALIZE:
@@ -291,8 +290,28 @@ def _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmas
     else:
         Ut = dO
         u = inv * 0.0
-    tl.store(GOUT + o_ptrs, Ut, mask=tv_mask)
+        inv = u + 1.0
     tl.store(ROUT + tok + rows * H, u, mask=rmask)
+    return Ut, u, inv
+
+
+@triton.jit
+def _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask, H, eps,
+                      NORMALIZE):  # fmt: skip
+    """``_weights``, with g stored for the dk/dv sweep: ``(U, u)``."""
+    Ut, u, _ = _weights(out, den, DO, o_ptrs, tv_mask, ROUT, tok, rows, rmask, H, eps, NORMALIZE)
+    tl.store(GOUT + o_ptrs, Ut, mask=tv_mask)
+    return Ut, u
+
+
+@triton.jit
+def _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask, H, eps,
+                    NORMALIZE):  # fmt: skip
+    """``_weights``, with ``1 / (den + eps)`` stored per row (the dk/dv sweep forms g from dO
+    again: a number per token instead of a [Dv] row in fp32): ``(U, u)``."""
+    Ut, u, inv = _weights(out, den, DO, o_ptrs, tv_mask, ROUT, tok, rows, rmask, H, eps,
+                          NORMALIZE)  # fmt: skip
+    tl.store(INV + tok + rows * H, inv, mask=rmask)
     return Ut, u
 
 

@@ -227,8 +227,16 @@ def prepare(
     return meta
 
 
+INSTALLED = frozenset({"site-packages", "dist-packages"})
+"""Folders of installed packages, which may sit inside the standard library's folder."""
+
+
 def stdlib_corpus(limit: int | None = None) -> list[Path]:
-    """The Python standard library's ``.py`` files on this machine, sorted (no tests)."""
+    """The Python standard library's ``.py`` files on this machine, sorted (no tests, and no
+    installed packages: a ``site-packages`` folder inside the stdlib's is skipped)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and p.is_file())
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if "test" not in p.parts and not INSTALLED & set(p.relative_to(root).parts) and p.is_file()
+    )  # fmt: skip
     return files[:limit] if limit else files

@@ -5,7 +5,9 @@ the sequence mixer of layer ``i`` is a BaseConv short convolution for odd ``i`` 
 and the mixer under test (``rebased`` or any feature-map variant, ``based``, or softmax
 ``attention``) for even ``i``; the state mixer is a GELU MLP (4x); RMSNorm or LayerNorm;
 tied embeddings; no position embedding (the convolutions carry order). Presets: ``tiny``
-(CPU tests) and ``paper-150m`` (appendix B: 18 layers, d_model 768, feature dim 16).
+(CPU tests), ``lm-30m`` (12 layers, d_model 512, 8 heads of 64, feature dim 16: 30.9M
+parameters at the 257-token byte vocabulary; ``gpu_lm``'s ReBased vs Based comparison) and
+``paper-150m`` (appendix B: 18 layers, d_model 768, feature dim 16).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LMConfig:
 
 LM_PRESETS = {
     "tiny": dict(n_layers=4, d_model=64, num_heads=4, feature_dim=16),
+    "lm-30m": dict(n_layers=12, d_model=512, num_heads=8, feature_dim=16),
     "paper-150m": dict(n_layers=18, d_model=768, num_heads=48, feature_dim=16),
 }
 

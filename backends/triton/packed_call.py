@@ -1,0 +1,211 @@
+"""Host side of the ``packed`` variant (``packed.py``): D <= 16, 144 quadratic state rows.
+
+Forward: (1) ``packed_state_kernel`` sums each segment's state, (2) ``launch.scan`` turns the
+sums into exclusive prefixes (from the caller's initial state), (3) ``packed_sweep_kernel``
+walks each segment from its prefix. Backward: the same, then the dq sweep (which stores
+``1 / (den + eps)`` and ``r`` per token), the suffix states of ``(q, dO / (den + eps), r)``
+and the reverse dk/dv sweep. One program covers all of Dv (the gradient sweeps need
+``dO . out`` over the whole row), so scores are formed once per chunk.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from rebased_kernels.backend import Inputs, Outputs
+from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
+
+from .launch import INTERPRET, dot_precision, params, scan, triton_cdiv, triton_next_pow2
+
+RS, RZ = 161, 273  # state rows (S0 | S1 | SA | SB) and normaliser numbers (z0 | z1 | Z2)
+NUM_WARPS = 8
+BWD_CHUNK = 32
+HALF_SP = "fp16" if INTERPRET else "bf16"
+"""State products of a state built from the call's own tokens, for half inputs (fp16 under
+the interpreter, which has no bfloat16; bf16 on a GPU also for fp16 inputs: a long state
+outgrows fp16's range)."""
+CARRIED_SP = "tf32"
+"""State products when the state carries the caller's state (an initial state, a
+final-state cotangent): an arbitrary state's entries need not average out as a sum of the
+call's own features does."""
+BWD_SP = "tf32"
+"""State products of the gradient sweeps for half inputs."""
+
+
+def _rows(idx: tuple[int, ...], D: int) -> tuple[tuple[int, int], list[int]]:
+    """``((S row, Z entry), every S row)`` of a canonical multiset in the kernels' layout, and
+    the kernel row's weight relative to the unweighted product (``w_d``)."""
+    if len(idx) == 0:
+        return (0, 0), [0]
+    if len(idx) == 1:
+        return (1 + idx[0], 1 + idx[0]), [1 + idx[0]]
+    i, j = idx
+    z = 17 + 16 * i + j
+    d = (j - i) % 16
+    if d == 8:  # two rows of weight 1: x_i x_j and x_j x_i
+        return (145 + i, z), [145 + i, 145 + j]
+    if d > 8:
+        i, d = j, 16 - d
+    return (17 + 16 * d + i, z), [17 + 16 * d + i]
+
+
+@lru_cache(maxsize=64)
+def _packed_maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tensor, ...]:
+    """``(unpack_S [RS, F], pack_S [F, RS], unpack_Z [RZ, F], pack_Z [F, RZ])``: canonical
+    <-> kernel layout, ``pack @ unpack = I``. Feature f (multiset idx, weight ``w_f``) is
+    ``w_f / w_d`` times its kernel row (``w_d = sqrt 2`` on block A's off-diagonal rows, else
+    1); rows and Z entries a pair shares both get ``S_f / w_f`` (``Z2`` is symmetric). As in
+    the ``walk`` variant the same pair maps gradients (``unpack`` a final-state cotangent into
+    the reverse sweep, ``pack`` its total)."""
+    layout = feature_layout(D, fm.powers)
+    w = feature_weights(fm, D, scale)
+    F = len(layout)
+    uS, pS = torch.zeros(RS, F, dtype=torch.float64), torch.zeros(F, RS, dtype=torch.float64)
+    uZ, pZ = torch.zeros(RZ, F, dtype=torch.float64), torch.zeros(F, RZ, dtype=torch.float64)
+    for f, ((idx, _), wf) in enumerate(zip(layout, w)):
+        (srow, zrow), srows = _rows(idx, D)
+        wd = 2**0.5 if len(idx) == 2 and 17 + 16 <= srow < 145 else 1.0
+        for r in srows:
+            uS[r, f] = wd / wf
+        pS[f, srow] = wf / wd
+        zrows = {zrow, 17 + 16 * idx[1] + idx[0]} if len(idx) == 2 else {zrow}
+        for r in zrows:
+            uZ[r, f] = 1.0 / wf
+        pZ[f, zrow] = wf
+    return tuple(t.to(device, torch.float32) for t in (uS, pS, uZ, pZ))
+
+
+class PackedCall:
+    """Launch arguments shared by the kernels of one call."""
+
+    def __init__(self, x: Inputs, attn: LinearAttention, config: dict, backward: bool,
+                 carried: bool) -> None:  # fmt: skip
+        fm = attn.feature_map
+        self.B, self.T, self.H, self.D = x.q.shape
+        self.Dv = x.v.shape[3]
+        self.BC = BWD_CHUNK if backward else int(config["chunk_size"])
+        self.NCS = int(config["chunks_per_segment"])
+        self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
+        self.BV = max(16, triton_next_pow2(self.Dv))
+        self.num_warps = int(config.get("num_warps", NUM_WARPS))
+        self.attn, self.fm = attn, fm
+        self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
+        self.dot = dot_precision(x.v.dtype, backward)
+        if self.dot == "ieee":
+            self.sp = "ieee"
+        else:
+            self.sp = CARRIED_SP if carried else (BWD_SP if backward else HALF_SP)
+        self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
+        H, D, dev = self.H, self.D, x.q.device
+        self.qg, self.qb, self.qg_stride = params(x.q_weight, x.q_bias, fm.pre, H, D, dev)
+        self.kg, self.kb, self.kg_stride = params(x.k_weight, x.k_bias, fm.pre, H, D, dev)
+        self.uS, self.pS, self.uZ, self.pZ = _packed_maps(fm, D, float(attn.scale), str(dev))
+        lin = self.C[0] != 0.0 or self.C[1] != 0.0
+        self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, SP=self.sp,
+                          num_warps=self.num_warps)  # fmt: skip
+
+    def kernel_state(self, S: torch.Tensor | None, z: torch.Tensor | None):
+        """A canonical state ``(S [B, H, F, Dv], z [B, H, F])`` in the kernels' layout
+        ``([B*H, RS, Dv], [B*H, RZ, 1])``; None for none."""
+        if S is None and z is None:
+            return None, None
+        BH, Dv = self.B * self.H, self.Dv
+        S_k = None if S is None else self.uS @ S.to(torch.float32).reshape(BH, -1, Dv)
+        z_k = None if z is None else self.uZ @ z.to(torch.float32).reshape(BH, -1, 1)
+        return S_k, z_k
+
+    def canonical(self, S_k: torch.Tensor, z_k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        S = (self.pS @ S_k).reshape(self.B, self.H, -1, self.Dv)
+        return S, (self.pZ @ z_k).reshape(self.B, self.H, -1)
+
+    def states(self, y, yg, yb, ys, W, WS, Wsc, init: tuple, reverse: bool):
+        """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
+        (suffix when ``reverse``) of the segments' states from ``init`` (canonical)."""
+        from .packed import packed_state_kernel
+
+        BH, Dv, dev = self.B * self.H, self.Dv, y.device
+        seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
+        seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
+        packed_state_kernel[(self.NSEG, BH)](
+            y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
+            self.T, self.H, self.D, Dv, ys, self.NSEG, self.NCS, int(self.fm.pre.norm),
+            BC=self.BC, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None,
+            **self.flags,
+        )  # fmt: skip
+        S0, z0 = self.kernel_state(*init)
+        return scan(seg_S, S0, reverse), scan(seg_z, z0, reverse)
+
+    def sweep(self, mode: int, states, **t) -> None:
+        """``packed_sweep_kernel`` in mode 0 (forward), 1 (dq) or 2 (dk, dv); ``t``: the
+        tensors by kernel argument name."""
+        from .packed import packed_sweep_kernel
+
+        fm, attn, dummy = self.fm, self.attn, self.v
+        q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
+        (xg, xb, xs), (yg, yb, ys) = (k, q) if mode == 2 else (q, k)  # rows, columns
+        (S_st, _), (z_st, _) = states
+        args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
+        out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
+        packed_sweep_kernel[(self.NSEG, self.B * self.H)](
+            args[0], xg, xb, args[1], yg, yb, *args[2:], S_st, z_st, *out,
+            self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
+            int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
+            BC=self.BC, BV=self.BV, MODE=mode, HAS_WS="WS" in t, HAS_WSC="Wsc" in t,
+            DOT=self.dot, **self.flags,
+        )  # fmt: skip
+
+    def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
+        """Sum the kernels' per-segment ``[B*H, NSEG, 16]`` sums into p's shape."""
+        if not used or p is None:
+            return None
+        g = partial.reshape(self.B, self.H, -1, 16)[..., : self.D].sum((0, 2))
+        return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
+
+
+def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
+    call = PackedCall(x, attn, config, backward=False, carried=x.S0 is not None)
+    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                         (x.S0, x.z0), reverse=False)  # fmt: skip
+    o = torch.empty_like(call.v)
+    call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o)
+    (_, S_total), (_, z_total) = prefix
+    return Outputs(o, *call.canonical(S_total, z_total))
+
+
+def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> Inputs:
+    fm = attn.feature_map
+    carried_in, carried_out = x.S0 is not None, grads.S is not None or grads.z is not None
+    call = PackedCall(x, attn, config, backward=True, carried=carried_in)
+    B, T, H = call.B, call.T, call.H
+    dev = call.q.device
+    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                         (x.S0, x.z0), reverse=False)  # fmt: skip
+    inv = torch.empty(B, T, H, device=dev, dtype=torch.float32)
+    r = torch.empty_like(inv)
+    dq = torch.empty_like(call.q)
+    dgq = torch.empty(B * H, call.NSEG, 16, device=dev, dtype=torch.float32)
+    dbq = torch.empty_like(dgq)
+    dO = grads.o.contiguous()
+    call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r, DX=dq, DG=dgq,
+               DB=dbq)  # fmt: skip
+    rev = PackedCall(x, attn, config, backward=True, carried=carried_out)
+    suffix = rev.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
+                        (grads.S, grads.z), reverse=True)  # fmt: skip
+    dk, dv = torch.empty_like(call.k), torch.empty_like(call.v)
+    dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
+    rev.sweep(2, suffix, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v, OUT=dv, DX=dk,
+              DG=dgk, DB=dbk)  # fmt: skip
+    (_, dS_total), (_, dz_total) = suffix
+    dS0, dz0 = call.canonical(dS_total, dz_total) if carried_in else (None, None)
+    pre = fm.pre
+    return Inputs(
+        dq, dk, dv,
+        call.param_grad(dgq, x.q_weight, pre.uses_gamma),
+        call.param_grad(dbq, x.q_bias, pre.uses_beta),
+        call.param_grad(dgk, x.k_weight, pre.uses_gamma),
+        call.param_grad(dbk, x.k_bias, pre.uses_beta),
+        None if dS0 is None else dS0.to(x.S0.dtype),
+        None if dz0 is None else dz0.to(x.z0.dtype),
+    )  # fmt: skip
