@@ -35,6 +35,7 @@ def check_one(
     device: str,
     shape=(2, 100, 2, 16, 16),
     seed=0,
+    config: dict | None = None,
 ) -> CheckRow:
     """Forward and gradient errors (worst relative norm error) of one backend/map/dtype."""
     fm = get_feature_map(feature_map)
@@ -57,7 +58,7 @@ def check_one(
     if reason:
         return row
     x = random_inputs(B, T, H, D, Dv, dtype, device, fm, seed)
-    o = linear_attention(**x, feature_map=fm, backend=backend)
+    o = linear_attention(**x, feature_map=fm, backend=backend, config=config)
     params = tuple(x.get(n) for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
     ref = reference.quadratic(x["q"], x["k"], x["v"], LinearAttention(fm, D**-0.5), params)[0]
     cot = torch.randn(

@@ -171,33 +171,43 @@ def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: i
 
 
 def variant_configs(be) -> list[dict]:
-    """The sweep's configurations: the tuning space (the ``packed`` variant by default), its
-    chunk-64 and 16-chunk segments at 4 warps, and the ``walk`` variant's best of session 5."""
-    space = be.configs()
-    warps4 = [{**c, "num_warps": 4} for c in space if c["chunks_per_segment"] == 16]
-    walk = [{"chunk_size": 32, "chunks_per_segment": n, "variant": "walk"} for n in (16, 32)]
-    return space + warps4 + walk
+    """The sweep's configurations: ``packed`` (walk) at 16 chunks of 32 per segment, 4 and 8
+    warps; ``tiles`` over chunk {32, 64} x segment {2, 4, 8, 16} chunks x {4, 8} warps; the
+    ``walk`` variant's best of session 5."""
+    packed = [{"chunk_size": 32, "chunks_per_segment": 16, "num_warps": w} for w in (4, 8)]
+    tiles = [
+        {"chunk_size": c, "chunks_per_segment": n, "num_warps": w, "variant": "tiles"}
+        for c in (32, 64)
+        for n in (2, 4, 8, 16)
+        for w in (4, 8)
+    ]
+    return packed + tiles + [{"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk"}]
 
 
 def precision(log: dict, config: dict) -> None:
-    """The packed variant's gradient sweeps with bf16 instead of tf32 state products: the
-    oracle errors (check's comparison) and the forward+backward time at T = 16384."""
+    """The ``packed`` and ``tiles`` variants' gradient sweeps with bf16 instead of tf32 state
+    products: the oracle errors (check's comparison) and forward+backward at T = 16384."""
     from rebased_kernels.backends.triton import packed_call
 
     rows = []
-    for sp in ("tf32", "bf16"):
-        packed_call.BWD_SP = sp
-        errs = [
-            check_one("triton", name, dtype, DEVICE, shape=(2, T, 3, 16, 64), seed=7)
-            for name in ("rebased", "based")
-            for dtype in ((torch.float16,) if SMALL else (torch.bfloat16, torch.float16))
-            for T in ((37,) if SMALL else (100, 3000))
-        ]
-        _, fwd_bwd, _ = _ours(*((1, 200, 2) if SMALL else (4, 16384, 16)), config)
-        rows.append(dict(bwd_sp=sp, fwd_bwd_ms=ms(fwd_bwd, 2, 10),
-                         worst_backward=max(r.backward_err for r in errs),
-                         rows=[asdict(r) for r in errs]))  # fmt: skip
-        print("precision", sp, {k: v for k, v in rows[-1].items() if k != "rows"}, flush=True)
+    for variant in ("packed", "tiles"):
+        cfg = {**config, "variant": variant}
+        for sp in ("tf32", "bf16"):
+            packed_call.BWD_SP = sp
+            errs = [
+                check_one(
+                    "triton", name, dtype, DEVICE, shape=(2, T, 3, 16, 64), seed=7, config=cfg
+                )
+                for name in ("rebased", "based")
+                for dtype in ((torch.float16,) if SMALL else (torch.bfloat16, torch.float16))
+                for T in ((37,) if SMALL else (100, 3000))
+            ]
+            _, fwd_bwd, _ = _ours(*((1, 200, 2) if SMALL else (4, 16384, 16)), cfg)
+            rows.append(dict(config=cfg, bwd_sp=sp, fwd_bwd_ms=ms(fwd_bwd, 2, 10),
+                             worst_forward=max(r.forward_err for r in errs),
+                             worst_backward=max(r.backward_err for r in errs),
+                             rows=[asdict(r) for r in errs]))  # fmt: skip
+            print("precision", {k: v for k, v in rows[-1].items() if k != "rows"}, flush=True)
     packed_call.BWD_SP = "tf32"
     log["precision"] = rows
 

@@ -36,11 +36,12 @@ VARIANTS = ("packed", "walk", "tiles")
 
 
 def _variant(x: Inputs, config: dict) -> ModuleType:
-    """The host module of the call's variant: ``packed`` runs D <= 16 only (else walk)."""
+    """The host module of the call's variant: ``packed`` and ``tiles`` run D <= 16 (larger D
+    walks)."""
     name = config.get("variant", "packed")
     if name not in VARIANTS:
         raise ValueError(f"triton variant {name!r} is not one of {VARIANTS}")
-    return packed_call if name == "packed" and x.q.shape[3] <= 16 else walk
+    return packed_call if name != "walk" and x.q.shape[3] <= 16 else walk
 
 
 @lru_cache(maxsize=64)
@@ -79,6 +80,7 @@ class TritonBackend(Backend):
         "chunk_size": 32,
         "chunks_per_segment": 16,
         "variant": "packed",
+        "num_warps": 8,
     }
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True

@@ -584,11 +584,12 @@ def sweep_kernel(
 
 
 @triton.jit(do_not_specialize=["NSEG", "N"])
-def prefix_kernel(SEG, INIT, TOTAL, NSEG, N, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-                  BS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def prefix_kernel(SEG, INIT, TOTAL, PRE, NSEG, N, HAS_INIT: tl.constexpr,
+                  REVERSE: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Grid ``(B*H, cdiv(N, BLOCK))``: per-segment sums ``SEG [B*H, NSEG, N]`` become, in
     place, the exclusive prefix over segments (suffix when ``REVERSE``) starting from
-    ``INIT [B*H, N]`` (zero without ``HAS_INIT``); ``TOTAL [B*H, N]`` gets the full sum.
+    ``INIT [B*H, N]`` (zero without ``HAS_INIT``), written to ``PRE`` (``SEG`` itself, or a
+    half-precision copy: the store rounds); ``TOTAL [B*H, N]`` gets the full sum.
 
     One ``[BS, BLOCK]`` tile (BS >= NSEG) per program, scanned along the segments at once:
     the exclusive prefix is the inclusive scan of the tile shifted by one segment (a second
@@ -609,7 +610,8 @@ def prefix_kernel(SEG, INIT, TOTAL, NSEG, N, HAS_INIT: tl.constexpr, REVERSE: tl
         init = tl.load(INIT + bh * N + offs, mask=m, other=0.0)  # [BLOCK]
     else:
         init = tl.zeros([BLOCK], tl.float32)
-    tl.store(row + seg[:, None] * N, tl.cumsum(before, 0) + init[None, :], mask=here)
+    pre = PRE + bh * NSEG * N + offs[None, :] + seg[:, None] * N
+    tl.store(pre, tl.cumsum(before, 0) + init[None, :], mask=here)
     tl.store(TOTAL + bh * N + offs, tl.sum(x, 0) + init, mask=m)
 
 

@@ -45,9 +45,11 @@ def constant(fill: float, rows: int, D: int, device: str) -> torch.Tensor:
     return torch.full((rows, D), fill, dtype=torch.float32, device=device)
 
 
-def scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
+def scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool,
+         dtype: torch.dtype = torch.float32):  # fmt: skip
     """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])`` from ``init``
-    (``[BH, RF, c]``, or None for a zero state); the prefix overwrites ``seg`` (one launch)."""
+    (``[BH, RF, c]``, or None for a zero state), one launch; the prefix overwrites ``seg``
+    (float32), or goes to a new tensor of ``dtype``."""
     from .kernels import prefix_kernel
 
     BH, NSEG = seg.shape[:2]
@@ -57,8 +59,9 @@ def scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool):
         init = init.to(torch.float32).contiguous()
     BS = triton_next_pow2(NSEG)  # the whole segment axis in one tile
     BLOCK = max(16, min(triton_next_pow2(N), 4096 // BS))
+    pre = seg if dtype == torch.float32 else torch.empty_like(seg, dtype=dtype)
     prefix_kernel[(BH, triton_cdiv(N, BLOCK))](
-        seg, total if init is None else init, total, NSEG, N,
+        seg, total if init is None else init, total, pre, NSEG, N,
         HAS_INIT=init is not None, REVERSE=reverse, BS=BS, BLOCK=BLOCK, num_warps=4,
     )  # fmt: skip
-    return seg, total
+    return pre, total

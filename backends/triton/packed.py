@@ -47,114 +47,135 @@ from .kernels import (
 
 RS = tl.constexpr(161)  # state rows: S0 | S1 (16) | SA (128) | SB (16)
 RZ = tl.constexpr(273)  # normaliser numbers: z0 | z1 (16) | Z2 (256)
+FB_ROWS = 32
+FB = tl.constexpr(FB_ROWS)  # rows of block A taken at a time (tiles, the state kernel)
 
 
 @triton.jit
-def _selectors():
-    """``E1, E2 [16, 128]``: one-hot columns picking ``x'_a`` and ``x'_{(a+d) mod 16}`` for
-    feature ``16 d + a``; ``P8 [16, 16]`` picks ``x'_{(e+8) mod 16}``; ``wA [128]``."""
-    f = tl.arange(0, 128)
+def _selectors(blk, NF: tl.constexpr):
+    """Rows ``f = blk * NF .. + NF`` of block A: ``(E1, E2 [16, NF], w [NF])``, one-hot
+    columns picking ``x'_a`` and ``x'_{(a+d) mod 16}`` for feature ``f = 16 d + a``."""
+    f = blk * NF + tl.arange(0, NF)
     d = tl.arange(0, 16)
     a = f % 16
     E1 = (d[:, None] == a[None, :]).to(tl.float32)
     E2 = (d[:, None] == ((a + f // 16) % 16)[None, :]).to(tl.float32)
-    P8 = (d[:, None] == ((d + 8) % 16)[None, :]).to(tl.float32)
-    wA = tl.where(f < 16, 1.0, 1.4142135623730951)
-    return E1, E2, P8, wA
+    return E1, E2, tl.where(f < 16, 1.0, 1.4142135623730951)
 
 
 @triton.jit
-def _phi(x, E1, E2, P8, wA, SP: tl.constexpr):
-    """``(phi_A [BC, 128], phi_B [BC, 16], X1, X2 [BC, 128], X8 [BC, 16])`` of rows x'."""
-    X1 = _dot(x, E1, SP)  # x'_a
-    X2 = _dot(x, E2, SP)  # x'_{(a+d) mod 16}
-    X8 = _dot(x, P8, SP)  # x'_{(e+8) mod 16}
-    return X1 * X2 * wA[None, :], x * X8, X1, X2, X8
+def _p8():
+    """``P8 [16, 16]``: the one-hot columns picking ``x'_{(e+8) mod 16}`` (block B)."""
+    d = tl.arange(0, 16)
+    return (d[:, None] == ((d + 8) % 16)[None, :]).to(tl.float32)
 
 
 @triton.jit
-def _lin_part(x, S0, S1, z0, z1, sc, C0, C1, SP: tl.constexpr):
-    """The powers 0 and 1 of ``(phi(x) . S [BC, BV], phi(x) . z [BC])``."""
-    out = C0 * S0[None, :] + (C1 * sc) * _dot(x, S1, SP)
-    return out, C0 * z0 + (C1 * sc) * tl.sum(x * z1[None, :], 1)
+def _quad_out(x, SAb, E1, E2, w, SP: tl.constexpr):
+    """``phi_A(x) . SA`` over one block of rows: ``(x'E1 * x'E2 * w) SA_b`` [BC, BV]."""
+    ph = _dot(x, E1, SP) * _dot(x, E2, SP) * w[None, :]  # [BC, NF]
+    return _dot(ph, SAb, SP)
 
 
 @triton.jit
-def _state_part(x, phA, phB, S0, S1, SA, SB, z0, z1, Z2, sc, C0, C1, C2, SP: tl.constexpr,
-                HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
-    """``(phi(x) . S [BC, BV], phi(x) . z [BC], x' Z2 [BC, 16])`` of the state so far."""
+def _quad_grad(Ut, x, SAb, E1, E2, w, SP: tl.constexpr):
+    """One block's part of ``d/dx' [phi_A(x) . SA U]`` [BC, 16]: with ``M = w U SA_b^T``,
+    ``M X2`` goes to column a and ``M X1`` to column ``(a+d) mod 16`` (the transposed
+    one-hot products)."""
+    M = _dot(Ut, tl.trans(SAb), SP) * w[None, :]  # [BC, NF]
+    X1 = _dot(x, E1, SP)
+    X2 = _dot(x, E2, SP)
+    return _dot_tf32(M * X2, tl.trans(E1), SP) + _dot_tf32(M * X1, tl.trans(E2), SP)
+
+
+@triton.jit
+def _quad_update(yT, Wt, E1, E2, w, SP: tl.constexpr):
+    """One block's ``phi_A(y)^T W`` [NF, BV] from ``y'^T [16, BC]``: the one-hot products
+    taken transposed (``E^T y'^T``), so the left operand needs no transpose."""
+    ph_t = _dot(tl.trans(E1), yT, SP) * _dot(tl.trans(E2), yT, SP) * w[:, None]  # [NF, BC]
+    return _dot(ph_t, Wt, SP)
+
+
+@triton.jit
+def _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP: tl.constexpr,
+              HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Everything of ``(phi(x) . S [BC, BV], phi(x) . z [BC])`` but block A's numerator."""
+    c2 = C2 * sc * sc
     xz = tl.dot(x, Z2, input_precision="ieee")  # [BC, 16]
-    if HAS_C2:
-        c2 = C2 * sc * sc
-        out = c2 * (_dot(phA, SA, SP) + _dot(phB, SB, SP))  # [BC, BV]
-        den = c2 * tl.sum(x * xz, 1)  # [BC]
-        if HAS_LIN:
-            lin, lin_den = _lin_part(x, S0, S1, z0, z1, sc, C0, C1, SP)
-            out += lin
-            den += lin_den
-    else:
-        out, den = _lin_part(x, S0, S1, z0, z1, sc, C0, C1, SP)
-    return out, den, xz
+    out = c2 * _dot(x * _dot(x, P8, SP), SB, SP)  # [BC, BV]
+    den = c2 * tl.sum(x * xz, 1)  # [BC]
+    if not HAS_C2:
+        out, den = out * 0.0, den * 0.0
+    if HAS_LIN:
+        out += C0 * S0[None, :] + (C1 * sc) * _dot(x, S1, SP)
+        den += C0 * z0 + (C1 * sc) * tl.sum(x * z1[None, :], 1)
+    return out, den
 
 
 @triton.jit
-def _state_grad(Ut, u, x, X1, X2, X8, xz, S1, SA, SB, z1, E1, E2, P8, wA, sc, C1, C2,
-                SP: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
-    """The state's part of ``dx'`` [BC, 16]: ``d/dx' [phi(x) . (S U_i + z u_i)]``.
-
-    With ``M = U S^T`` per block, ``d phi_A / dx'`` sends ``M w X2`` to column a and
-    ``M w X1`` to column ``(a+d) mod 16``: the transposed one-hot products ``. E1^T``,
-    ``. E2^T``; block B likewise with ``P8``; ``Z2`` is symmetric: ``2 u x' Z2``."""
+def _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP: tl.constexpr,
+               HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Everything of ``d/dx' [phi(x) . (S U_i + z u_i)]`` [BC, 16] but block A's numerator
+    (block B as ``_quad_grad`` with ``P8``; Z2 is symmetric: ``2 u x' Z2``)."""
     dxp = x * 0.0
     if HAS_C2:
-        MA = _dot(Ut, tl.trans(SA), SP) * wA[None, :]  # [BC, 128]
         MB = _dot(Ut, tl.trans(SB), SP)  # [BC, 16]
-        dA = _dot_tf32(MA * X2, tl.trans(E1), SP) + _dot_tf32(MA * X1, tl.trans(E2), SP)
-        dB = MB * X8 + _dot_tf32(MB * x, tl.trans(P8), SP)
-        dxp = (C2 * sc * sc) * (dA + dB + 2.0 * u[:, None] * xz)
+        dB = MB * _dot(x, P8, SP) + _dot_tf32(MB * x, tl.trans(P8), SP)
+        dxp = (C2 * sc * sc) * (dB + 2.0 * u[:, None] * tl.dot(x, Z2, input_precision="ieee"))
     if HAS_LIN:
         dxp += (C1 * sc) * (_dot(Ut, tl.trans(S1), SP) + u[:, None] * z1[None, :])
     return dxp
 
 
 @triton.jit
-def _update(y, Wt, wc, S0, S1, SA, SB, z0, z1, Z2, E1, E2, P8, wA, SP: tl.constexpr,
-            HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
-    """Add one chunk of columns ``(y' [BC, 16], W [BC, BV], w [BC])`` to the state."""
+def _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP: tl.constexpr,
+                 HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Add one chunk of columns ``(y' [BC, 16], W [BC, BV], w [BC])`` to all but SA."""
     if HAS_C2:
-        phA, phB, _, _, _ = _phi(y, E1, E2, P8, wA, SP)
-        SA += _dot(tl.trans(phA), Wt, SP)
-        SB += _dot(tl.trans(phB), Wt, SP)
+        yT = tl.trans(y)  # [16, BC]
+        SB += _dot(_dot(tl.trans(P8), yT, SP) * yT, Wt, SP)
         Z2 += tl.dot(tl.trans(y * wc[:, None]), y, input_precision="ieee")
     if HAS_LIN:
         S0 += tl.sum(Wt, 0)
         S1 += _dot(tl.trans(y), Wt, SP)
         z0 += tl.sum(wc, 0)
         z1 += tl.sum(y * wc[:, None], 0)
-    return S0, S1, SA, SB, z0, z1, Z2
+    return S0, S1, SB, z0, z1, Z2
 
 
 @triton.jit
-def _state_ptrs(Sst, Zst, base, offs_v, Dv):
-    """Pointers to one stored state (``base``: its index in ``[B*H, NSEG]``): S0 [BV],
-    S1 [16, BV], SA [128, BV], SB [16, BV], z0, z1 [16], Z2 [16, 16]."""
+def _rows_of(Sst, base, first, R: tl.constexpr, offs_v, vmask, Dv):
+    """``[R, BV]`` pointers and mask of rows ``first .. first + R`` of the state at ``base``."""
+    r = first + tl.arange(0, R)
+    return Sst + (base * RS + r[:, None]) * Dv + offs_v[None, :], vmask[None, :]
+
+
+@triton.jit
+def _load_rest(Sst, Zst, base, offs_v, vmask, Dv):
+    """``(S0 [BV], S1 [16, BV], SB [16, BV], z0, z1 [16], Z2 [16, 16])`` of a stored state;
+    rows: S0 | S1 (1..16) | SA (17..144) | SB (145..160); z0 | z1 | Z2 (row-major)."""
     d = tl.arange(0, 16)
-    f = tl.arange(0, 128)
-    S = Sst + base * RS * Dv
-    row = S + offs_v[None, :]
     z = Zst + base * RZ
-    z2 = z + 17 + d[:, None] * 16 + d[None, :]
-    return (S + offs_v, row + (1 + d[:, None]) * Dv, row + (17 + f[:, None]) * Dv,
-            row + (145 + d[:, None]) * Dv, z, z + 1 + d, z2)  # fmt: skip
+    p1, m = _rows_of(Sst, base, 1, 16, offs_v, vmask, Dv)
+    pB, _ = _rows_of(Sst, base, 145, 16, offs_v, vmask, Dv)
+    S0 = tl.load(Sst + base * RS * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)
+    return (S0, tl.load(p1, mask=m, other=0.0).to(tl.float32),
+            tl.load(pB, mask=m, other=0.0).to(tl.float32), tl.load(z), tl.load(z + 1 + d),
+            tl.load(z + 17 + d[:, None] * 16 + d[None, :]))  # fmt: skip
 
 
 @triton.jit
-def _load_state(Sst, Zst, base, offs_v, vmask, Dv):
-    p0, p1, pA, pB, q0, q1, q2 = _state_ptrs(Sst, Zst, base, offs_v, Dv)
-    m = vmask[None, :]
-    return (tl.load(p0, mask=vmask, other=0.0), tl.load(p1, mask=m, other=0.0),
-            tl.load(pA, mask=m, other=0.0), tl.load(pB, mask=m, other=0.0), tl.load(q0),
-            tl.load(q1), tl.load(q2))  # fmt: skip
+def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2):
+    d = tl.arange(0, 16)
+    z = Zst + base * RZ
+    p1, m = _rows_of(Sst, base, 1, 16, offs_v, vmask, Dv)
+    pB, _ = _rows_of(Sst, base, 145, 16, offs_v, vmask, Dv)
+    tl.store(Sst + base * RS * Dv + offs_v, S0, mask=vmask)
+    tl.store(p1, S1, mask=m)
+    tl.store(pB, SB, mask=m)
+    tl.store(z, z0)
+    tl.store(z + 1 + d, z1)
+    tl.store(z + 17 + d[:, None] * 16 + d[None, :], Z2)
 
 
 @triton.jit
@@ -182,36 +203,42 @@ def packed_state_kernel(
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
     HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(NSEG, B*H)``: each segment's own state sum (no prefix), stored."""
-    seg, bh = tl.program_id(0), tl.program_id(1)
+    """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
+    Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
+    small accumulators, many programs."""
+    seg, bh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = bh % H
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
     vmask = offs_v < Dv
-    E1, E2, P8, wA = _selectors()
-    S0 = tl.zeros([BV], tl.float32)
-    S1 = tl.zeros([16, BV], tl.float32)
-    SA = tl.zeros([128, BV], tl.float32)
-    SB = tl.zeros([16, BV], tl.float32)
-    z0 = tl.sum(S0, 0) * 0.0
-    z1 = tl.zeros([16], tl.float32)
-    Z2 = tl.zeros([16, 16], tl.float32)
-    for i in range(NCS):
-        rows = (seg * NCS + i) * BC + offs_c
-        rmask = rows < T
-        y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v, vmask,
-                             T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
-        S0, S1, SA, SB, z0, z1, Z2 = _update(y, Wt, wc, S0, S1, SA, SB, z0, z1, Z2, E1, E2, P8,
-                                             wA, SP, HAS_LIN, HAS_C2)  # fmt: skip
-    p0, p1, pA, pB, q0, q1, q2 = _state_ptrs(Sst, Zst, bh * NSEG + seg, offs_v, Dv)
-    m = vmask[None, :]
-    tl.store(p0, S0, mask=vmask)
-    tl.store(p1, S1, mask=m)
-    tl.store(pA, SA, mask=m)
-    tl.store(pB, SB, mask=m)
-    tl.store(q0, z0)
-    tl.store(q1, z1)
-    tl.store(q2, Z2)
+    base = bh * NSEG + seg
+    if blk < 128 // FB:
+        E1, E2, w = _selectors(blk, FB)
+        acc = tl.zeros([FB, BV], tl.float32)
+        for i in range(NCS):
+            rows = (seg * NCS + i) * BC + offs_c
+            rmask = rows < T
+            y, Wt, _ = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
+                                vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, False)  # fmt: skip
+            acc += _quad_update(tl.trans(y), Wt, E1, E2, w, SP)
+        ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
+        tl.store(ptrs, acc, mask=m)
+    else:
+        P8 = _p8()
+        S0 = tl.zeros([BV], tl.float32)
+        S1 = tl.zeros([16, BV], tl.float32)
+        SB = tl.zeros([16, BV], tl.float32)
+        z0 = tl.sum(S0, 0) * 0.0
+        z1 = tl.zeros([16], tl.float32)
+        Z2 = tl.zeros([16, 16], tl.float32)
+        for i in range(NCS):
+            rows = (seg * NCS + i) * BC + offs_c
+            rmask = rows < T
+            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
+                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
+                                                  HAS_LIN, HAS_C2)  # fmt: skip
+        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -235,8 +262,12 @@ def packed_sweep_kernel(
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
     vmask = offs_v < Dv
-    E1, E2, P8, wA = _selectors()
-    S0, S1, SA, SB, z0, z1, Z2 = _load_state(Sst, Zst, bh * NSEG + seg, offs_v, vmask, Dv)
+    E1, E2, wA = _selectors(0, 128)
+    P8 = _p8()
+    base = bh * NSEG + seg
+    S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
+    pA, mA = _rows_of(Sst, base, 17, 128, offs_v, vmask, Dv)
+    SA = tl.load(pA, mask=mA, other=0.0)  # [128, BV]
     dg_acc = tl.zeros([16], tl.float32)
     db_acc = tl.zeros([16], tl.float32)
     for i in range(NCS):
@@ -254,9 +285,9 @@ def packed_sweep_kernel(
                              T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
         keep = _keep(c, c, rmask, offs_c, MODE == 2)  # the diagonal chunk
         s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)  # [BC, BC]
-        phA, phB, X1, X2, X8 = _phi(x, E1, E2, P8, wA, SP)
-        out, den, xz = _state_part(x, phA, phB, S0, S1, SA, SB, z0, z1, Z2, sc, C0, C1, C2, SP,
-                                   HAS_LIN, HAS_C2)  # fmt: skip
+        out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
+        if HAS_C2:
+            out += (C2 * sc * sc) * _quad_out(x, SA, E1, E2, wA, SP)
         out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
         if MODE == 0:
@@ -272,14 +303,129 @@ def packed_sweep_kernel(
                 Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
                 u = rmask.to(tl.float32)
             dxp = _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
-            dxp += _state_grad(Ut, u, x, X1, X2, X8, xz, S1, SA, SB, z1, E1, E2, P8, wA, sc, C1,
-                               C2, SP, HAS_LIN, HAS_C2)  # fmt: skip
+            dxp += _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
+            if HAS_C2:
+                dxp += (C2 * sc * sc) * _quad_grad(Ut, x, SA, E1, E2, wA, SP)
             dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d,
                                H, D, NORM)  # fmt: skip
             dg_acc += dg
             db_acc += db
-        S0, S1, SA, SB, z0, z1, Z2 = _update(y, Wt, wc, S0, S1, SA, SB, z0, z1, Z2, E1, E2, P8,
-                                             wA, SP, HAS_LIN, HAS_C2)  # fmt: skip
+        if HAS_C2:
+            SA += _quad_update(tl.trans(y), Wt, E1, E2, wA, SP)
+        S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP, HAS_LIN,
+                                              HAS_C2)  # fmt: skip
     if MODE != 0:
         tl.store(DG + (bh * NSEG + seg) * 16 + offs_d, dg_acc)
         tl.store(DB + (bh * NSEG + seg) * 16 + offs_d, db_acc)
+
+
+@triton.jit
+def _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP: tl.constexpr,
+                  HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """``(phi(x) . S, phi(x) . z)`` of the stored state at ``base``, block A by FB rows (a
+    tile program keeps no state tile live)."""
+    S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
+    out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
+    if HAS_C2:
+        for blk in range(128 // FB):
+            E1, E2, w = _selectors(blk, FB)
+            ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
+            SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
+            out += (C2 * sc * sc) * _quad_out(x, SAb, E1, E2, w, SP)
+    return out, den
+
+
+@triton.jit
+def _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2,
+                   SP: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """``d/dx' [phi(x) . (S U_i + z u_i)]`` [BC, 16] of the stored state, block by block."""
+    _, S1, SB, _, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
+    dxp = _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
+    if HAS_C2:
+        for blk in range(128 // FB):
+            E1, E2, w = _selectors(blk, FB)
+            ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
+            SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
+            dxp += (C2 * sc * sc) * _quad_grad(Ut, x, SAb, E1, E2, w, SP)
+    return dxp
+
+
+@triton.jit(do_not_specialize=RUNTIME)
+def packed_tile_kernel(
+    X, XG, XB, Y, YG, YB, W, WS, Wsc, U, DO, Sst, Zst,
+    OUT, INV, ROUT, DX, DG, DB,
+    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
+    BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
+    HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
+    SP: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
+
+    Chunk c of segment ``c // NCS`` takes the segment's stored prefix (suffix in MODE 2)
+    state and adds the segment's other chunks quadratically, ``A_ij = sim(sc x'_i . y'_j)``
+    from the raw 16-dim q', k': every program is independent, as in flash attention. MODE 0
+    (forward) and 1 (dq) take the key chunks up to the diagonal: out and den (first pass),
+    then in MODE 1 ``U = g``, ``u = r`` and dq from the same chunks (second pass). MODE 2
+    (x = k, y = q, ``W = dO * INV``, ``w = r``, U = v) takes the query chunks from the
+    diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    h = bh % H
+    tok = (bh // H) * T * H + h
+    offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
+    vmask = offs_v < Dv
+    NCH = tl.cdiv(T, BC)
+    seg = c // NCS
+    P8 = _p8()
+    base = bh * NSEG + seg
+    rows = c * BC + offs_c
+    rmask = rows < T
+    tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
+    o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
+    x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
+                       D, H * D, NORM)  # [BC, 16]  # fmt: skip
+    out, den = _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP,
+                             HAS_LIN, HAS_C2)  # fmt: skip
+    if MODE == 2:
+        lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
+    else:
+        lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
+    if MODE != 2:  # first pass: out and den of the whole row
+        for j in range(lo, hi):
+            cols = j * BC + offs_c
+            cmask = cols < T
+            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d, offs_v,
+                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
+            out += _dot_A(A, Wt, DOT, MODE)
+            den += tl.sum(A * wc[None, :], 1)
+    if MODE == 0:
+        if NORMALIZE:
+            out = out / (den + eps)[:, None]
+        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+    else:
+        if MODE == 1:
+            Ut, u = _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask,
+                                    H, eps, NORMALIZE)  # fmt: skip
+            out = out * 0.0
+        else:
+            Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+            u = rmask.to(tl.float32)
+        dxp = x * 0.0
+        for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
+            cols = j * BC + offs_c
+            cmask = cols < T
+            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d, offs_v,
+                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            keep = _keep(j, c, cmask, offs_c, MODE == 2)
+            s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
+            if MODE == 2:
+                out += _dot(A, Wt, DOT)
+            dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+        if MODE == 2:
+            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+        dxp += _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP,
+                              HAS_LIN, HAS_C2)  # [BC, 16]  # fmt: skip
+        dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
+                           D, NORM)  # fmt: skip
+        tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)
+        tl.store(DB + (bh * NCH + c) * 16 + offs_d, db)

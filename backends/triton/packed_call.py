@@ -87,7 +87,11 @@ class PackedCall:
         self.Dv = x.v.shape[3]
         self.BC = BWD_CHUNK if backward else int(config["chunk_size"])
         self.NCS = int(config["chunks_per_segment"])
-        self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
+        self.tiles = config.get("variant") == "tiles"
+        if self.tiles:  # no state on chip: the backward takes the configured chunk too
+            self.BC = int(config["chunk_size"])
+        self.NCH = triton_cdiv(self.T, self.BC)
+        self.NSEG = triton_cdiv(self.NCH, self.NCS)
         self.BV = max(16, triton_next_pow2(self.Dv))
         self.num_warps = int(config.get("num_warps", NUM_WARPS))
         self.attn, self.fm = attn, fm
@@ -123,24 +127,26 @@ class PackedCall:
     def states(self, y, yg, yb, ys, W, WS, Wsc, init: tuple, reverse: bool):
         """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
         (suffix when ``reverse``) of the segments' states from ``init`` (canonical)."""
-        from .packed import packed_state_kernel
+        from .packed import FB_ROWS, packed_state_kernel
 
         BH, Dv, dev = self.B * self.H, self.Dv, y.device
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
-        packed_state_kernel[(self.NSEG, BH)](
+        packed_state_kernel[(self.NSEG, BH, 128 // FB_ROWS + 1)](
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, ys, self.NSEG, self.NCS, int(self.fm.pre.norm),
             BC=self.BC, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None,
             **self.flags,
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
-        return scan(seg_S, S0, reverse), scan(seg_z, z0, reverse)
+        half = self.tiles and self.sp in ("bf16", "fp16")  # the tiles read S as dot operands
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.sp] if half else torch.float32
+        return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
 
     def sweep(self, mode: int, states, **t) -> None:
-        """``packed_sweep_kernel`` in mode 0 (forward), 1 (dq) or 2 (dk, dv); ``t``: the
-        tensors by kernel argument name."""
-        from .packed import packed_sweep_kernel
+        """``packed_sweep_kernel`` (``packed_tile_kernel`` for ``tiles``) in mode 0
+        (forward), 1 (dq) or 2 (dk, dv); ``t``: the tensors by kernel argument name."""
+        from .packed import packed_sweep_kernel, packed_tile_kernel
 
         fm, attn, dummy = self.fm, self.attn, self.v
         q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
@@ -148,7 +154,10 @@ class PackedCall:
         (S_st, _), (z_st, _) = states
         args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
-        packed_sweep_kernel[(self.NSEG, self.B * self.H)](
+        kernel, n = (
+            (packed_tile_kernel, self.NCH) if self.tiles else (packed_sweep_kernel, self.NSEG)
+        )
+        kernel[(n, self.B * self.H)](
             args[0], xg, xb, args[1], yg, yb, *args[2:], S_st, z_st, *out,
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
@@ -156,8 +165,13 @@ class PackedCall:
             DOT=self.dot, **self.flags,
         )  # fmt: skip
 
+    def partials(self) -> int:
+        """d gamma / d beta partial sums a gradient sweep leaves per (b, h): one per segment
+        (``packed``) or per chunk (``tiles``)."""
+        return self.NCH if self.tiles else self.NSEG
+
     def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment ``[B*H, NSEG, 16]`` sums into p's shape."""
+        """Sum the kernels' per-segment (per-chunk) ``[B*H, n, 16]`` sums into p's shape."""
         if not used or p is None:
             return None
         g = partial.reshape(self.B, self.H, -1, 16)[..., : self.D].sum((0, 2))
@@ -185,7 +199,7 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     inv = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     r = torch.empty_like(inv)
     dq = torch.empty_like(call.q)
-    dgq = torch.empty(B * H, call.NSEG, 16, device=dev, dtype=torch.float32)
+    dgq = torch.empty(B * H, call.partials(), 16, device=dev, dtype=torch.float32)
     dbq = torch.empty_like(dgq)
     dO = grads.o.contiguous()
     call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r, DX=dq, DG=dgq,

@@ -91,7 +91,7 @@ class _Call:
         if self.tiles:  # 64-row tiles: wrong forwards on an H100 (see TILES_CHUNK)
             self.BC = TILES_CHUNK
             self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
-        self.num_warps = NUM_WARPS
+        self.num_warps = int(config.get("num_warps", NUM_WARPS))
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward)
