@@ -83,6 +83,9 @@ class Backend:
     tuning_space: ClassVar[dict[str, tuple]] = {}
     """Tunables and their candidate values, e.g. ``{"chunk_size": (16, 32, 64)}``."""
     default_config: ClassVar[dict[str, Any]] = {}
+    named_configs: ClassVar[tuple[dict[str, Any], ...]] = ()
+    """Configurations outside the searched space (other variants, say) that the property
+    tests draw beside ``configs()``: every way a backend computes is tested, searched or not."""
     compiles: ClassVar[bool] = False
     """Whether the first call compiles (or loads compiled code): ``info`` times it."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ()
@@ -123,6 +126,10 @@ class Backend:
         for key, values in self.tuning_space.items():
             configs = [{**c, key: value} for c in configs for value in values]
         return configs
+
+    def test_configs(self) -> list[dict[str, Any]]:
+        """``configs()`` and the ``named_configs``: what the property tests draw from."""
+        return self.configs() + [dict(c) for c in self.named_configs]
 
     def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
         """Causal linear attention on a dense batch with T >= 1 (see ``spec``)."""

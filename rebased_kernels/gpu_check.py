@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                     "counted), oracle, fla, sweep, sweep-mqar, precision, timings, stress, "
                     "profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--config", default=None,
+                    help="JSON: the triton configuration of the later stages (default: the "
+                    "backend's, or the sweep's fastest forward); a list profiles each")  # fmt: skip
     ap.add_argument("--tune-backends", default=None, help="default: every available one")
     ap.add_argument("--tune-total", type=float, default=None, help="seconds (tune --total-budget)")
     ap.add_argument("--asv-machine", default="h100")
@@ -292,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     log["copy_TBps"] = copy_tbps(DEVICE, 2**20 if SMALL else 2**28)
     stage(f"start {log}", log, args.out)
     be = get_backend("triton")
-    config = dict(be.default_config)
-    log["config"] = config
+    configs = json.loads(args.config) if args.config else [dict(be.default_config)]
+    configs = configs if isinstance(configs, list) else [configs]
+    config = log["config"] = {**be.default_config, **configs[0]}
     for name in stages:  # in the order given
         if name == "properties":
             properties(log, args.out)
@@ -306,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
         elif name == "sweep-mqar":  # a Table 1 cell's mixer call: 9 models x 12 heads, Dv 4
-            tiles = [{**c, "variant": "tiles"} for c in be.configs() if c["chunk_size"] == 32]
+            packed = [{**c, "variant": v} for c in be.configs() for v in ("packed", "tiles")]
             B, T, H = (4, 64, 12) if SMALL else (256, 256, 108)
-            sweep(log, T, be.configs() + tiles, B, H, 4, key="mqar")
+            sweep(log, T, be.configs() + packed, B, H, 4, key="mqar")
         elif name == "precision":
             precision(log, config)
         elif name == "timings":
@@ -319,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "profile":
             from rebased_kernels.gpu_profile import decode, profile
 
-            for T in (64, 200) if SMALL else (2048, 16384):
-                fwd, fwd_bwd, api_fwd = _ours(*((1, T, 2) if SMALL else (4, T, 16)), config)
-                profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T, DEVICE, ms)
+            for cfg in configs:
+                for T in (64, 200) if SMALL else (2048, 16384):
+                    fwd, fwd_bwd, api_fwd = _ours(*((1, T, 2) if SMALL else (4, T, 16)), cfg)
+                    row = profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T,
+                                  DEVICE, ms)  # fmt: skip
+                    row["config"] = cfg
             decode(log, DEVICE, lambda fn: ms(fn, 20, 200), bench_dtype())
         elif name == "tune":
             from rebased_kernels import gpu_tune

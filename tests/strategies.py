@@ -106,7 +106,7 @@ def cases(draw, backend: str, dtype: torch.dtype, max_T: int = 160, min_T: int =
     D = draw(st.sampled_from([4, 8, 16]))
     if be.max_D is not None:
         D = min(D, be.max_D)
-    configs = be.configs() or [{}]
+    configs = be.test_configs() or [{}]
     case = Case(
         backend=backend,
         B=draw(st.integers(1, 2)),

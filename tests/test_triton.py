@@ -11,7 +11,7 @@ from strategies import DEVICE
 import rebased_kernels as rk
 from rebased_kernels import reference
 from rebased_kernels.backend import get_backend
-from rebased_kernels.spec import PRESETS, LinearAttention
+from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
 from rebased_kernels.testing import assert_close, feature_form_tolerance, random_inputs
 
 PARAMS = ("q_weight", "q_bias", "k_weight", "k_bias")
@@ -25,11 +25,11 @@ def _available() -> bool:
 pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
 
 
-def _check_against_the_oracle(D: int, name: str, normalize: bool, T: int, Dv: int,
+def _check_against_the_oracle(D: int, name: str | FeatureMap, normalize: bool, T: int, Dv: int,
                               config: dict, seed: int) -> None:  # fmt: skip
     """o, S, z and every gradient (q, k, v, the four parameters, the initial state) of one
     triton call against the float64 oracle, with a random initial state."""
-    fm = PRESETS[name]
+    fm = name if isinstance(name, FeatureMap) else PRESETS[name]
     x = random_inputs(1 if D > 16 else 2, T, 2 if D > 16 else 3, D, Dv, torch.float64, DEVICE, fm,
                       seed=seed, requires_grad=False)  # fmt: skip
     B, H = x["q"].shape[0], x["q"].shape[2]
@@ -88,13 +88,25 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
     torch.testing.assert_close(total, incl[:, -1] + init, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["walk", "tiles"])
-@pytest.mark.parametrize("name, normalize", [("rebased", True), ("x2", False)])
-def test_both_variants_match_the_oracle(variant: str, name: str, normalize: bool) -> None:
+@pytest.mark.parametrize("variant", ["walk", "packed", "tiles"])
+@pytest.mark.parametrize("name, normalize", [("rebased", True), ("x2", False), ("based", True)])
+def test_every_variant_matches_the_oracle(variant: str, name: str, normalize: bool) -> None:
     """Each forward/backward variant across segment and chunk edges (T = 70: chunks of 32, 2
-    per segment)."""
+    per segment), with a random initial state and final-state cotangents."""
     config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant}
     _check_against_the_oracle(16, name, normalize, 70, 24, config, seed=7)
+
+
+LINEAR = FeatureMap("linear", PreTransform(True, "gamma_beta"), (0.5, 1.0))
+
+
+@pytest.mark.parametrize("variant", ["packed", "tiles"])
+@pytest.mark.parametrize("D, fm, Dv", [(5, "gamma_x_beta_x2", 64), (16, LINEAR, 3)])
+def test_packed_layouts_pad_D_and_drop_absent_powers(variant: str, D: int, fm, Dv: int) -> None:
+    """The packed rows at D < 16 (padded dims), a degree-1 kernel (no quadratic block) and
+    Dv below and at the value block, over three segments of 64-row chunks."""
+    config = {"chunk_size": 64, "chunks_per_segment": 1, "variant": variant}
+    _check_against_the_oracle(D, fm, False, 150, Dv, config, seed=D)
 
 
 def test_gradients_without_a_final_state_cotangent_match_a_zero_one() -> None:

@@ -316,19 +316,6 @@ def _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask, 
 
 
 @triton.jit
-def _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask, T, H, D, Dv,
-                  pgy_stride, NORM, BC: tl.constexpr):  # fmt: skip
-    """Chunk j of the column side: ``(y' [BC, BD], W [BC, BV] fp32, column mask [BC])``."""
-    cols = j * BC + offs_c
-    cmask = cols < T
-    y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, cols, cmask, offs_d,
-                   D, H * D, NORM)  # fmt: skip
-    Wt = tl.load(W + (tok + cols[:, None] * H) * Dv + offs_v[None, :],
-                 mask=cmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    return y, Wt, cmask
-
-
-@triton.jit
 def _sim(x, y, keep, sc, C0, C1, C2, DOT: tl.constexpr):
     """``(s, A)`` of a chunk pair: ``s = sc x' y'^T`` and ``A = sim(s)`` on the kept pairs."""
     s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
@@ -415,88 +402,6 @@ def segment_state_kernel(
         tl.store(Zst + base, z0)
         tl.store(Zst + base + 1 + offs_d, z1)
         tl.store(Zst + base + 1 + BD + offs_d[:, None] * BD + offs_d[None, :], z2)
-
-
-@triton.jit(do_not_specialize=RUNTIME)
-def tile_kernel(
-    X, XG, XB, Y, YG, YB, W, Wsc, U, DO, Sst, Zst,
-    OUT, GOUT, ROUT, DX, DG, DB,
-    T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
-    BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, RF: tl.constexpr,
-    MODE: tl.constexpr, HAS_WSC: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    X3: tl.constexpr,
-):  # fmt: skip
-    """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: the ``tiles`` variant of ``sweep_kernel``,
-    one chunk per program instead of a walk (D <= 16; the gradient modes need ``BV >= Dv``).
-
-    Chunk c of segment ``c // NCS`` takes the segment's prefix (suffix in MODE 2) state and
-    adds its segment's other chunks quadratically, ``A_ij = sim(sc x'_i.y'_j)`` from the raw
-    D-dim q', k'; every program is independent, the price is ``NCS / 2`` chunk products per
-    chunk on average. MODE 0 (forward) and MODE 1 (dq) take the key chunks up to the
-    diagonal: out and den (first pass), then in MODE 1 ``U = g``, ``u = r`` (stored) and dq
-    from the same chunks (second pass). MODE 2 (x = k, y = q, W = g, w = r, U = v) takes the
-    query chunks from the diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
-    c, bh, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    tok = b * T * H + h
-    offs_c, offs_d, offs_f = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BD * BD)
-    offs_v = vb * BV + tl.arange(0, BV)
-    vmask = offs_v < Dv
-    NCH = tl.cdiv(T, BC)
-    seg = c // NCS
-    base = (bh * NSEG + seg) * RF
-    S0, S1, S2, z0, z1, z2 = _load_state(Sst, Zst, base, offs_d, offs_f, offs_v, vmask, Dv, BD,
-                                         False)  # fmt: skip
-    rows = c * BC + offs_c
-    rmask = rows < T
-    tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
-    o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
-    x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
-                       D, H * D, NORM)  # [BC, BD]  # fmt: skip
-    out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc, C0, C1,
-                              C2, DOT, X3, BC, BD, BD, HAS_C2)  # [BC, BV], [BC]  # fmt: skip
-    if MODE == 2:
-        lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
-    else:
-        lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
-    if MODE != 2:  # first pass: out and den of the whole row
-        for j in range(lo, hi):
-            y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
-                                         T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
-            s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
-            out += _dot_A(A, Wt, DOT, MODE)
-            den += tl.sum(A, 1)
-    if MODE == 0:
-        if NORMALIZE:
-            out = out / (den + eps)[:, None]
-        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-    else:
-        if MODE == 1:
-            Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows, rmask,
-                                      H, eps, NORMALIZE)  # fmt: skip
-        else:
-            Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
-            u = rmask.to(tl.float32)
-        dxp = _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, Dv, sc,
-                              C1, C2, DOT, X3, BC, BD, BD, HAS_C2)  # [BC, BD]  # fmt: skip
-        for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
-            y, Wt, cmask = _column_chunk(Y, YG, YB, W, tok, h, j, offs_c, offs_d, offs_v, vmask,
-                                         T, H, D, Dv, pgy_stride, NORM, BC)  # fmt: skip
-            if HAS_WSC:
-                wc = tl.load(Wsc + tok + (j * BC + offs_c) * H, mask=cmask, other=0.0)  # [BC]
-            else:
-                wc = cmask.to(tl.float32)
-            keep = _keep(j, c, cmask, offs_c, MODE == 2)
-            s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
-            if MODE == 2:
-                out += _dot(A, Wt, DOT)
-            dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
-        if MODE == 2:
-            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-        dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
-                           D, NORM)  # fmt: skip
-        tl.store(DG + (bh * NCH + c) * BD + offs_d, dg)
-        tl.store(DB + (bh * NCH + c) * BD + offs_d, db)
 
 
 @triton.jit(do_not_specialize=RUNTIME)

@@ -1,9 +1,10 @@
 """Registers and spills of the triton kernels on Hopper, without a GPU.
 
 ``python -m rebased_kernels.backends.triton.resources [--chunk 32,64] [--warps 4,8]
-[--dtype bfloat16]`` compiles each sweep kernel (forward, dq, dk/dv; ``walk`` and
-``tiles``) for ``sm_90a`` with Triton's own ptxas and prints, per configuration, the
-registers per thread and the stack (spill) bytes per thread that ``cuobjdump`` reports.
+[--dot bf16]`` compiles each sweep kernel (forward, dq, dk/dv; ``walk``, ``packed`` and
+``tiles``) and the packed state kernel for ``sm_90a`` with Triton's own ptxas and prints, per
+configuration, the registers per thread and the stack (spill) bytes per thread that
+``cuobjdump`` reports.
 The state tiles are the kernels' register budget: a configuration that spills runs slower
 (session 5: ~fp32 state products doubled the gradient sweeps' stack and made them 3x
 slower on an H100). Numbers are from the local Triton, which may differ from a GPU's.
@@ -23,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import kernels
+from . import kernels, packed
 
 RUNTIME_INTS = {"T", "H", "D", "Dv", "NSEG", "NCS", "NORM", "NORMALIZE", "pgx_stride",
                 "pgy_stride"}  # fmt: skip
@@ -76,12 +77,17 @@ def usage(fn, constants: dict, num_warps: int, arch: int = 90) -> Usage:
 
 def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = False) -> dict:
     """The constexprs of the D=16 sweep kernels the backend launches for ``mode`` (0 forward,
-    1 dq, 2 dk/dv) with the value block of Dv = 64."""
-    c = dict(BC=chunk, BD=16, BV=64, RF=1 + 16 + 256, MODE=mode, HAS_WSC=mode == 2,
-             HAS_C2=True, DOT=dot, X3=x3)  # fmt: skip
+    1 dq, 2 dk/dv) with the value block of Dv = 64, for the ``rebased`` kernel."""
     if variant == "walk":
-        c.update(BA=16, REVERSE=mode == 2)
-    return c
+        return dict(BC=chunk, BD=16, BV=64, RF=1 + 16 + 256, MODE=mode, HAS_WSC=mode == 2,
+                    HAS_C2=True, DOT=dot, X3=x3, BA=16, REVERSE=mode == 2)  # fmt: skip
+    sp = "ieee" if dot == "ieee" else ("tf32" if mode else "bf16")
+    return dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
+                HAS_C2=True, DOT=dot, SP=sp)  # fmt: skip
+
+
+KERNELS = {"walk": kernels.sweep_kernel, "packed": packed.packed_sweep_kernel,
+           "tiles": packed.packed_tile_kernel}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90a; stack = spilled bytes per thread")
     print(f"{'variant':>7} {'mode':>5} {'chunk':>5} {'warps':>5} {'regs':>5} {'stack':>6}")
-    for variant, kernel in (("walk", kernels.sweep_kernel), ("tiles", kernels.tile_kernel)):
+    for variant, kernel in KERNELS.items():
         for mode in (0, 1, 2):
             dot = args.dot if mode == 0 else ("ieee" if args.dot == "ieee" else "tf32")
             for chunk in map(int, args.chunk.split(",")):
@@ -101,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                     u = usage(kernel, sweep_constants(mode, chunk, variant, dot), warps)
                     print(f"{variant:>7} {('fwd', 'dq', 'dk/dv')[mode]:>5} {chunk:>5} "
                           f"{warps:>5} {u.registers:>5} {u.stack:>6}", flush=True)  # fmt: skip
+    for chunk in map(int, args.chunk.split(",")):
+        for warps in map(int, args.warps.split(",")):
+            c = dict(BC=chunk, BV=64, HAS_WS=False, HAS_WSC=False, HAS_LIN=False, HAS_C2=True,
+                     SP="ieee" if args.dot == "ieee" else "bf16")  # fmt: skip
+            u = usage(packed.packed_state_kernel, c, warps)
+            print(f"{'state':>7} {'':>5} {chunk:>5} {warps:>5} {u.registers:>5} {u.stack:>6}",
+                  flush=True)  # fmt: skip
     return 0
 
 

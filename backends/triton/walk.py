@@ -1,4 +1,4 @@
-"""Host side of the ``walk`` and ``tiles`` variants (``kernels.py``): the full state layout.
+"""Host side of the ``walk`` variant (``kernels.py``): the full state layout.
 
 Inside these kernels the state is the *full* unweighted layout (``RF = 1 + BD + BD^2`` rows,
 BD = D padded to 16, 32 or 64); ``_maps`` converts it to and from the canonical packed layout
@@ -37,10 +37,6 @@ def block_rows(BD: int) -> int:
 NUM_WARPS = 8  # 4 spills the state tiles (ptxas report with triton 3.6, sm_90a)
 BWD_CHUNK = 32  # the backward sweeps hold more tiles: 64 spills ~2.5 KB per thread
 BLOCK_V = 32
-TILES_CHUNK = 32
-"""The tiles variant's chunk: with 64-row chunks its forward gave wrong outputs on an H100
-(triton 3.6; relative errors 1.7e-2 to 0.36 at T = 33, 49 in the GPU property run of
-2026-11-23, session 5) and right ones under the interpreter; not understood yet."""
 
 
 @lru_cache(maxsize=64)
@@ -86,11 +82,6 @@ class _Call:
         if self.BD > 16:  # 64-row chunks need > 227 KB of shared memory at BD = 64
             self.BC = min(self.BC, 32)
         self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
-        # the tiles variant keeps the whole state on chip: D <= 16, else it walks
-        self.tiles = config.get("variant", "walk") == "tiles" and self.BA == self.BD
-        if self.tiles:  # 64-row tiles: wrong forwards on an H100 (see TILES_CHUNK)
-            self.BC = TILES_CHUNK
-            self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
         self.num_warps = int(config.get("num_warps", NUM_WARPS))
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
@@ -131,11 +122,11 @@ class _Call:
 
     def sweep(self, mode: int, states, carried: bool = False, **t) -> None:
         """The second kernel of mode 0 (forward), 1 (dq) or 2 (dk, dv) from the segments'
-        ``states``: ``sweep_kernel`` walks each segment, ``tile_kernel`` (``self.tiles``)
-        runs one program per chunk. ``t``: the tensors by kernel argument name, and BV.
+        ``states``: ``sweep_kernel`` walks each segment. ``t``: the tensors by kernel
+        argument name, and BV.
         ``carried``: the states start from the caller's state (an initial state, or a final
         state's cotangent); a gradient sweep then takes its state products to ~fp32."""
-        from .kernels import sweep_kernel, tile_kernel
+        from .kernels import sweep_kernel
 
         fm, attn = self.fm, self.attn
         BH, Dv, BV = self.B * self.H, self.Dv, t.pop("BV")
@@ -154,16 +145,8 @@ class _Call:
         flags = dict(BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
                      HAS_C2=self.C[2] != 0.0, DOT=self.dot, X3=carried and mode != 0,
                      num_warps=self.num_warps)  # fmt: skip
-        if self.tiles:
-            tile_kernel[(triton_cdiv(self.T, self.BC), BH, triton_cdiv(Dv, BV))](*args, **flags)
-        else:
-            grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
-            sweep_kernel[grid](*args, BA=self.BA, REVERSE=mode == 2, **flags)
-
-    def partials(self) -> int:
-        """How many d gamma / d beta partial sums a gradient sweep leaves per (b, h): one per
-        segment (walk) or per chunk (tiles)."""
-        return triton_cdiv(self.T, self.BC) if self.tiles else self.NSEG
+        grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
+        sweep_kernel[grid](*args, BA=self.BA, REVERSE=mode == 2, **flags)
 
     def canonical(self, full: torch.Tensor, cols: int | None) -> torch.Tensor:
         c = self.pack @ full  # [BH, F, cols]
@@ -171,8 +154,7 @@ class _Call:
         return c.reshape(shape)
 
     def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment (per-chunk: ``tiles``) ``[B*H, n, BD]`` sums into p's
-        shape."""
+        """Sum the kernels' per-segment ``[B*H, NSEG, BD]`` sums into p's shape."""
         if not used or p is None:
             return None
         g = partial.reshape(self.B, self.H, -1, self.BD)[..., : self.D].sum((0, 2))
@@ -206,7 +188,7 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
     r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     dq = torch.empty_like(call.q)
-    dgq = torch.empty(B * H, call.partials(), call.BD, device=dev, dtype=torch.float32)
+    dgq = torch.empty(B * H, call.NSEG, call.BD, device=dev, dtype=torch.float32)
     dbq = torch.empty_like(dgq)
     call.sweep(1, prefix, x.S0 is not None or x.z0 is not None, X=call.q, Y=call.k,
                W=call.v, DO=grads.o.contiguous(), GOUT=g, ROUT=r, DX=dq, DG=dgq, DB=dbq,
