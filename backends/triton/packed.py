@@ -357,7 +357,7 @@ def packed_tile_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr,
+    SP: tl.constexpr, HAS_INIT: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -367,7 +367,9 @@ def packed_tile_kernel(
     (forward) and 1 (dq) take the key chunks up to the diagonal: out and den (first pass),
     then in MODE 1 ``U = g``, ``u = r`` and dq from the same chunks (second pass). MODE 2
     (x = k, y = q, ``W = dO * INV``, ``w = r``, U = v) takes the query chunks from the
-    diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums."""
+    diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums. Without ``HAS_INIT`` (no
+    caller's state) the first segment's prefix (the last one's suffix) is zero and its
+    programs skip the state's part: a sequence of one segment is the quadratic form alone."""
     c, bh = tl.program_id(0), tl.program_id(1)
     h = bh % H
     tok = (bh // H) * T * H + h
@@ -383,8 +385,17 @@ def packed_tile_kernel(
     o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
     x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
                        D, H * D, NORM)  # [BC, 16]  # fmt: skip
-    out, den = _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP,
-                             HAS_LIN, HAS_C2)  # fmt: skip
+    if MODE == 2:
+        has_state = seg < NSEG - 1
+    else:
+        has_state = seg > 0
+    if HAS_INIT:
+        has_state = seg >= 0
+    out = tl.zeros([BC, BV], tl.float32)
+    den = tl.zeros([BC], tl.float32)
+    if has_state:
+        out, den = _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP,
+                                 HAS_LIN, HAS_C2)  # fmt: skip
     if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
@@ -423,8 +434,9 @@ def packed_tile_kernel(
             dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
         if MODE == 2:
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-        dxp += _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP,
-                              HAS_LIN, HAS_C2)  # [BC, 16]  # fmt: skip
+        if has_state:
+            dxp += _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2,
+                                  SP, HAS_LIN, HAS_C2)  # [BC, 16]  # fmt: skip
         dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
                            D, NORM)  # fmt: skip
         tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)

@@ -94,7 +94,7 @@ class PackedCall:
         self.NSEG = triton_cdiv(self.NCH, self.NCS)
         self.BV = max(16, triton_next_pow2(self.Dv))
         self.num_warps = int(config.get("num_warps", NUM_WARPS))
-        self.attn, self.fm = attn, fm
+        self.attn, self.fm, self.carried = attn, fm, carried
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward)
         if self.dot == "ieee":
@@ -154,15 +154,16 @@ class PackedCall:
         (S_st, _), (z_st, _) = states
         args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
-        kernel, n = (
-            (packed_tile_kernel, self.NCH) if self.tiles else (packed_sweep_kernel, self.NSEG)
-        )
+        if self.tiles:
+            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=self.carried)
+        else:
+            kernel, n, extra = packed_sweep_kernel, self.NSEG, {}
         kernel[(n, self.B * self.H)](
             args[0], xg, xb, args[1], yg, yb, *args[2:], S_st, z_st, *out,
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
             BC=self.BC, BV=self.BV, MODE=mode, HAS_WS="WS" in t, HAS_WSC="Wsc" in t,
-            DOT=self.dot, **self.flags,
+            DOT=self.dot, **self.flags, **extra,
         )  # fmt: skip
 
     def partials(self) -> int:
