@@ -185,14 +185,14 @@ def variant_configs(be) -> list[dict]:
 
 
 def precision(log: dict, config: dict) -> None:
-    """The ``packed`` and ``tiles`` variants' gradient sweeps with bf16 instead of tf32 state
+    """The ``packed`` and ``tiles`` variants' gradient sweeps with tf32 and with bf16 state
     products: the oracle errors (check's comparison) and forward+backward at T = 16384."""
     from rebased_kernels.backends.triton import packed_call
 
     rows = []
     for variant in ("packed", "tiles"):
         cfg = {**config, "variant": variant}
-        for sp in ("tf32", "bf16"):
+        for sp in ("tf32", packed_call.HALF_SP):
             packed_call.BWD_SP = sp
             errs = [
                 check_one(
@@ -208,7 +208,7 @@ def precision(log: dict, config: dict) -> None:
                              worst_backward=max(r.backward_err for r in errs),
                              rows=[asdict(r) for r in errs]))  # fmt: skip
             print("precision", {k: v for k, v in rows[-1].items() if k != "rows"}, flush=True)
-    packed_call.BWD_SP = "tf32"
+    packed_call.BWD_SP = packed_call.HALF_SP
     log["precision"] = rows
 
 

@@ -325,6 +325,45 @@ def _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask, 
 
 
 @triton.jit
+def _rows_done(out, den, OUT, DO, U, GOUT, INV, ROUT, o_ptrs, tv_mask, tok, rows, rmask, H,
+               eps, NORMALIZE, MODE: tl.constexpr, KEEP_G: tl.constexpr):  # fmt: skip
+    """A chunk's rows once ``out`` and ``den`` are summed: MODE 0 stores
+    ``o = out / (den + eps)`` (``out`` without normalising); MODE 1 returns ``(U = g, u = r)``
+    and stores r with g (``KEEP_G``) or ``1 / (den + eps)``; MODE 2 stores ``out`` (dv) and
+    returns ``(U = v, u = 1)``."""
+    Ut, u = out, den
+    if MODE == 0:
+        if NORMALIZE:
+            out = out / (den + eps)[:, None]
+        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+    elif MODE == 1:
+        if KEEP_G:
+            Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows,
+                                      rmask, H, eps, NORMALIZE)  # fmt: skip
+        else:
+            Ut, u = _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask,
+                                    H, eps, NORMALIZE)  # fmt: skip
+    else:
+        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+        Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
+        u = rmask.to(tl.float32)
+    return Ut, u
+
+
+@triton.jit
+def _walk_rows(seg, i, NCS, BC: tl.constexpr, offs_c, T, vmask, REVERSE: tl.constexpr):
+    """Step i of a segment's walk (backwards when ``REVERSE``): ``(chunk c, rows [BC],
+    row mask [BC], row x value mask [BC, BV])``."""
+    if REVERSE:
+        c = seg * NCS + NCS - 1 - i
+    else:
+        c = seg * NCS + i
+    rows = c * BC + offs_c
+    rmask = rows < T
+    return c, rows, rmask, rmask[:, None] & vmask[None, :]
+
+
+@triton.jit
 def _sim(x, y, keep, sc, C0, C1, C2, DOT: tl.constexpr):
     """``(s, A)`` of a chunk pair: ``s = sc x' y'^T`` and ``A = sim(s)`` on the kept pairs."""
     s = sc * _dot_scores(x, tl.trans(y), DOT)  # [BC, BC]
@@ -447,13 +486,7 @@ def sweep_kernel(
     dg_acc = tl.zeros([BD], tl.float32)
     db_acc = tl.zeros([BD], tl.float32)
     for i in range(NCS):
-        if REVERSE:
-            c = seg * NCS + NCS - 1 - i
-        else:
-            c = seg * NCS + i
-        rows = c * BC + offs_c
-        rmask = rows < T
-        tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
+        c, rows, rmask, tv_mask = _walk_rows(seg, i, NCS, BC, offs_c, T, vmask, REVERSE)
         x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
                            offs_d, D, H * D, NORM)  # fmt: skip
         y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask,
@@ -471,18 +504,9 @@ def sweep_kernel(
         out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
-        if MODE == 0:
-            if NORMALIZE:
-                out = out / (den + eps)[:, None]
-            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-        else:
-            if MODE == 1:
-                Ut, u = _gradient_weights(out, den, DO, o_ptrs, tv_mask, GOUT, ROUT, tok, rows,
-                                          rmask, H, eps, NORMALIZE)  # fmt: skip
-            else:
-                tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-                Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
-                u = rmask.to(tl.float32)
+        Ut, u = _rows_done(out, den, OUT, DO, U, GOUT, GOUT, ROUT, o_ptrs, tv_mask, tok, rows,
+                           rmask, H, eps, NORMALIZE, MODE, True)  # fmt: skip
+        if MODE != 0:
             dxp = _pair_grad(Ut, u, Wt, wc, s, mask, y, sc, C1, C2, DOT)
             dxp += _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask,
                                    Dv, sc, C1, C2, DOT, X3, BC, BD, BA, HAS_C2)  # fmt: skip

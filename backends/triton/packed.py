@@ -37,12 +37,13 @@ from .kernels import (
     _dot,
     _dot_A,
     _dot_tf32,
-    _gradient_scale,
     _keep,
     _pair_grad,
     _pre,
+    _rows_done,
     _sim,
     _store_dx,
+    _walk_rows,
 )
 
 RS = tl.constexpr(161)  # state rows: S0 | S1 (16) | SA (128) | SB (16)
@@ -271,13 +272,7 @@ def packed_sweep_kernel(
     dg_acc = tl.zeros([16], tl.float32)
     db_acc = tl.zeros([16], tl.float32)
     for i in range(NCS):
-        if MODE == 2:
-            c = seg * NCS + NCS - 1 - i
-        else:
-            c = seg * NCS + i
-        rows = c * BC + offs_c
-        rmask = rows < T
-        tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
+        c, rows, rmask, tv_mask = _walk_rows(seg, i, NCS, BC, offs_c, T, vmask, MODE == 2)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
         x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
                            offs_d, D, H * D, NORM)  # [BC, 16]  # fmt: skip
@@ -290,18 +285,9 @@ def packed_sweep_kernel(
             out += (C2 * sc * sc) * _quad_out(x, SA, E1, E2, wA, SP)
         out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
-        if MODE == 0:
-            if NORMALIZE:
-                out = out / (den + eps)[:, None]
-            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-        else:
-            if MODE == 1:
-                Ut, u = _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows,
-                                        rmask, H, eps, NORMALIZE)  # fmt: skip
-            else:
-                tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-                Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)
-                u = rmask.to(tl.float32)
+        Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
+                           rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
+        if MODE != 0:
             dxp = _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
             dxp += _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
             if HAS_C2:
@@ -409,18 +395,13 @@ def packed_tile_kernel(
             s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
             out += _dot_A(A, Wt, DOT, MODE)
             den += tl.sum(A * wc[None, :], 1)
-    if MODE == 0:
-        if NORMALIZE:
-            out = out / (den + eps)[:, None]
-        tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+    if MODE == 2:  # out accumulates dv over the pair loop below
+        Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+        u = rmask.to(tl.float32)
     else:
-        if MODE == 1:
-            Ut, u = _gradient_scale(out, den, DO, o_ptrs, tv_mask, INV, ROUT, tok, rows, rmask,
-                                    H, eps, NORMALIZE)  # fmt: skip
-            out = out * 0.0
-        else:
-            Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
-            u = rmask.to(tl.float32)
+        Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
+                           rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
+    if MODE != 0:
         dxp = x * 0.0
         for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
             cols = j * BC + offs_c

@@ -81,9 +81,11 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
     if variant == "walk":
         return dict(BC=chunk, BD=16, BV=64, RF=1 + 16 + 256, MODE=mode, HAS_WSC=mode == 2,
                     HAS_C2=True, DOT=dot, X3=x3, BA=16, REVERSE=mode == 2)  # fmt: skip
-    sp = "ieee" if dot == "ieee" else ("tf32" if mode else "bf16")
-    return dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
-                HAS_C2=True, DOT=dot, SP=sp)  # fmt: skip
+    c = dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
+             HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
+    if variant == "tiles":
+        c["HAS_INIT"] = False
+    return c
 
 
 KERNELS = {"walk": kernels.sweep_kernel, "packed": packed.packed_sweep_kernel,
