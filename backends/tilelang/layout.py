@@ -1,0 +1,42 @@
+"""The TileLang kernels' state layout (plain Python: importing it loads no TileLang).
+
+The kernel keeps one block per power ``p`` of ``sim`` with ``c_p != 0``, unscaled and
+unpacked: ``ROWS[p]`` rows of the power-p features ``x^(p)`` of a 16-column row ``x'``::
+
+    x^(2)[16 a + b] = x'_a x'_b   (256 rows)    x^(1)[a] = x'_a   (16 rows)    x^(0) = 1   (1 row)
+
+Its state ``S [R, Dv]`` stacks the blocks ``S_p = sum_j k_j^(p) v_j^T`` highest power first
+(so every block starts on a 16-row boundary) and ``z [R]`` the matching ``z_p = sum_j k_j^(p)``
+(``z_2`` is ``Z = sum_j k'_j k'_j^T`` flattened, ``z_0`` the token count). ``call`` maps it
+to the spec's canonical layout and back.
+"""
+
+from __future__ import annotations
+
+DK = 16
+"""q', k' columns on chip: D <= 16 padded with exact zeros."""
+ROWS = {2: DK * DK, 1: DK, 0: 1}
+"""Rows of the kernel's block of power p."""
+
+
+def block_offsets(powers: tuple[int, ...]) -> tuple[dict[int, int], int]:
+    """The first row of each power's block in the stacked state, and the row count R."""
+    offsets, R = {}, 0
+    for p in sorted(powers, reverse=True):
+        offsets[p] = R
+        R += ROWS[p]
+    return offsets, R
+
+
+def block_row(idx: tuple[int, ...]) -> int:
+    """The row of feature ``x'_{i_1} ... x'_{i_p}`` inside its block: ``16 i_1 + i_2`` for
+    p = 2, ``i_1`` for p = 1, 0 for p = 0."""
+    row = 0
+    for i in idx:
+        row = DK * row + i
+    return row
+
+
+def padded_value_dim(Dv: int) -> int:
+    """``BV``: Dv rounded up to a multiple of 16 (a tensor-core N extent)."""
+    return max(16, -(-Dv // 16) * 16)
