@@ -172,16 +172,21 @@ def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: i
 
 def variant_configs(be) -> list[dict]:
     """The sweep's configurations: ``packed`` (walk) at 16 chunks of 32 per segment, 4 and 8
-    warps; ``tiles`` over chunk {32, 64} x segment {2, 4, 8, 16} chunks x {4, 8} warps; the
-    ``walk`` variant's best of session 5."""
-    packed = [{"chunk_size": 32, "chunks_per_segment": 16, "num_warps": w} for w in (4, 8)]
-    tiles = [
-        {"chunk_size": c, "chunks_per_segment": n, "num_warps": w, "variant": "tiles"}
-        for c in (32, 64)
-        for n in (2, 4, 8, 16)
+    warps; ``tiles`` over chunk {32, 64} x segment {2, 4, 8} chunks at 4 warps; the best of
+    each with the gathered feature rows (``features``); the ``walk`` variant's best of
+    session 5."""
+    packed = [
+        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16, "num_warps": w}
         for w in (4, 8)
     ]
-    return packed + tiles + [{"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk"}]
+    tiles = [
+        {"chunk_size": c, "chunks_per_segment": n, "num_warps": 4, "variant": "tiles"}
+        for c in (32, 64)
+        for n in (2, 4, 8)
+    ]
+    gather = [{**packed[0], "features": "gather"}, {**tiles[4], "features": "gather"}]
+    walk = {"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk"}
+    return packed + tiles + gather + [walk]
 
 
 def precision(log: dict, config: dict) -> None:

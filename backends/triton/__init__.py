@@ -71,7 +71,8 @@ class TritonBackend(Backend):
     }
     """The chunk length compiles a kernel per value; the segment length (chunks one program
     walks, i.e. how many programs split a sequence) is a run-time argument. A configuration
-    may also name ``variant`` (``VARIANTS``) and ``num_warps``."""
+    may also name ``variant`` (``VARIANTS``), ``num_warps`` and, for ``packed`` and
+    ``tiles``, ``features`` (``packed_call.FEATURES``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
     default_config: ClassVar[dict[str, Any]] = {
@@ -79,6 +80,7 @@ class TritonBackend(Backend):
         "chunks_per_segment": 16,
         "variant": "walk",
         "num_warps": 8,
+        "features": "onehot",
     }
     """``walk``: the variant whose GPU property run passed (H100, session 5). ``packed`` (2.2x
     faster forwards on an H200, ``docs/results/h200-s6/``) matched the float64 oracle there
@@ -89,6 +91,8 @@ class TritonBackend(Backend):
         {"variant": "packed", "chunk_size": 64, "chunks_per_segment": 1, "num_warps": 4},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "num_warps": 4},
+        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
+        {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
     )
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True

@@ -24,13 +24,15 @@ LN_EPS = tl.constexpr(1e-5)  # spec.LAYER_NORM_EPS
 
 
 @triton.jit
-def _pre(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM):
-    """``x' = gamma * LN(x) + beta`` of one tile: ``(x' [BC, BD], xhat [BC, BD], rstd [BC])``."""
+def _pre_stats(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM):
+    """``x' = gamma * LN(x) + beta`` of one tile: ``(x' [BC, BD], xhat [BC, BD], rstd [BC],
+    mean [BC])`` (rstd 1 and mean 0 without LayerNorm)."""
     dmask = offs_d < D
     m = rmask[:, None] & dmask[None, :]
     x = tl.load(ptr + rows[:, None] * row_stride + offs_d[None, :], mask=m, other=0.0)
     x = x.to(tl.float32)  # [BC, BD]
     rstd = tl.sum(x, 1) * 0.0 + 1.0  # [BC]
+    mean = rstd * 0.0
     xh = x
     if NORM:
         mean = tl.sum(x, 1) / D
@@ -39,7 +41,14 @@ def _pre(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM):
         xh = xc * rstd[:, None]
     gamma = tl.load(g_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)  # [BD]
     beta = tl.load(b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)  # [BD]
-    return tl.where(m, xh * gamma[None, :] + beta[None, :], 0.0), xh, rstd
+    return tl.where(m, xh * gamma[None, :] + beta[None, :], 0.0), xh, rstd, mean
+
+
+@triton.jit
+def _pre(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM):
+    """``x' = gamma * LN(x) + beta`` of one tile: ``(x' [BC, BD], xhat [BC, BD], rstd [BC])``."""
+    xp, xh, rstd, _ = _pre_stats(ptr, g_ptr, b_ptr, rows, rmask, offs_d, D, row_stride, NORM)
+    return xp, xh, rstd
 
 
 @triton.jit

@@ -39,7 +39,7 @@ from .kernels import (
     _dot_tf32,
     _keep,
     _pair_grad,
-    _pre,
+    _pre_stats,
     _rows_done,
     _sim,
     _store_dx,
@@ -61,7 +61,15 @@ def _selectors(blk, NF: tl.constexpr):
     a = f % 16
     E1 = (d[:, None] == a[None, :]).to(tl.float32)
     E2 = (d[:, None] == ((a + f // 16) % 16)[None, :]).to(tl.float32)
-    return E1, E2, tl.where(f < 16, 1.0, 1.4142135623730951)
+    return E1, E2, _pair_weights(blk, NF)
+
+
+@triton.jit
+def _pair_weights(blk, NF: tl.constexpr):
+    """``w [NF]`` of block A's rows ``blk * NF .. + NF``: 1 for the squares (d = 0), else
+    sqrt 2 (each pair appears once)."""
+    f = blk * NF + tl.arange(0, NF)
+    return tl.where(f < 16, 1.0, 1.4142135623730951)
 
 
 @triton.jit
@@ -72,29 +80,71 @@ def _p8():
 
 
 @triton.jit
-def _quad_out(x, SAb, E1, E2, w, SP: tl.constexpr):
-    """``phi_A(x) . SA`` over one block of rows: ``(x'E1 * x'E2 * w) SA_b`` [BC, BV]."""
-    ph = _dot(x, E1, SP) * _dot(x, E2, SP) * w[None, :]  # [BC, NF]
-    return _dot(ph, SAb, SP)
+def _gathered(ptr, g_ptr, b_ptr, rows, rmask, cols, mean, rstd, D, row_stride, NORM,
+              TRANS: tl.constexpr):  # fmt: skip
+    """``x'[rows, cols]`` straight from memory: ``[BC, NF]`` (``[NF, BC]`` when ``TRANS``),
+    the raw x with the rows' LayerNorm statistics (``mean``, ``rstd`` [BC]) and gamma, beta
+    at ``cols`` [NF] (columns >= D, and rows past T, give exact zeros)."""
+    cmask = cols < D
+    g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # [NF]
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # [NF]
+    if TRANS:
+        r2, c2, rm, cm = rows[None, :], cols[:, None], rmask[None, :], cmask[:, None]
+        mu, rs, g2, b2 = mean[None, :], rstd[None, :], g[:, None], b[:, None]
+    else:
+        r2, c2, rm, cm = rows[:, None], cols[None, :], rmask[:, None], cmask[None, :]
+        mu, rs, g2, b2 = mean[:, None], rstd[:, None], g[None, :], b[None, :]
+    m = rm & cm
+    x = tl.load(ptr + r2 * row_stride + c2, mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        x = (x - mu) * rs
+    return tl.where(m, x * g2 + b2, 0.0)
 
 
 @triton.jit
-def _quad_grad(Ut, x, SAb, E1, E2, w, SP: tl.constexpr):
+def _pairs(x, ptr, g_ptr, b_ptr, rows, rmask, mean, rstd, D, row_stride, NORM, blk,
+           NF: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
+           TRANS: tl.constexpr):  # fmt: skip
+    """``(X1, X2)``: ``x'_a`` and ``x'_{(a+d) mod 16}`` for the features ``f = 16 d + a`` of
+    rows ``blk * NF .. + NF`` of block A, ``[BC, NF]`` (``[NF, BC]`` when ``TRANS``): gathered
+    from memory (``GATHER``: the pre-transform applied elementwise, no products), or as
+    one-hot products of the tile x' [BC, 16] on the tensor cores."""
+    if GATHER:
+        f = blk * NF + tl.arange(0, NF)
+        a = f % 16
+        X1 = _gathered(ptr, g_ptr, b_ptr, rows, rmask, a, mean, rstd, D, row_stride, NORM, TRANS)
+        X2 = _gathered(ptr, g_ptr, b_ptr, rows, rmask, (a + f // 16) % 16, mean, rstd, D,
+                       row_stride, NORM, TRANS)  # fmt: skip
+    else:
+        E1, E2, _ = _selectors(blk, NF)
+        if TRANS:
+            X1 = _dot(tl.trans(E1), tl.trans(x), SP)
+            X2 = _dot(tl.trans(E2), tl.trans(x), SP)
+        else:
+            X1 = _dot(x, E1, SP)
+            X2 = _dot(x, E2, SP)
+    return X1, X2
+
+
+@triton.jit
+def _quad_out(X1, X2, w, SAb, SP: tl.constexpr):
+    """``phi_A(x) . SA`` over one block of rows: ``(X1 * X2 * w) SA_b`` [BC, BV]."""
+    return _dot(X1 * X2 * w[None, :], SAb, SP)
+
+
+@triton.jit
+def _quad_grad(Ut, X1, X2, SAb, E1, E2, w, SP: tl.constexpr):
     """One block's part of ``d/dx' [phi_A(x) . SA U]`` [BC, 16]: with ``M = w U SA_b^T``,
     ``M X2`` goes to column a and ``M X1`` to column ``(a+d) mod 16`` (the transposed
     one-hot products)."""
     M = _dot(Ut, tl.trans(SAb), SP) * w[None, :]  # [BC, NF]
-    X1 = _dot(x, E1, SP)
-    X2 = _dot(x, E2, SP)
     return _dot_tf32(M * X2, tl.trans(E1), SP) + _dot_tf32(M * X1, tl.trans(E2), SP)
 
 
 @triton.jit
-def _quad_update(yT, Wt, E1, E2, w, SP: tl.constexpr):
-    """One block's ``phi_A(y)^T W`` [NF, BV] from ``y'^T [16, BC]``: the one-hot products
-    taken transposed (``E^T y'^T``), so the left operand needs no transpose."""
-    ph_t = _dot(tl.trans(E1), yT, SP) * _dot(tl.trans(E2), yT, SP) * w[:, None]  # [NF, BC]
-    return _dot(ph_t, Wt, SP)
+def _quad_update(X1t, X2t, w, Wt, SP: tl.constexpr):
+    """One block's ``phi_A(y)^T W`` [NF, BV] from the transposed pairs ``[NF, BC]``."""
+    return _dot(X1t * X2t * w[:, None], Wt, SP)
 
 
 @triton.jit
@@ -182,10 +232,11 @@ def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2):
 @triton.jit
 def _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v, vmask, T, H, D, Dv,
              pgy_stride, NORM, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr):  # fmt: skip
-    """The column side of chunk rows: ``(y' [BC, 16], W [BC, BV] fp32, w [BC])``; W is
-    scaled per row by WS (``g = dO / (den + eps)``) when ``HAS_WS``."""
-    y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask, offs_d,
-                   D, H * D, NORM)  # fmt: skip
+    """The column side of chunk rows: ``(y' [BC, 16], W [BC, BV] fp32, w [BC], mean, rstd)``
+    (the rows' LayerNorm statistics, for ``_pairs``); W is scaled per row by WS
+    (``g = dO / (den + eps)``) when ``HAS_WS``."""
+    y, _, rstd, mean = _pre_stats(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
+                                  rmask, offs_d, D, H * D, NORM)  # fmt: skip
     Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
                  mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
     if HAS_WS:
@@ -194,7 +245,7 @@ def _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v, vmask, 
         wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)
     else:
         wc = rmask.to(tl.float32)
-    return y, Wt, wc
+    return y, Wt, wc, mean, rstd
 
 
 @triton.jit(do_not_specialize=[a for a in RUNTIME if a not in ("NORMALIZE", "pgx_stride")])
@@ -202,7 +253,7 @@ def packed_state_kernel(
     Y, YG, YB, W, WS, Wsc, Sst, Zst,
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
-    HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr,
+    HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
     Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
@@ -214,14 +265,17 @@ def packed_state_kernel(
     vmask = offs_v < Dv
     base = bh * NSEG + seg
     if blk < 128 // FB:
-        E1, E2, w = _selectors(blk, FB)
+        w = _pair_weights(blk, FB)
         acc = tl.zeros([FB, BV], tl.float32)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = rows < T
-            y, Wt, _ = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
-                                vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, False)  # fmt: skip
-            acc += _quad_update(tl.trans(y), Wt, E1, E2, w, SP)
+            y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d,
+                                        offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
+                                        False)  # fmt: skip
+            X1t, X2t = _pairs(y, Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
+                              rmask, mu, rs, D, H * D, NORM, blk, FB, SP, GATHER, True)  # fmt: skip
+            acc += _quad_update(X1t, X2t, w, Wt, SP)
         ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
         tl.store(ptrs, acc, mask=m)
     else:
@@ -235,8 +289,9 @@ def packed_state_kernel(
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = rows < T
-            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
-                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
+                                       vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
+                                       HAS_WSC)  # fmt: skip
             S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
                                                   HAS_LIN, HAS_C2)  # fmt: skip
         _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2)
@@ -249,7 +304,7 @@ def packed_sweep_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr,
+    SP: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H)``: walk one segment's chunks from its prefix (suffix) state.
 
@@ -274,15 +329,18 @@ def packed_sweep_kernel(
     for i in range(NCS):
         c, rows, rmask, tv_mask = _walk_rows(seg, i, NCS, BC, offs_c, T, vmask, MODE == 2)
         o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
-        x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
-                           offs_d, D, H * D, NORM)  # [BC, 16]  # fmt: skip
-        y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v, vmask,
-                             T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+        x, xh, rstd, mean = _pre_stats(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride,
+                                       rows, rmask, offs_d, D, H * D, NORM)  # [BC, 16]  # fmt: skip
+        y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
+                                     vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
+                                     HAS_WSC)  # fmt: skip
         keep = _keep(c, c, rmask, offs_c, MODE == 2)  # the diagonal chunk
         s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)  # [BC, BC]
         out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
         if HAS_C2:
-            out += (C2 * sc * sc) * _quad_out(x, SA, E1, E2, wA, SP)
+            X1, X2 = _pairs(x, X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
+                            mean, rstd, D, H * D, NORM, 0, 128, SP, GATHER, False)  # fmt: skip
+            out += (C2 * sc * sc) * _quad_out(X1, X2, wA, SA, SP)
         out += _dot_A(A, Wt, DOT, MODE)
         den += tl.sum(A * wc[None, :], 1)
         Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
@@ -291,13 +349,15 @@ def packed_sweep_kernel(
             dxp = _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
             dxp += _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
             if HAS_C2:
-                dxp += (C2 * sc * sc) * _quad_grad(Ut, x, SA, E1, E2, wA, SP)
+                dxp += (C2 * sc * sc) * _quad_grad(Ut, X1, X2, SA, E1, E2, wA, SP)
             dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d,
                                H, D, NORM)  # fmt: skip
             dg_acc += dg
             db_acc += db
         if HAS_C2:
-            SA += _quad_update(tl.trans(y), Wt, E1, E2, wA, SP)
+            Y1t, Y2t = _pairs(y, Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
+                              rmask, mu, rs, D, H * D, NORM, 0, 128, SP, GATHER, True)  # fmt: skip
+            SA += _quad_update(Y1t, Y2t, wA, Wt, SP)
         S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP, HAS_LIN,
                                               HAS_C2)  # fmt: skip
     if MODE != 0:
@@ -306,33 +366,41 @@ def packed_sweep_kernel(
 
 
 @triton.jit
-def _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP: tl.constexpr,
-                  HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+def _state_out_at(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Sst, Zst, base,
+                  offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP: tl.constexpr,
+                  HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr,
+                  GATHER: tl.constexpr):  # fmt: skip
     """``(phi(x) . S, phi(x) . z)`` of the stored state at ``base``, block A by FB rows (a
-    tile program keeps no state tile live)."""
+    tile program keeps no state tile live); ``X .. NORM``: where x' came from (``_pairs``)."""
     S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
     out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
     if HAS_C2:
         for blk in range(128 // FB):
-            E1, E2, w = _selectors(blk, FB)
+            w = _pair_weights(blk, FB)
+            X1, X2 = _pairs(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, blk, FB,
+                            SP, GATHER, False)  # fmt: skip
             ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
             SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
-            out += (C2 * sc * sc) * _quad_out(x, SAb, E1, E2, w, SP)
+            out += (C2 * sc * sc) * _quad_out(X1, X2, w, SAb, SP)
     return out, den
 
 
 @triton.jit
-def _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2,
-                   SP: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+def _state_grad_at(Ut, u, x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Sst, Zst,
+                   base, offs_v, vmask, Dv, P8, sc, C1, C2, SP: tl.constexpr,
+                   HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr,
+                   GATHER: tl.constexpr):  # fmt: skip
     """``d/dx' [phi(x) . (S U_i + z u_i)]`` [BC, 16] of the stored state, block by block."""
     _, S1, SB, _, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
     dxp = _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
     if HAS_C2:
         for blk in range(128 // FB):
             E1, E2, w = _selectors(blk, FB)
+            X1, X2 = _pairs(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, blk, FB,
+                            SP, GATHER, False)  # fmt: skip
             ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
             SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
-            dxp += (C2 * sc * sc) * _quad_grad(Ut, x, SAb, E1, E2, w, SP)
+            dxp += (C2 * sc * sc) * _quad_grad(Ut, X1, X2, SAb, E1, E2, w, SP)
     return dxp
 
 
@@ -343,7 +411,7 @@ def packed_tile_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr, HAS_INIT: tl.constexpr,
+    SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -369,8 +437,9 @@ def packed_tile_kernel(
     rmask = rows < T
     tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
     o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
-    x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask, offs_d,
-                       D, H * D, NORM)  # [BC, 16]  # fmt: skip
+    xsrc, xg, xb = X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride
+    x, xh, rstd, mean = _pre_stats(xsrc, xg, xb, rows, rmask, offs_d, D, H * D,
+                                   NORM)  # [BC, 16]  # fmt: skip
     if MODE == 2:
         has_state = seg < NSEG - 1
     else:
@@ -380,8 +449,9 @@ def packed_tile_kernel(
     out = tl.zeros([BC, BV], tl.float32)
     den = tl.zeros([BC], tl.float32)
     if has_state:
-        out, den = _state_out_at(x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP,
-                                 HAS_LIN, HAS_C2)  # fmt: skip
+        out, den = _state_out_at(x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM, Sst,
+                                 Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP, HAS_LIN,
+                                 HAS_C2, GATHER)  # fmt: skip
     if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
@@ -390,8 +460,9 @@ def packed_tile_kernel(
         for j in range(lo, hi):
             cols = j * BC + offs_c
             cmask = cols < T
-            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d, offs_v,
-                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            y, Wt, wc, _mu, _rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d,
+                                       offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
+                                       HAS_WSC)  # fmt: skip
             s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
             out += _dot_A(A, Wt, DOT, MODE)
             den += tl.sum(A * wc[None, :], 1)
@@ -406,8 +477,9 @@ def packed_tile_kernel(
         for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
             cols = j * BC + offs_c
             cmask = cols < T
-            y, Wt, wc = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d, offs_v,
-                                 vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC)  # fmt: skip
+            y, Wt, wc, _mu, _rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d,
+                                       offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
+                                       HAS_WSC)  # fmt: skip
             keep = _keep(j, c, cmask, offs_c, MODE == 2)
             s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
             if MODE == 2:
@@ -416,8 +488,9 @@ def packed_tile_kernel(
         if MODE == 2:
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
         if has_state:
-            dxp += _state_grad_at(Ut, u, x, Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2,
-                                  SP, HAS_LIN, HAS_C2)  # [BC, 16]  # fmt: skip
+            dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
+                                  Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
+                                  HAS_C2, GATHER)  # [BC, 16]  # fmt: skip
         dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
                            D, NORM)  # fmt: skip
         tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)

@@ -30,6 +30,10 @@ CARRIED_SP = "tf32"
 """State products when the state carries the caller's state (an initial state, a
 final-state cotangent): an arbitrary state's entries need not average out as a sum of the
 call's own features does."""
+FEATURES = ("onehot", "gather")
+"""How the kernels form the 144 feature rows (``config["features"]``): one-hot products on
+the tensor cores (measured on the H200), or loads of x gathered by column with the
+pre-transform applied elementwise (``packed._pairs``; not timed yet)."""
 BWD_SP = HALF_SP
 """State products of the gradient sweeps for half inputs: bf16, as in the forward. On the
 H200 (``docs/results/h200-s6/``) they kept the oracle errors at 5.5e-3 (tf32: 4.6e-3; the
@@ -110,8 +114,11 @@ class PackedCall:
         self.kg, self.kb, self.kg_stride = params(x.k_weight, x.k_bias, fm.pre, H, D, dev)
         self.uS, self.pS, self.uZ, self.pZ = _packed_maps(fm, D, float(attn.scale), str(dev))
         lin = self.C[0] != 0.0 or self.C[1] != 0.0
+        features = config.get("features", "onehot")
+        if features not in FEATURES:
+            raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, SP=self.sp,
-                          num_warps=self.num_warps)  # fmt: skip
+                          GATHER=features == "gather", num_warps=self.num_warps)  # fmt: skip
 
     def kernel_state(self, S: torch.Tensor | None, z: torch.Tensor | None):
         """A canonical state ``(S [B, H, F, Dv], z [B, H, F])`` in the kernels' layout
