@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
-                    "counted), oracle, fla, sweep, sweep-mqar, precision, timings, stress, "
-                    "profile, tune, asv")  # fmt: skip
+                    "counted), oracle, fla, sweep, sweep-mqar, precision, tilelang, timings, "
+                    "stress, profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--config", default=None,
                     help="JSON: the triton configuration of the later stages (default: the "
@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             sweep(log, T, be.configs() + packed, B, H, 4, key="mqar")
         elif name == "precision":
             precision(log, config)
+        elif name == "tilelang":
+            from rebased_kernels.gpu_tilelang import check_and_time
+
+            check_and_time(log, DEVICE, SMALL, ms)
         elif name == "timings":
             Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))
             timings(log, config, Ts)

@@ -60,3 +60,16 @@ def test_gpu_lm_dry_run_trains_both_models_and_times_both_kernels(tmp_path, monk
     assert "ratio" in (out / "lm-table.md").read_text()
     with pytest.raises(SystemExit):  # a typo is refused before any work
         gpu_lm.main(["--dry-run", "--out", str(out), "--stages", "data,trian"])
+
+
+def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
+    """The TileLang stage (its first GPU check) on the CPU: TileLang's C target, float32."""
+    pytest.importorskip("tilelang")
+    from rebased_kernels import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "tilelang"]) == 0
+    log = json.loads((tmp_path / "gpu-check.json").read_text())
+    rows = log["tilelang"]["oracle"]
+    assert len(rows) == 4 and all("error" not in r for r in rows)
+    assert all(max(r["err_o"], r["err_S"], r["err_z"]) < 1e-4 for r in rows)
+    assert all(r["tilelang_fwd"] > 0 for r in log["tilelang"]["timings"])

@@ -1,0 +1,88 @@
+"""``gpu_check --stages tilelang``: the TileLang kernels' first GPU check (not yet a backend).
+
+For each dtype (bf16, fp16; fp32, which TileLang runs as TF32 on the tensor cores), feature
+map (``rebased``, ``based``), length and with or without an initial state: the forward's
+o, S and z (and, where ``call.backward`` exists, every gradient) against the float64
+oracle on the same rounded inputs; then forward times at B=4, H=16, D=16, Dv=64 beside the
+triton backend's default. Rows go to ``log["tilelang"]``; a case that raises is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+from ._validate import PARAM_NAMES
+from .backend import Inputs, Outputs, get_backend
+from .spec import PRESETS, LinearAttention
+from .testing import random_inputs, rel_err
+
+
+def _case(call, name: str, dtype: torch.dtype, T: int, state: bool, device: str) -> dict:
+    """Relative errors of one forward (and backward) against the float64 oracle."""
+    fm = PRESETS[name]
+    attn = LinearAttention(fm, 0.25)
+    x = random_inputs(2, T, 3, 16, 64, dtype, device, fm, seed=T, requires_grad=False)
+    x64 = {n: t.double() for n, t in x.items()}
+    S0 = z0 = None
+    if state:  # the oracle's state after a random prefix: a state the kernels can meet
+        p = random_inputs(2, 9, 3, 16, 64, torch.float64, device, fm, seed=T + 1)
+        _, S0, z0 = reference.quadratic(p["q"], p["k"], p["v"], attn,
+                                        tuple(p.get(n) for n in PARAM_NAMES))  # fmt: skip
+        S0, z0 = S0.detach(), z0.detach()
+    inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES),
+                 *(None if t is None else t.float() for t in (S0, z0)))  # fmt: skip
+    out = call.forward(inp, attn)
+    leaves = {n: t.clone().requires_grad_() for n, t in x64.items()}
+    init = None if S0 is None else (S0.clone().requires_grad_(), z0.clone().requires_grad_())
+    ref = reference.quadratic(leaves["q"], leaves["k"], leaves["v"], attn,
+                              tuple(leaves.get(n) for n in PARAM_NAMES), init)  # fmt: skip
+    row = dict(feature_map=name, dtype=str(dtype).replace("torch.", ""), T=T, state=state,
+               **{f"err_{n}": rel_err(a, b) for n, a, b in zip("oSz", out, ref)})  # fmt: skip
+    if hasattr(call, "backward"):
+        g = torch.Generator().manual_seed(T)
+        cot = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(device) for r in ref]
+        grads = call.backward(inp, attn, None, Outputs(cot[0].to(dtype), cot[1].float(),
+                                                       cot[2].float()))  # fmt: skip
+        sum((r * c).sum() for r, c in zip(ref, cot)).backward()
+        theirs = [*(None if n not in leaves else leaves[n].grad
+                    for n in ("q", "k", "v", *PARAM_NAMES)),
+                  *((None, None) if init is None else (init[0].grad, init[1].grad))]  # fmt: skip
+        row["err_grads"] = max(rel_err(a, b) for a, b in zip(grads, theirs)
+                               if a is not None and b is not None)  # fmt: skip
+    return row
+
+
+def check_and_time(log: dict, device: str, small: bool, ms: Callable) -> None:
+    """The oracle rows, then forward times beside triton (``ms``: gpu_check's timer)."""
+    from rebased_kernels.backends.tilelang import call
+
+    rows = []
+    dtypes = (torch.float32,) if small else (torch.bfloat16, torch.float16, torch.float32)
+    for dtype in dtypes:
+        for name in ("rebased", "based"):
+            for T in (37,) if small else (100, 3000):
+                for state in (False, True):
+                    try:
+                        rows.append(_case(call, name, dtype, T, state, device))
+                    except Exception as exc:  # recorded: the first GPU run of these kernels
+                        rows.append(dict(feature_map=name, dtype=str(dtype), T=T, state=state,
+                                         error=f"{type(exc).__name__}: {exc}"[:300]))  # fmt: skip
+                    print("tilelang", rows[-1], flush=True)
+    log["tilelang"] = dict(oracle=rows, timings=[])
+    fm = PRESETS["rebased"]
+    attn = LinearAttention(fm, 0.25)
+    triton = get_backend("triton")
+    dtype = torch.float32 if small else torch.bfloat16
+    cfg = dict(triton.default_config)
+    for T in (64,) if small else (2048, 16384):
+        B, H = (1, 2) if small else (4, 16)
+        x = random_inputs(B, T, H, 16, 64, dtype, device, fm, requires_grad=False)
+        inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
+        row = dict(T=T, tilelang_fwd=ms(lambda inp=inp: call.forward(inp, attn)))
+        if triton.unavailable_reason() is None:
+            row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))
+        log["tilelang"]["timings"].append(row)
+        print("tilelang timing", row, flush=True)
