@@ -1,42 +1,51 @@
-"""The TileLang forward (issue 4: every kernel of degree <= 2) on a machine without a GPU.
+"""The TileLang kernels (issue 4: forward and backward of every kernel of degree <= 2) on a
+machine without a GPU.
 
-* Lowering: ``forward_kernel`` lowers to CUDA C++ for Hopper (``sm_90a``) with no GPU
-  present; each ``T.gemm`` becomes one ``tl::wgmma_ss`` call site (four for ``c2 s^2``:
-  q'k'^T, A v, Q^(2) S_2, K^(2)T v; a fifth, q' S_1, with a ``c1 s`` term) and the chunk
-  loads become TMA loads. Where ``nvcc`` is installed, that source also compiles to an
-  sm_90a cubin: the PTX holds ``wgmma.mma_async`` and bulk-tensor copies and ptxas spills
-  nothing, for ``rebased`` and for ``based`` with an initial state.
-* Numerics: the same ``prim_func`` (``target="c"``: static shared tiles, a serial row sum)
-  compiled by TileLang's C backend, run on float32 CPU tensors through ``call.forward``: o,
-  S and z against the float64 oracle at the float32 tolerance (1e-4), for presets and user
-  polynomials ``c0 + c1 s + c2 s^2`` with and without each power, normalised or not, with
-  and without an initial state (mapped into the kernel's layout by ``call.kernel_state``,
-  whose round trip through ``call.canonical_state`` is exact).
+* Numerics: the ``prim_func`` (``target="c"``: static shared tiles, serial row sums)
+  compiled by TileLang's C backend, run on float32 CPU tensors through ``call.forward`` and
+  ``call.backward``, against the float64 oracle at the float32 tolerance (1e-4): o, S and z
+  for presets and user polynomials ``c0 + c1 s + c2 s^2`` with and without each power,
+  normalised or not, with and without an initial state (mapped into the kernel's layout by
+  ``call.kernel_state``, whose round trip through ``call.canonical_state`` is exact); and
+  every gradient (dq, dk, dv, d gamma / d beta of q and k, dS0, dz0; torch.autograd through
+  ``reference.quadratic``) for LayerNorm with gamma and beta and no state, Based with an
+  initial state and final-state cotangents, normalize=False, D < 16 and tail chunks. The
+  maps that carry state cotangents are checked to be the state maps' adjoints.
+* Lowering: ``forward_kernel``, ``dq_kernel`` and ``dkv_kernel`` lower to CUDA C++ for
+  Hopper (``sm_90a``) with no GPU present (``hopper.hopper_source``); each ``T.gemm`` is one
+  ``tl::wgmma_ss`` call site (forward: four for ``c2 s^2``, a fifth with ``c1 s``; each
+  backward sweep eight) and the chunk loads are TMA loads. Where ``nvcc`` is installed the
+  sources also compile to sm_90a cubins: ``wgmma.mma_async`` and bulk-tensor copies in the
+  PTX and no spills, for the forward of ``rebased`` and of ``based`` with an initial state
+  and for ``rebased``'s two backward sweeps. The sources are lowered in a second process
+  while the C-target tests run here (each lowering holds the GIL for 5-10 s), which keeps
+  this file near a minute on two cores.
 
 What the C target cannot cover: the CUDA-only code paths, i.e. the ``T.reduce_sum`` warp
-reduction of ``A 1``, the fragment layouts, wgmma, TMA, the thread partition of the fp32
-state sums and the warp-specialised pipeline that ``T.Pipelined`` becomes on Hopper (in C it
-is a serial loop, and ``num_stages`` and ``threads`` change nothing); and half precision,
-since TileLang 0.1.15's C target compiles neither bfloat16 (its BF16 legalisation leaves the
+reductions, the fragment layouts, wgmma, TMA, the thread partition of the fp32 state sums
+and the warp-specialised pipeline that ``T.Pipelined`` becomes on Hopper (in C it is a
+serial loop, and ``num_stages`` and ``threads`` change nothing); and half precision, since
+TileLang 0.1.15's C target compiles neither bfloat16 (its BF16 legalisation leaves the
 static shared tiles undefined) nor float16 (its C templates lack the float4 -> half4
-conversion), so the rounding of the tensor-core operands to bf16 / fp16 is not exercised.
-Those need a GPU run.
+conversion), so the rounding of the tensor-core operands to bf16 / fp16 (A, g, P o sim',
+U o x' and the w_p S_p operands) is not exercised. Those need a GPU run.
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from concurrent.futures import Future, ProcessPoolExecutor
 
 import pytest
 import torch
 from rebased_kernels.backends.tilelang import call
 
 from rebased_kernels import reference
-from rebased_kernels.backend import Inputs
+from rebased_kernels.backend import Inputs, Outputs
 from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
 from rebased_kernels.testing import assert_close, random_inputs
 
@@ -53,76 +62,8 @@ USER_MAPS = {
     )
 }
 MAPS = {**PRESETS, **USER_MAPS}
-BASED = {"coeffs": (1.0, 1.0, 0.5), "initial_state": True}
 LOW_POWER_TILES = {"b_S1", "b_S1acc", "b_z1", "b_S0acc", "b_z0"}
 """The on-chip tiles of the c1 and c0 blocks: absent from a c2-only kernel."""
-
-
-@functools.cache
-def _hopper_source(dtype: str, based: bool = False) -> str:
-    """The CUDA C++ of the default configuration at H=4, D=16, Dv=64, lowered for sm_90a:
-    ``rebased``'s kernel, or (``based``) ``based``'s with an initial state."""
-    from rebased_kernels.backends.tilelang.kernels import forward_kernel
-    from tilelang import tvm
-
-    cfg = call.DEFAULT_CONFIG
-    func = forward_kernel(4, 16, 64, dtype=dtype, BC=cfg["chunk_size"],
-                          num_stages=cfg["num_stages"], threads=cfg["threads"],
-                          **(BASED if based else {}))  # fmt: skip
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
-    with target:
-        return tilelang.lower(func, target=target).kernel_source
-
-
-@pytest.mark.parametrize(
-    ("dtype", "kind", "based", "gemms"),
-    [("bfloat16", "kBFloat16", False, 4), ("float16", "kFloat16", False, 4),
-     ("bfloat16", "kBFloat16", True, 5)],
-)  # fmt: skip
-def test_forward_lowers_to_hopper_wgmma(dtype: str, kind: str, based: bool, gemms: int) -> None:
-    """Every T.gemm (q'k'^T, A v, Q^(2) S_2, K^(2)T v, and q' S_1 for based) is one wgmma
-    call site with operands of the input dtype and an fp32 accumulator; q, k, v chunks
-    arrive by TMA. Only based reads a state (S and z) and holds the c1 and c0 tiles; its
-    state has 256 + 16 + 1 rows."""
-    src = _hopper_source(dtype, based)
-    calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
-    assert len(calls) == gemms, f"expected {gemms} wgmma_ss call sites, found {len(calls)}"
-    for args in calls:
-        assert args.startswith(f"tl::DataType::{kind}, tl::DataType::{kind}, "
-                               "tl::DataType::kFloat32"), args  # fmt: skip
-    assert src.count("tl::tma_load(") == 3
-    assert "mma_sync" not in src  # no fallback to the pre-Hopper tensor-core path
-    state_reads = re.findall(r"= (?:\*\(float\d?\*\)\()?([Sz])(?:\[| \+)", src)
-    assert set(state_reads) == ({"S", "z"} if based else set()), state_reads
-    tiles = set(re.findall(r"\bb_\w+", src)) & LOW_POWER_TILES
-    assert tiles == (LOW_POWER_TILES if based else set()), tiles
-    assert ("(int64_t)273" in src) == based  # z's row stride: 256 + 16 + 1 rows for based
-
-
-@pytest.mark.parametrize("based", [False, True])
-def test_hopper_source_compiles_for_sm90a(tmp_path: Path, based: bool) -> None:
-    """nvcc builds the lowered source for sm_90a: wgmma and TMA in the PTX, no spills."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc is not installed: the CUDA source is lowered but not compiled")
-    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"],
-                        capture_output=True, text=True).stdout)  # fmt: skip
-    if release is None or int(release.group(1)) < 12:
-        pytest.skip("nvcc older than CUDA 12 has no sm_90a: the source is lowered only")
-    from tilelang.contrib.nvcc import default_compile_options
-
-    src, cubin = tmp_path / "forward.cu", tmp_path / "forward.cubin"
-    src.write_text(_hopper_source("bfloat16", based))
-    cmd = [nvcc, *default_compile_options(), "-w", "--cubin", "-O3", "--keep",
-           f"--keep-dir={tmp_path}", "-gencode", "arch=compute_90a,code=sm_90a",
-           "-Xptxas=-v", "-o", str(cubin), str(src)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-3000:]
-    ptx = "\n".join(p.read_text() for p in tmp_path.glob("*.ptx"))
-    assert "wgmma.mma_async.sync.aligned" in ptx and ".f32.bf16.bf16" in ptx
-    assert "cp.async.bulk.tensor" in ptx
-    assert re.search(r"\b0 bytes spill stores", log), log[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -143,6 +84,44 @@ def test_state_maps_are_inverse(name: str, D: int, Dv: int) -> None:
         Z = z_k[..., :256].unflatten(-1, (16, 16))
         assert torch.equal(Z, Z.transpose(-1, -2))
         assert not Z[..., D:, :].any() and Z[..., :D, :D].all()
+
+
+def _block_weights(attn: LinearAttention) -> torch.Tensor:
+    """``w_p = c_p scale^p`` per row of the kernel's stacked state ``[R]``."""
+    from rebased_kernels.backends.tilelang.layout import ROWS, block_offsets
+
+    offsets, R = block_offsets(attn.feature_map.powers)
+    w = torch.zeros(R, dtype=torch.float64)
+    for p, first in offsets.items():
+        w[first : first + ROWS[p]] = attn.feature_map.coeffs[p] * attn.scale**p
+    return w
+
+
+@pytest.mark.parametrize(("name", "D", "Dv"), [("based", 5, 7), ("rebased", 16, 3)])
+def test_state_cotangent_maps_are_adjoint(name: str, D: int, Dv: int) -> None:
+    """The maps that carry state cotangents are adjoints of the state maps, in the sweep's
+    ``dL/dS_p = w_p Sg_p`` convention: ``<canonical_state(K), dS> = <K, w kernel_state(dS)>``
+    for symmetric kernel states K (a final-state cotangent enters through ``kernel_state``)
+    and ``<kernel_state(S), w G> = <S, state_gradient(G)>`` for any G (the initial state's
+    gradient leaves through ``state_gradient``)."""
+    attn = LinearAttention(MAPS[name], D**-0.5)
+    F = attn.feature_map.num_features(D)
+    g = torch.Generator().manual_seed(D * 10 + Dv)
+    S, dS = (torch.randn(2, 3, F, Dv, generator=g, dtype=torch.float64) for _ in range(2))
+    z, dz = (torch.randn(2, 3, F, generator=g, dtype=torch.float64) for _ in range(2))
+    w = _block_weights(attn)
+    K, Kz = call.kernel_state(S, z, attn, D)  # a symmetric kernel state
+    canon = call.canonical_state(K, Kz, attn, D)
+    Sg, zr = call.kernel_state(dS, dz, attn, D)
+    lhs = (canon[0].double() * dS).sum() + (canon[1].double() * dz).sum()
+    rhs = (K * w[:, None] * Sg).sum() + (Kz * w * zr).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-6), (lhs, rhs)
+    G, Gz = torch.randn(K.shape, generator=g, dtype=torch.float64), torch.randn(Kz.shape,
+            generator=g, dtype=torch.float64)  # fmt: skip
+    dS0, dz0 = call.state_gradient(G, Gz, attn, D)
+    lhs = (K * w[:, None] * G).sum() + (Kz * w * Gz).sum()
+    rhs = (S * dS0.double()).sum() + (z * dz0.double()).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-6), (lhs, rhs)
 
 
 def _state(fm: FeatureMap, B: int, H: int, D: int, Dv: int, seed: int, normalize: bool):
@@ -198,6 +177,62 @@ def test_c_target_matches_the_oracle(
             assert_close(out, want, torch.float32, f"{name} B={B} T={T} BC={BC} {what}")
 
 
+BACKWARD_CASES = [
+    # feature map, normalize, initial state, final-state cotangents, B, H, D, Dv, chunk,
+    # lengths (each case compiles its two sweeps once; lengths > chunk end in a tail chunk)
+    ("rebased", True, False, False, 2, 2, 16, 32, 32, (1, 70)),  # LN + gamma/beta, no state
+    ("based", True, True, True, 2, 2, 8, 24, 16, (50,)),  # c0 + c1 + c2, D < 16
+    ("norm_x2", False, True, True, 1, 3, 8, 17, 16, (40,)),  # normalize=False, Dv < BV
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "lengths"), BACKWARD_CASES
+)
+def test_c_target_gradients_match_the_oracle(
+    name: str, normalize: bool, init: bool, cot: bool, B: int, H: int, D: int, Dv: int,
+    BC: int, lengths: tuple[int, ...],
+) -> None:  # fmt: skip
+    """``call.backward`` (both sweeps C-compiled, float32) against torch.autograd through
+    ``reference.quadratic`` in float64 on the same float32-rounded inputs, with random
+    cotangents for o (and for the final S, z when ``cot``; None otherwise: the state not in
+    the loss): dq, dk, dv, d gamma / d beta of q and k, dS0, dz0, at the float32 tolerance
+    (1e-4 in relative norm); a gradient is None exactly where the input is."""
+    fm = MAPS[name]
+    attn = LinearAttention(fm, D**-0.5, normalize=normalize)
+    for T in lengths:
+        x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=T, requires_grad=False)
+        leaves = {n: t.float().double().requires_grad_() for n, t in x.items()}
+        if init:
+            S0, z0 = _state(fm, B, H, D, Dv, T + 1, normalize)
+            leaves["S0"], leaves["z0"] = S0.double().requires_grad_(), z0.double().requires_grad_()
+        state = (leaves["S0"], leaves["z0"]) if init else None
+        o, S, z = reference.quadratic(leaves["q"], leaves["k"], leaves["v"], attn,
+                                      tuple(leaves.get(n) for n in PARAMS), state)  # fmt: skip
+        g = torch.Generator().manual_seed(T + 2)
+        do, dS, dz = (torch.randn(t.shape, generator=g, dtype=torch.float64).float()
+                      for t in (o, S, z))  # fmt: skip
+        loss = (o * do.double()).sum()
+        if cot:
+            loss = loss + (S * dS.double()).sum() + (z * dz.double()).sum()
+        loss.backward()
+
+        inputs = Inputs(*(None if leaves.get(n) is None else leaves[n].detach().float()
+                          for n in Inputs._fields))  # fmt: skip
+        grads = Outputs(do, dS if cot else None, dz if cot else None)
+        ours = call.backward(inputs, attn, {"chunk_size": BC}, grads)
+        # as in the property suite: a gradient 100x smaller than the largest one is
+        # cancellation (dq at T = 1 normalised is O(eps)), checked against 1% of the largest
+        floor = 1e-2 * max(t.grad.norm().item() for t in leaves.values())
+        for n, got in zip(Inputs._fields, ours):
+            want = leaves.get(n)
+            assert (got is None) == (want is None), f"{name} T={T} d{n}: {got is None=}"
+            if want is not None:
+                assert got.dtype == torch.float32 and got.shape == want.shape, n
+                assert_close(got, want.grad, torch.float32, f"{name} B={B} T={T} BC={BC} d{n}",
+                             floor=floor)  # fmt: skip
+
+
 def test_unsupported_problems_raise() -> None:
     """What the kernel does not compute is refused with a reason, before any compile."""
     from rebased_kernels.backends.tilelang.kernels import forward_kernel
@@ -216,3 +251,144 @@ def test_unsupported_problems_raise() -> None:
         forward_kernel(1, 16, 8, BC=24)
     with pytest.raises(ValueError, match="c0, c1, c2 >= 0"):
         forward_kernel(1, 16, 8, coeffs=(1.0, -1.0))
+
+
+# Hopper lowering: the sources come from a second process that starts with this module's
+# first test, so that they are lowered while the C-target tests above run.
+
+_SM90A: dict[tuple, tuple[Future, tuple]] = {}
+NVCC_BUILDS = [("forward", False), ("forward", True), ("dq", False), ("dkv", False)]
+"""``(kind, based)`` of the bf16 sources ``test_hopper_source_compiles_for_sm90a`` builds."""
+
+
+@functools.cache
+def _nvcc() -> str | None:
+    """The path of an ``nvcc`` that targets sm_90a (CUDA >= 12), or None."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"],
+                        capture_output=True, text=True).stdout)  # fmt: skip
+    return nvcc if release is not None and int(release.group(1)) >= 12 else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _lower_in_background(request):
+    """Hand the lowerings the selected Hopper tests read (and the nvcc builds, where nvcc is
+    installed) to a spawned worker process, which imports ``rebased_kernels`` afresh; the
+    slowest first. A test's ``(kind, dtype, based)`` are its parameters (default
+    ``("forward", "bfloat16", False)``)."""
+    from rebased_kernels.backends.tilelang.hopper import sm90a
+
+    wanted: dict[tuple, bool] = {}  # (kind, dtype, based) -> whether nvcc builds it
+    for item in request.session.items:
+        if item.module is request.module and "hopper" in item.name:
+            p = item.callspec.params if hasattr(item, "callspec") else {}
+            key = (p.get("kind", "forward"), p.get("dtype", "bfloat16"), p.get("based", False))
+            wanted[key] = wanted.get(key, False) or "compiles" in item.name
+    if not wanted:
+        yield
+        return
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    for key in sorted(wanted, key=lambda k: k[0] == "forward"):
+        args = (*key, _nvcc() if wanted[key] else None)
+        _SM90A[key] = (pool.submit(sm90a, *args), args)
+    yield
+    _SM90A.clear()
+    pool.shutdown(cancel_futures=True)
+
+
+def _sm90a(kind: str, dtype: str = "bfloat16", based: bool = False):
+    """``hopper.sm90a(kind, dtype, based, nvcc)``: the CUDA C++ of the default configuration
+    at H=4, D=16, Dv=64 for sm_90a (and its nvcc build), from the worker, or lowered here
+    when the worker has not started it yet (the C-target kernels came from TileLang's disk
+    cache, say)."""
+    from rebased_kernels.backends.tilelang.hopper import sm90a
+
+    future, args = _SM90A[kind, dtype, based]
+    if future.cancel():
+        future = Future()
+        future.set_result(sm90a(*args))
+        _SM90A[kind, dtype, based] = (future, args)
+    return future.result(timeout=600)
+
+
+def _hopper_source(kind: str, dtype: str = "bfloat16", based: bool = False) -> str:
+    return _sm90a(kind, dtype, based).source
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tl_dtype", "based", "gemms"),
+    [("bfloat16", "kBFloat16", False, 4), ("float16", "kFloat16", False, 4),
+     ("bfloat16", "kBFloat16", True, 5)],
+)  # fmt: skip
+def test_forward_lowers_to_hopper_wgmma(dtype: str, tl_dtype: str, based: bool, gemms: int) -> None:
+    """Every T.gemm (q'k'^T, A v, Q^(2) S_2, K^(2)T v, and q' S_1 for based) is one wgmma
+    call site with operands of the input dtype and an fp32 accumulator; q, k, v chunks
+    arrive by TMA. Only based reads a state (S and z) and holds the c1 and c0 tiles; its
+    state has 256 + 16 + 1 rows."""
+    src = _hopper_source("forward", dtype, based)
+    calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
+    assert len(calls) == gemms, f"expected {gemms} wgmma_ss call sites, found {len(calls)}"
+    for args in calls:
+        assert args.startswith(f"tl::DataType::{tl_dtype}, tl::DataType::{tl_dtype}, "
+                               "tl::DataType::kFloat32"), args  # fmt: skip
+    assert src.count("tl::tma_load(") == 3
+    assert "mma_sync" not in src  # no fallback to the pre-Hopper tensor-core path
+    state_reads = re.findall(r"= (?:\*\(float\d?\*\)\()?([Sz])(?:\[| \+)", src)
+    assert set(state_reads) == ({"S", "z"} if based else set()), state_reads
+    tiles = set(re.findall(r"\bb_\w+", src)) & LOW_POWER_TILES
+    assert tiles == (LOW_POWER_TILES if based else set()), tiles
+    assert ("(int64_t)273" in src) == based  # z's row stride: 256 + 16 + 1 rows for based
+
+
+def _stores(name: str, src: str) -> bool:
+    """Whether ``src`` assigns to the global buffer ``name`` (``name[...] =`` or a vector
+    store ``*(uint2*)(name + ...) =``)."""
+    element = rf"(?<![\w.>]){name}\[[^;]*\]"
+    vector = rf"\*\(\w+\*\)\({name} \+[^;]*\)"
+    return re.search(rf"(?:{element}|{vector}) = ", src) is not None
+
+
+def _loads(name: str, src: str) -> bool:
+    """Whether ``src`` reads the global buffer ``name`` (``= name[`` or a vector load
+    ``= *(float2*)(name + ...``)."""
+    return re.search(rf"= (?:\*\(\w+\*\)\()?{name}(?:\[| \+)", src) is not None
+
+
+@pytest.mark.parametrize("kind", ["dq", "dkv"])
+def test_backward_lowers_to_hopper_wgmma(kind: str) -> None:
+    """Each sweep's eight T.gemm (dq: q'k'^T, A v, Q^(2) S_2, g v^T, (P o sim') k',
+    g (w_2 S_2)^T, (2 U o q') E, K^(2)T v; dk/dv the same with the roles swapped) are eight
+    wgmma call sites with bf16 operands and fp32 accumulators; the q, k, v, dO chunks arrive
+    by TMA; one producer warpgroup beside the 256 compute threads (384: the per-token
+    1 / (den + eps) and r are staged through registers, not handed to the producer). The dq
+    sweep writes 1 / (den + eps) and r and reads no state (none given); the dk/dv sweep
+    reads them, reads no final-state cotangent (none given) and writes the initial-state
+    gradient."""
+    src = _hopper_source(kind)
+    calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
+    assert len(calls) == 8, f"expected 8 wgmma_ss call sites, found {len(calls)}"
+    for args in calls:
+        assert args.startswith("tl::DataType::kBFloat16, tl::DataType::kBFloat16, "
+                               "tl::DataType::kFloat32"), args  # fmt: skip
+    assert src.count("tl::tma_load(") == 4
+    assert "mma_sync" not in src
+    assert "__launch_bounds__(384, 1)" in src
+    assert _stores("inv", src) == _stores("r", src) == (kind == "dq")
+    assert _loads("inv", src) == _loads("r", src) == (kind == "dkv")
+    assert _stores("S", src) == _stores("z", src) == (kind == "dkv")
+    assert not _loads("S", src) and not _loads("z", src)
+    assert _stores("dq" if kind == "dq" else "dk", src) and _stores("dv", src) == (kind == "dkv")
+
+
+@pytest.mark.parametrize(("kind", "based"), NVCC_BUILDS)
+def test_hopper_source_compiles_for_sm90a(kind: str, based: bool) -> None:
+    """nvcc builds the lowered source for sm_90a: wgmma and TMA in the PTX, no spills."""
+    if _nvcc() is None:
+        pytest.skip("no nvcc of CUDA >= 12 (sm_90a): the CUDA source is lowered only")
+    built = _sm90a(kind, "bfloat16", based)
+    assert built.returncode == 0, built.log[-3000:]
+    assert "wgmma.mma_async.sync.aligned" in built.ptx and ".f32.bf16.bf16" in built.ptx
+    assert "cp.async.bulk.tensor" in built.ptx
+    assert re.search(r"\b0 bytes spill stores", built.log), built.log[-2000:]

@@ -1,12 +1,15 @@
-"""Host side of the TileLang forward: compile once per shape class, launch, map the state.
+"""Host side of the TileLang kernels: compile once per shape class, launch, map the state.
 
-``forward`` runs ``kernels.forward_kernel`` on CUDA tensors through TileLang's CUDA target
-and on CPU tensors through its C target (the tests' path on a machine without a GPU). The
+``forward`` runs ``kernels.forward_kernel`` and ``backward`` the two sweeps of ``backward``
+(``dq_kernel``, then ``dkv_kernel``) on CUDA tensors through TileLang's CUDA target and on
+CPU tensors through its C target (the tests' path on a machine without a GPU). The
 kernel's state (``layout``: one unscaled, unpacked block per power, stacked into
 ``S [B, H, R, Dv]`` and ``z [B, H, R]``) and the spec's canonical layout are mapped into
 each other here: ``kernel_state`` (canonical -> kernel, for an initial state) and
 ``canonical_state`` (kernel -> canonical, for the final state), exact inverses on the
-canonical space.
+canonical space. Their adjoints carry the state's cotangents: the final state's cotangent
+enters the dk/dv sweep through ``kernel_state`` itself (in the sweep's ``dS_p / w_p``
+convention) and the initial state's gradient leaves it through ``state_gradient``.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
 }
 DEFAULT_CONFIG: dict[str, Any] = {"chunk_size": 64, "num_stages": 2, "threads": 256}
-"""``forward_kernel``'s defaults. BC = 64 with 256 compute threads: 168 registers a thread
-and no spills for sm_90a at Dv = 64 (nvcc 13.0), for ``rebased`` and for ``based`` with an
-initial state alike (its c1 and c0 blocks live in shared memory); 128 threads spill, the
-fp32 S_2 alone being 128 registers a thread. Not yet timed on a GPU."""
+"""Every kernel's defaults (forward and both backward sweeps). BC = 64 with 256 compute
+threads: 168 registers a thread and no spills for sm_90a at Dv = 64 (nvcc 13.0), for the
+forward of ``rebased`` and of ``based`` with an initial state alike (its c1 and c0 blocks
+live in shared memory); 128 threads spill, the fp32 S_2 alone being 128 registers a thread.
+The backward sweeps: 168 registers and no spills for ``rebased``, 8-12 bytes spilled for
+``based`` with its states; 160 KiB of shared memory. Not yet timed on a GPU."""
 
 
 def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtype) -> str | None:
-    """Why ``forward`` cannot compute this problem (None when it can)."""
+    """Why ``forward`` / ``backward`` cannot compute this problem (None when they can)."""
     fm = attn.feature_map
     if fm.degree > 2:
         return f"computes kernels c0 + c1 s + c2 s^2 (degree <= 2), not degree {fm.degree}"
@@ -45,8 +50,27 @@ def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtyp
     return None
 
 
+KINDS = ("forward", "dq", "dkv")
+"""The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
+
+
+def prim_func(kind: str, H: int, D: int, Dv: int, state: bool = False, **kwargs: Any) -> Any:
+    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``): the builder called with
+    ``kwargs``; ``state`` is its ``initial_state`` (forward, dq) or ``final_state`` (dk/dv:
+    a final-state cotangent is read)."""
+    from .backward import dkv_kernel, dq_kernel
+    from .kernels import forward_kernel
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    build = {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind]
+    flag = "final_state" if kind == "dkv" else "initial_state"
+    return build(H, D, Dv, **kwargs, **{flag: state})
+
+
 @functools.cache
 def compiled(
+    kind: str,
     H: int,
     D: int,
     Dv: int,
@@ -54,7 +78,7 @@ def compiled(
     scale: float,
     coeffs: tuple[float, ...],
     normalize: bool,
-    initial_state: bool,
+    state: bool,
     eps: float,
     dtype: str,
     target: str,
@@ -62,18 +86,32 @@ def compiled(
     num_stages: int,
     threads: int,
 ) -> Any:
-    """The compiled ``forward_kernel`` (a ``tilelang.JITKernel``) for one shape class; B and T
-    stay symbolic, so every batch size and length reuses it."""
+    """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
+    class; B and T stay symbolic, so every batch size and length reuses it."""
     import tilelang
 
-    from .kernels import forward_kernel
-
-    func = forward_kernel(
-        H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize,
-        initial_state=initial_state, eps=eps, dtype=dtype, BC=chunk_size,
-        num_stages=num_stages, threads=threads, target=target,
+    func = prim_func(
+        kind, H, D, Dv, state, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize,
+        eps=eps, dtype=dtype, BC=chunk_size, num_stages=num_stages, threads=threads,
+        target=target,
     )  # fmt: skip
     return tilelang.compile(func, target=target)
+
+
+def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
+    """``compiled(kind, ...)`` for this call's shape class and configuration; raises
+    ``ValueError`` for what ``unsupported_reason`` names."""
+    D, Dv = x.q.shape[-1], x.v.shape[-1]
+    reason = unsupported_reason(attn, D, Dv, x.v.dtype)
+    if reason:
+        raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    fm = attn.feature_map
+    return compiled(
+        kind, x.q.shape[2], D, Dv, fm.pre.norm, attn.scale, fm.coeffs[:3], attn.normalize,
+        state, attn.eps, DTYPES[x.v.dtype], "cuda" if x.q.device.type == "cuda" else "c",
+        cfg["chunk_size"], cfg["num_stages"], cfg["threads"],
+    )  # fmt: skip
 
 
 @functools.cache
@@ -130,12 +168,56 @@ def kernel_state(
     return S_k, z_k
 
 
-def _param(t: torch.Tensor | None, used: bool, fill: float, H: int, D: int, device) -> torch.Tensor:
-    """A pre-transform parameter as the kernel takes it: ``[H, D]`` float32 (``fill`` when
-    the feature map does not use it)."""
-    if t is None or not used:
-        return torch.full((H, D), fill, dtype=torch.float32, device=device)
-    return t.to(torch.float32).expand(H, D).contiguous()
+def state_gradient(
+    S: torch.Tensor, z: torch.Tensor, attn: LinearAttention, D: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adjoint of ``kernel_state``: the gradient of a canonical initial state
+    ``(dS0 [B, H, F, Dv], dz0 [B, H, F])``, float32, from the dk/dv sweep's
+    ``(Sg [B, H, R, Dv], zr [B, H, R])`` (``Sg_p = dL/dS_p / w_p`` in the kernel's layout).
+
+    ``kernel_state`` writes feature ``f`` of power p into its rows ``r`` and ``m`` (its mirror;
+    the same row on the diagonal) divided by ``sqrt(w_p mult_f)``, so
+    ``dS0_f = w_p (Sg_r + Sg_m) / sqrt(w_p mult_f)`` summed over the distinct rows, which is
+    ``weight_f * mean(Sg_r, Sg_m)`` in both cases: ``canonical_state`` of the row pairs'
+    mean (computed in float64, rounded once).
+    """
+    rows, mirrors = _rows(attn.feature_map, D)
+    index, mirror = torch.tensor(rows, device=S.device), torch.tensor(mirrors, device=S.device)
+    w = torch.tensor(feature_weights(attn.feature_map, D, attn.scale), device=S.device)
+    dS0 = (S[:, :, index].double() + S[:, :, mirror].double()) * (w[:, None] / 2)
+    dz0 = (z[..., index].double() + z[..., mirror].double()) * (w / 2)
+    return dS0.float(), dz0.float()
+
+
+def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
+    """``qw, qb, kw, kb`` as the kernels take them: ``[H, D]`` float32, gamma 1 and beta 0
+    where the feature map does not use them."""
+    pre, (_, _, H, D), dev = attn.feature_map.pre, x.q.shape, x.q.device
+
+    def param(t: torch.Tensor | None, used: bool, fill: float) -> torch.Tensor:
+        if t is None or not used:
+            return torch.full((H, D), fill, dtype=torch.float32, device=dev)
+        return t.to(torch.float32).expand(H, D).contiguous()
+
+    return [
+        param(x.q_weight, pre.uses_gamma, 1.0),
+        param(x.q_bias, pre.uses_beta, 0.0),
+        param(x.k_weight, pre.uses_gamma, 1.0),
+        param(x.k_bias, pre.uses_beta, 0.0),
+    ]
+
+
+def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, device):
+    """A canonical state (either part may be None: zeros) in the kernel's layout, float32,
+    contiguous; empty buffers (to be written) when both are None."""
+    _, R = block_offsets(attn.feature_map.powers)
+    if S is None and z is None:
+        return (torch.empty(B, H, R, Dv, dtype=torch.float32, device=device),
+                torch.empty(B, H, R, dtype=torch.float32, device=device))  # fmt: skip
+    F = attn.feature_map.num_features(D)
+    S = torch.zeros(B, H, F, Dv, device=device) if S is None else S
+    z = torch.zeros(B, H, F, device=device) if z is None else z
+    return tuple(t.float().contiguous() for t in kernel_state(S, z, attn, D))
 
 
 def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = None) -> Outputs:
@@ -149,31 +231,64 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     ``ValueError`` for what ``unsupported_reason`` names.
     """
     B, _, H, D = x.q.shape
-    Dv = x.v.shape[-1]
-    reason = unsupported_reason(attn, D, Dv, x.v.dtype)
-    if reason:
-        raise ValueError(f"the tilelang forward {reason}")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    fm, dev = attn.feature_map, x.q.device
-    target = "cuda" if dev.type == "cuda" else "c"
-    kernel = compiled(
-        H, D, Dv, fm.pre.norm, attn.scale, fm.coeffs[:3], attn.normalize, x.S0 is not None,
-        attn.eps, DTYPES[x.v.dtype], target, cfg["chunk_size"], cfg["num_stages"],
-        cfg["threads"],
-    )  # fmt: skip
-    params = [
-        _param(x.q_weight, fm.pre.uses_gamma, 1.0, H, D, dev),
-        _param(x.q_bias, fm.pre.uses_beta, 0.0, H, D, dev),
-        _param(x.k_weight, fm.pre.uses_gamma, 1.0, H, D, dev),
-        _param(x.k_bias, fm.pre.uses_beta, 0.0, H, D, dev),
-    ]
+    kernel = _kernel("forward", x, attn, config, x.S0 is not None)
     q, k, v = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v))
     o = torch.empty_like(v)
-    if x.S0 is None:
-        _, R = block_offsets(fm.powers)
-        S = torch.empty(B, H, R, Dv, dtype=torch.float32, device=dev)
-        z = torch.empty(B, H, R, dtype=torch.float32, device=dev)
-    else:
-        S, z = (t.float().contiguous() for t in kernel_state(x.S0, x.z0, attn, D))
-    kernel(q, k, v, *params, o, S, z)  # reads the initial state from S, z; writes the final
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, v.shape[-1], v.device)
+    kernel(q, k, v, *_params(x, attn), o, S, z)  # reads the initial state from S, z if any
     return Outputs(o, *canonical_state(S, z, attn, D))
+
+
+def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
+    """A per-program ``[B, H, D]`` parameter gradient summed to ``like``'s shape ([H, D] or
+    [D]) and dtype; None for an absent parameter or one the feature map does not use."""
+    if like is None or not used:
+        return None
+    return g.reshape(-1, *like.shape).sum(0).to(like.dtype)
+
+
+def backward(
+    x: Inputs, attn: LinearAttention, config: dict[str, Any] | None, grads: Outputs
+) -> Inputs:
+    """``d <grads, forward(x)> / dx`` for every present input (the protocol's
+    ``Backend.backward_dense``), T >= 1.
+
+    ``grads.o [B, T, H, Dv]``; ``grads.S [B, H, F, Dv]``, ``grads.z [B, H, F]`` (canonical)
+    or None (the final state is not in the loss). Returns ``Inputs``: dq, dk
+    ``[B, T, H, D]`` and dv ``[B, T, H, Dv]`` in the inputs' dtypes; d gamma / d beta of q
+    and k in their parameters' shapes ([H, D] or [D]; None when absent or unused by the
+    feature map); dS0, dz0 in S0's dtype (None without an initial state). Two launches:
+    ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``; the
+    per-program d gamma / d beta are summed here. Raises ``ValueError`` as ``forward``.
+    """
+    B, T, H, D = x.q.shape
+    Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
+    final = grads.S is not None or grads.z is not None
+    dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
+    dkv_kernel = _kernel("dkv", x, attn, config, final)
+    q, k, v, do = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v, grads.o))
+    params = _params(x, attn)
+    new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
+    dq, dk, dv = (
+        new(q.shape, dtype=q.dtype, device=dev),
+        new(q.shape, dtype=q.dtype, device=dev),
+        torch.empty_like(v),
+    )
+    dqw, dqb, dkw, dkb = (new(B, H, D, dtype=torch.float32, device=dev) for _ in range(4))
+    inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
+
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, dev)
+    dq_kernel(q, k, v, do, *params, S, z, dq, dqw, dqb, inv, r)
+    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, dev)
+    dkv_kernel(q, k, v, do, *params, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
+
+    dS0 = dz0 = None
+    if x.S0 is not None:
+        dS0, dz0 = state_gradient(Sg, zr, attn, D)
+        dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
+    return Inputs(
+        dq.to(x.q.dtype), dk.to(x.k.dtype), dv,
+        _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
+        _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
+        dS0, dz0,
+    )  # fmt: skip

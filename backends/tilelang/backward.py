@@ -1,0 +1,477 @@
+"""TileLang kernels of the ReBased backward: two chunk walks, one (batch, head) per program.
+
+Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p``, the unscaled
+features ``x^(p)``, the state ``S_p, z_p``), and per token i::
+
+    g_i   = dO_i / (den_i + eps)             [Dv]   (dO_i without normalize)
+    r_i   = -(dO_i . num_i) / (den_i + eps)^2       (dL / d den_i; 0 without normalize)
+    P_ij  = g_i . v_j + r_i                         (dL / dA_ij)
+    sim'  = w_1 + 2 w_2 (q' . k')                   (d sim / d (q' . k'))
+
+**dq sweep** (``dq_kernel``: chunks in order from the initial state, the forward's walk
+recomputed with ``tiles.walk``'s macros). Per chunk, rows Q', K', V, dO::
+
+    A, num, den   as the forward;  1 / (den + eps) and r stored per token (fp32)
+    P      = G V^T + r 1^T                                   [BC, BC]  (T.gemm)
+    dQ'    = (P o sim'(Q' K'^T)) K'                          [BC, 16]  (T.gemm, causal pairs)
+           + sum_p w_p dQ^(p)/dQ' . (S_p G_i + z_p r_i)      (the state part, below)
+    dq, d gamma_q, d beta_q   the LayerNorm + affine backward of dQ'
+    S_p += K^(p)T V,  z_p += K^(p)T 1                        (as the forward)
+
+**dk/dv sweep** (``dkv_kernel``: chunks in reverse). Its state is that of the later tokens,
+``Sg_p = dS_p / w_p + sum_{later i} q_i^(p) g_i^T`` and ``zr_p = dz_p / w_p + sum q_i^(p) r_i``
+(dS_p, dz_p: the cotangent of the final kernel state); it is the forward's walk with
+x = k, y = q, W = g, w = r and the causal pairs transposed. Per chunk::
+
+    dV     = A^T G + sum_p K^(p) (w_p Sg_p),  A^T_ji = sim(k'_j . q'_i) for i >= j
+    P^T    = V G^T + 1 r^T
+    dK'    = (P^T o sim'(K' Q'^T)) Q' + sum_p w_p dK^(p)/dK' . (Sg_p v_j + zr_p)
+    dk, d gamma_k, d beta_k
+    Sg_p += Q^(p)T G,  zr_p += Q^(p)T r
+
+and at the end ``(Sg_p, zr_p)`` (all tokens, the cotangent included) is the gradient of the
+initial state in the same convention (``call`` maps both ends to the canonical layout).
+
+The state part of power 2: with ``U = G (w_2 S_2)^T + r (w_2 z_2)^T`` ([BC, 256], a T.gemm),
+``dx'_a = 2 sum_b U[16 a + b] x'_b`` (S_2 and z_2 are symmetric in a, b), formed as the
+T.gemm ``(2 U o x'_b) E`` with the one-hot ``E [256, 16]``, ``E[16 a + b, a] = 1``; power 1
+adds ``G (w_1 S_1)^T + w_1 r z_1^T``. The per-program sums of d gamma, d beta are written
+to ``[B, H, D]`` and reduced over B on the host. Operands of the T.gemm are in the input
+dtype (g, P o sim', U o x' rounded to it); the accumulators, statistics, 1 / (den + eps)
+and r are fp32. ``target="c"`` as for the forward.
+"""
+
+# no `from __future__ import annotations`: TileLang reads the prim_func annotations as values
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import tilelang.language as T
+
+from .layout import DK
+from .tiles import ACC, Block, F, KernelTarget, walk
+
+
+class Tiles(NamedTuple):
+    """The on-chip tiles of one sweep (x: the rows whose gradient it computes, y: the rows
+    they attend to; None where the kernel has no use for them)."""
+
+    xr: Any  # [BC, D] x rows as loaded
+    yr: Any  # [BC, D] y rows as loaded
+    x: Any  # [BC, 16] x'
+    y: Any  # [BC, 16] y'
+    yt: Any  # [16, BC] y'^T, the K-major operand of (P o sim') Y' (see pair_grad)
+    mean: Any  # [BC] LayerNorm mean of x (fp32)
+    rstd: Any  # [BC] LayerNorm 1 / sqrt(var + eps) of x (fp32)
+    ymean: Any  # [BC] the same of y (scratch)
+    yrstd: Any  # [BC]
+    vr: Any  # [BC, Dv] staging of v and dO rows when Dv < BV
+    v: Any  # [BC, BV]
+    do: Any  # [BC, BV] dO
+    g: Any  # [BC, BV] g = dO / (den + eps) (dO itself without normalize)
+    inv: Any  # [BC] 1 / (den + eps) (fp32)
+    r: Any  # [BC] r (fp32)
+    s: Any  # [BC, BC] x' y'^T, then A (fp32)
+    ds: Any  # [BC, BC] sim'(x' y'^T) (fp32)
+    P: Any  # [BC, BC] U W^T (fp32)
+    A: Any  # [BC, BC] A, then P o sim', as operands
+    o: Any  # [BC, BV] out = A W + state (fp32)
+    den: Any  # [BC] den (fp32)
+    red: Any  # [BC] row sums (fp32)
+    dx: Any  # [BC, 16] dx' (fp32)
+    dxs: Any  # [BC, 16] dx' for the LayerNorm backward (fp32)
+    sum1: Any  # [BC] sum_d gamma_d dx'_d (fp32)
+    sum2: Any  # [BC] sum_d gamma_d dx'_d xhat_d (fp32)
+    dg: Any  # [BC, 16] per-row d gamma sums (fp32)
+    db: Any  # [BC, 16] per-row d beta sums (fp32)
+    dgs: Any  # [16] the program's d gamma (fp32)
+    dbs: Any  # [16] the program's d beta (fp32)
+    phi: Any  # [BC, 256] X^(2), Y^(2) or 2 U o x' as operands
+    U: Any  # [BC, 256] U (fp32)
+    E: Any  # [16, 256] the one-hot E^T (K-major, as yt)
+
+
+def _gradient(m: SimpleNamespace) -> SimpleNamespace:
+    """The backward's macros on top of ``tiles.walk``'s (``m``)."""
+    BC, BV, D, Dv, dtype, smem, w, Tn = m.BC, m.BV, m.D, m.Dv, m.dtype, m.smem, m.w, m.T
+
+    def one(b, i):
+        """``b[i]``, or 1 for ``b = None``."""
+        return 1.0 if b is None else b[i]
+
+    @T.macro
+    def tiles():
+        """Allocate the ``Tiles`` of a sweep (shapes and roles: ``Tiles``) and fill E."""
+        b_xr = b_yr = b_yt = b_mean = b_rstd = b_ymean = b_yrstd = None
+        b_dx = b_dxs = b_sum1 = b_sum2 = b_dg = b_db = b_dgs = b_dbs = None
+        b_phi = b_U = b_E = None
+        b_x = T.alloc_shared((BC, DK), dtype, scope=smem)
+        b_y = T.alloc_shared((BC, DK), dtype, scope=smem)
+        if m.uses_x:
+            b_xr = T.alloc_shared((BC, D), dtype, scope=smem)
+            b_yr = T.alloc_shared((BC, D), dtype, scope=smem)
+            b_yt = T.alloc_shared((DK, BC), dtype, scope=smem)
+            b_mean = T.alloc_fragment((BC,), ACC)
+            b_rstd = T.alloc_fragment((BC,), ACC)
+            b_ymean = T.alloc_fragment((BC,), ACC)
+            b_yrstd = T.alloc_fragment((BC,), ACC)
+            b_dx = T.alloc_fragment((BC, DK), ACC)
+            b_dxs = T.alloc_shared((BC, DK), ACC, scope=smem)
+            b_sum1 = T.alloc_fragment((BC,), ACC)
+            b_sum2 = T.alloc_fragment((BC,), ACC)
+            b_dg = T.alloc_shared((BC, DK), ACC, scope=smem)
+            b_db = T.alloc_shared((BC, DK), ACC, scope=smem)
+            b_dgs = T.alloc_fragment((DK,), ACC)
+            b_dbs = T.alloc_fragment((DK,), ACC)
+            for i, d in T.Parallel(BC, DK):
+                b_dg[i, d] = 0.0
+                b_db[i, d] = 0.0
+        b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)
+        b_v = T.alloc_shared((BC, BV), dtype, scope=smem)
+        b_do = T.alloc_shared((BC, BV), dtype, scope=smem)
+        b_g = T.alloc_shared((BC, BV), dtype, scope=smem) if m.normalize else None
+        b_inv = T.alloc_shared((BC,), ACC, scope=smem)
+        b_r = T.alloc_shared((BC,), ACC, scope=smem)
+        b_s = T.alloc_fragment((BC, BC), ACC)
+        b_ds = T.alloc_fragment((BC, BC), ACC)
+        b_P = T.alloc_fragment((BC, BC), ACC)
+        b_A = T.alloc_shared((BC, BC), dtype, scope=smem)
+        b_o = T.alloc_fragment((BC, BV), ACC)
+        b_den = T.alloc_fragment((BC,), ACC)
+        b_red = T.alloc_fragment((BC,), ACC)
+        if m.has2:
+            b_phi = T.alloc_shared((BC, F), dtype, scope=smem)
+            b_U = T.alloc_fragment((BC, F), ACC)
+            b_E = T.alloc_shared((DK, F), dtype, scope=smem)
+            for a, f in T.Parallel(DK, F):
+                b_E[a, f] = T.if_then_else(f // DK == a, T.cast(1.0, dtype), T.cast(0.0, dtype))
+        return Tiles(
+            b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_vr, b_v, b_do,
+            b_g if m.normalize else b_do, b_inv, b_r, b_s, b_ds, b_P, b_A, b_o, b_den, b_red,
+            b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E,
+        )  # fmt: skip
+
+    @T.macro
+    def scores(t, reverse):
+        """``t.ds = sim'(x' y'^T)``, then ``t.s = A`` and its operand ``t.A`` (causal pairs
+        ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order."""
+        m.scores(t.x, t.y, t.s)
+        if m.uses_x:
+            for i, j in T.Parallel(BC, BC):
+                t.ds[i, j] = m.derivative(t.s[i, j])
+        m.similarities(t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
+
+    @T.macro
+    def scale_rows(t):
+        """``t.g = dO * (1 / (den + eps))`` row by row, rounded to dtype."""
+        for i, e in T.Parallel(BC, BV):
+            t.g[i, e] = T.cast(T.cast(t.do[i, e], ACC) * t.inv[i], dtype)
+
+    @T.macro
+    def rows_done(t, inv, r, i_b, i_h, t0):
+        """From ``t.o = num`` and ``t.den``: ``1 / (den + eps)`` and
+        ``r = -(dO . num) / (den + eps)^2`` into ``t.inv, t.r`` and ``inv, r [B, T, H]``;
+        then ``t.g``."""
+        for i, e in T.Parallel(BC, BV):
+            t.o[i, e] = t.o[i, e] * T.cast(t.do[i, e], ACC)
+        m.row_sum(t.o, t.red, 1, True)
+        for i in T.Parallel(BC):  # (reads registers only: no shared-memory hazard inside)
+            inv_i = 1.0 / (t.den[i] + m.eps)
+            t.inv[i] = inv_i
+            t.r[i] = -t.red[i] * inv_i * inv_i
+            if t0 + i < Tn:
+                inv[i_b, t0 + i, i_h] = inv_i
+                r[i_b, t0 + i, i_h] = -t.red[i] * inv_i * inv_i
+        scale_rows(t)
+
+    @T.macro
+    def load_scalars(t, inv, r, i_b, i_h, t0):
+        """``t.inv, t.r``: the dq sweep's per-token values of this chunk (0 past T), staged in
+        registers (``t.den``, ``t.red``): on Hopper a global -> shared copy goes to the producer
+        warpgroup, which then gets as many threads as the consumers (512 in all, 128 registers
+        a thread: spills)."""
+        for i in T.Parallel(BC):
+            row = T.min(t0 + i, Tn - 1)
+            t.den[i] = T.if_then_else(t0 + i < Tn, inv[i_b, row, i_h], 0.0)
+            t.red[i] = T.if_then_else(t0 + i < Tn, r[i_b, row, i_h], 0.0)
+        for i in T.Parallel(BC):
+            t.inv[i] = t.den[i]
+            t.r[i] = t.red[i]
+
+    @T.macro
+    def pair_grad(t, b_U, b_W, b_u, b_w, reverse):
+        """``t.dx = sum_j (U_i . W_j + u_i w_j) sim'(s_ij) y'_j`` over the causal pairs
+        (``u_i w_j`` only when normalising; a None vector is 1). Y' is read from ``t.yt``, its
+        transpose: as the N-major B of this product, a 16-column tile has no layout that
+        Hopper's wgmma descriptors take (TileLang 0.1.15 asserts), K-major it has."""
+        for d, j in T.Parallel(DK, BC):
+            t.yt[d, j] = t.y[j, d]
+        for i, j in T.Parallel(BC, BC):
+            t.P[i, j] = 0.0
+        T.gemm(b_U, b_W, t.P, transpose_B=True)
+        for i, j in T.Parallel(BC, BC):
+            dA = t.P[i, j] + one(b_u, i) * one(b_w, j) if m.normalize else t.P[i, j]
+            keep = m.causal(i, j, reverse)
+            t.A[i, j] = T.if_then_else(keep, T.cast(dA * t.ds[i, j], dtype), T.cast(0, dtype))
+        for i, a in T.Parallel(BC, DK):
+            t.dx[i, a] = 0.0
+        T.gemm(t.A, t.yt, t.dx, transpose_B=True)
+
+    @T.macro
+    def state_grad(t, st, b_U, b_u, with_z):
+        """``t.dx += sum_p w_p d x^(p)/dx' . (S_p U_i + z_p u_i)`` for the rows ``b_U``
+        (``z_p u_i`` only ``with_z``; u = None is 1)."""
+        if m.has2:
+            for i, f in T.Parallel(BC, F):
+                t.U[i, f] = 0.0
+            T.gemm(b_U, st[2].op, t.U, transpose_B=True)
+            for i, f in T.Parallel(BC, F):
+                Uz = t.U[i, f] + one(b_u, i) * w[2] * st[2].z[f] if with_z else t.U[i, f]
+                t.phi[i, f] = T.cast(2.0 * Uz * T.cast(t.x[i, f % DK], ACC), dtype)
+            T.gemm(t.phi, t.E, t.dx, transpose_B=True)
+        if m.has1:
+            T.gemm(b_U, st[1].op, t.dx, transpose_B=True)
+            if with_z:
+                for i, a in T.Parallel(BC, DK):
+                    t.dx[i, a] += one(b_u, i) * w[1] * st[1].z[a]
+
+    @T.macro
+    def pre_transform_backward(t, gamma, dx, i_b, i_h, t0):
+        """``dx [B, T, H, D]`` (this chunk's rows) from ``dx' = t.dx`` through
+        ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself without ``norm``)::
+
+            dxhat = gamma dx',  dx = rstd (dxhat - mean_d(dxhat) - xhat mean_d(dxhat xhat))
+
+        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only)."""
+        T.copy(t.dx, t.dxs)
+        for i in T.Parallel(BC):
+            t.sum1[i] = 0.0
+            t.sum2[i] = 0.0
+            if m.norm:
+                for d in T.serial(D):
+                    dxhat = gamma[i_h, d] * t.dxs[i, d]
+                    t.sum1[i] += dxhat
+                    t.sum2[i] += dxhat * (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
+        for i, d in T.Parallel(BC, DK):
+            dc = T.min(d, D - 1)
+            keep = (t0 + i < Tn) & (d < D)
+            xhat = (T.cast(t.xr[i, dc], ACC) - t.mean[i]) * t.rstd[i]
+            dxp = T.if_then_else(keep, t.dxs[i, d], 0.0)
+            t.dg[i, d] += dxp * xhat
+            t.db[i, d] += dxp
+            if keep:
+                dxhat = gamma[i_h, dc] * dxp
+                if m.norm:
+                    total = dxhat - (t.sum1[i] + xhat * t.sum2[i]) / D
+                    dx[i_b, t0 + i, i_h, d] = T.cast(t.rstd[i] * total, dtype)
+                else:
+                    dx[i_b, t0 + i, i_h, d] = T.cast(dxhat, dtype)
+
+    @T.macro
+    def store_params(t, dgamma, dbeta, i_b, i_h):
+        """The program's d gamma, d beta ``[B, H, D]``: the per-row sums summed."""
+        m.row_sum(t.dg, t.dgs, 0, False)
+        m.row_sum(t.db, t.dbs, 0, False)
+        for d in T.Parallel(DK):
+            if d < D:
+                dgamma[i_b, i_h, d] = t.dgs[d]
+                dbeta[i_b, i_h, d] = t.dbs[d]
+
+    return SimpleNamespace(
+        tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done,
+        load_scalars=load_scalars, pair_grad=pair_grad, state_grad=state_grad,
+        pre_transform_backward=pre_transform_backward, store_params=store_params,
+    )  # fmt: skip
+
+
+def _state(m: SimpleNamespace, S, z, i_b, i_h, load: bool) -> dict:
+    """The ``{p: Block}`` state of a sweep, loaded from S, z (``load``) or zero."""
+    st = {}
+    for p in sorted(m.w, reverse=True):
+        st[p] = Block(*m.state_block(S, z, p, i_b, i_h, load))
+    return st
+
+
+def dq_kernel(
+    H: int,
+    D: int,
+    Dv: int,
+    *,
+    norm: bool = True,
+    scale: float | None = None,
+    coeffs: tuple[float, ...] = (0.0, 0.0, 1.0),
+    normalize: bool = True,
+    initial_state: bool = False,
+    eps: float = 1e-5,
+    dtype: str = "bfloat16",
+    BC: int = 64,
+    num_stages: int = 2,
+    threads: int = 256,
+    target: KernelTarget = "cuda",
+) -> T.PrimFunc:
+    """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+
+        q, k:           [B, T, H, D] dtype
+        v, dO:          [B, T, H, Dv] dtype       dO = dL/do
+        qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
+        S, z:           [B, H, R, Dv], [B, H, R] float32  the initial state (kernel layout;
+                                                  read only with ``initial_state``)
+        dq:             [B, T, H, D] dtype        dL/dq
+        dqw, dqb:       [B, H, D] float32         this program's dL/d gamma_q, dL/d beta_q
+        inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
+                                                  ``normalize``: the dk/dv sweep reads them)
+
+    Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
+    and dqb are not written (they are zero).
+    """
+    m = walk(H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize, eps=eps,
+             dtype=dtype, BC=BC, target=target)  # fmt: skip
+    bw = _gradient(m)
+    B, Tn, R = m.B, m.T, m.R
+
+    @T.prim_func
+    def rebased_dq(
+        q: T.Tensor((B, Tn, H, D), dtype),
+        k: T.Tensor((B, Tn, H, D), dtype),
+        v: T.Tensor((B, Tn, H, Dv), dtype),
+        dO: T.Tensor((B, Tn, H, Dv), dtype),
+        qw: T.Tensor((H, D), ACC),
+        qb: T.Tensor((H, D), ACC),
+        kw: T.Tensor((H, D), ACC),
+        kb: T.Tensor((H, D), ACC),
+        S: T.Tensor((B, H, R, Dv), ACC),
+        z: T.Tensor((B, H, R), ACC),
+        dq: T.Tensor((B, Tn, H, D), dtype),
+        dqw: T.Tensor((B, H, D), ACC),
+        dqb: T.Tensor((B, H, D), ACC),
+        inv: T.Tensor((B, Tn, H), ACC),
+        r: T.Tensor((B, Tn, H), ACC),
+    ):
+        with T.Kernel(H, B, threads=threads) as (i_h, i_b):
+            t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
+            st = _state(m, S, z, i_b, i_h, initial_state)
+            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=num_stages):
+                t0 = n * BC
+                if m.uses_x:
+                    T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
+                    T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.yr)
+                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
+                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                if m.uses_x:
+                    m.pre_transform(t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
+
+                # the forward's num and den, then 1 / (den + eps), r and g
+                bw.scores(t, False)
+                m.attend(t.A, t.v, t.x, t.phi, st, t.o)
+                if normalize:
+                    m.inter_den(t.den, st, t.x, t0)
+                    bw.rows_done(t, inv, r, i_b, i_h, t0)
+
+                # dq' = (P o sim') K' + the state part; then the pre-transform's backward
+                if m.uses_x:
+                    bw.pair_grad(t, t.g, t.v, t.r, None, False)
+                    bw.state_grad(t, st, t.g, t.r, normalize)
+                    bw.pre_transform_backward(t, qw, dq, i_b, i_h, t0)
+
+                m.update(st, t.y, t.v, None, t.phi, t0, normalize)
+
+            if m.uses_x:
+                bw.store_params(t, dqw, dqb, i_b, i_h)
+
+    return rebased_dq
+
+
+def dkv_kernel(
+    H: int,
+    D: int,
+    Dv: int,
+    *,
+    norm: bool = True,
+    scale: float | None = None,
+    coeffs: tuple[float, ...] = (0.0, 0.0, 1.0),
+    normalize: bool = True,
+    final_state: bool = False,
+    eps: float = 1e-5,
+    dtype: str = "bfloat16",
+    BC: int = 64,
+    num_stages: int = 2,
+    threads: int = 256,
+    target: KernelTarget = "cuda",
+) -> T.PrimFunc:
+    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+
+        q, k, v, dO, qw, qb, kw, kb   as ``dq_kernel``'s
+        inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
+        S, z:           [B, H, R, Dv], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
+                                                  final state's cotangent (read only with
+                                                  ``final_state``, else zero); out: ``(Sg_p,
+                                                  zr_p)`` over every token, the initial
+                                                  state's gradient in the same convention
+        dk:             [B, T, H, D] dtype        dL/dk
+        dv:             [B, T, H, Dv] dtype       dL/dv
+        dkw, dkb:       [B, H, D] float32         this program's dL/d gamma_k, dL/d beta_k
+
+    Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
+    """
+    m = walk(H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize, eps=eps,
+             dtype=dtype, BC=BC, target=target)  # fmt: skip
+    bw = _gradient(m)
+    B, Tn, BV, R = m.B, m.T, m.BV, m.R
+    with_z = normalize or final_state  # whether zr is ever non-zero
+
+    @T.prim_func
+    def rebased_dkv(
+        q: T.Tensor((B, Tn, H, D), dtype),
+        k: T.Tensor((B, Tn, H, D), dtype),
+        v: T.Tensor((B, Tn, H, Dv), dtype),
+        dO: T.Tensor((B, Tn, H, Dv), dtype),
+        qw: T.Tensor((H, D), ACC),
+        qb: T.Tensor((H, D), ACC),
+        kw: T.Tensor((H, D), ACC),
+        kb: T.Tensor((H, D), ACC),
+        inv: T.Tensor((B, Tn, H), ACC),
+        r: T.Tensor((B, Tn, H), ACC),
+        S: T.Tensor((B, H, R, Dv), ACC),
+        z: T.Tensor((B, H, R), ACC),
+        dk: T.Tensor((B, Tn, H, D), dtype),
+        dv: T.Tensor((B, Tn, H, Dv), dtype),
+        dkw: T.Tensor((B, H, D), ACC),
+        dkb: T.Tensor((B, H, D), ACC),
+    ):
+        with T.Kernel(H, B, threads=threads) as (i_h, i_b):
+            t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
+            st = _state(m, S, z, i_b, i_h, final_state)
+            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=num_stages):
+                t0 = (T.ceildiv(Tn, BC) - 1 - n) * BC  # the last chunk first
+                if m.uses_x:
+                    T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
+                    T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.yr)
+                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
+                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                if normalize:
+                    bw.load_scalars(t, inv, r, i_b, i_h, t0)
+                    bw.scale_rows(t)
+                if m.uses_x:
+                    m.pre_transform(t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
+
+                # dv = A^T g + sum_p K^(p) (w_p Sg_p)
+                bw.scores(t, True)
+                m.attend(t.A, t.g, t.x, t.phi, st, t.o)
+                for i, e in T.Parallel(BC, BV):
+                    if (t0 + i < Tn) & (e < Dv):
+                        dv[i_b, t0 + i, i_h, e] = t.o[i, e]
+
+                # dk' = (P^T o sim') Q' + the state part; then the pre-transform's backward
+                if m.uses_x:
+                    bw.pair_grad(t, t.v, t.g, None, t.r, True)
+                    bw.state_grad(t, st, t.v, None, with_z)
+                    bw.pre_transform_backward(t, kw, dk, i_b, i_h, t0)
+
+                m.update(st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
+
+            m.store_state(S, z, st, i_b, i_h)
+            if m.uses_x:
+                bw.store_params(t, dkw, dkb, i_b, i_h)
+
+    return rebased_dkv

@@ -1,0 +1,74 @@
+"""The TileLang kernels lowered to CUDA C++ for Hopper (``sm_90a``) on any machine.
+
+No GPU is needed to lower: ``hopper_source`` returns the source TileLang would build on an
+H100 / H200, which the tests inspect (wgmma call sites, TMA loads, launch bounds, which
+buffers are read and written), and ``sm90a`` also compiles it with ``nvcc`` where one is
+installed (ptxas' register and spill report, the PTX).
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from .call import DEFAULT_CONFIG, prim_func
+
+BASED = (1.0, 1.0, 0.5)
+"""The Based kernel's ``c0, c1, c2``: every power block present."""
+
+
+@functools.cache
+def hopper_source(
+    kind: str = "forward",
+    dtype: str = "bfloat16",
+    based: bool = False,
+    H: int = 4,
+    D: int = 16,
+    Dv: int = 64,
+) -> str:
+    """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.DEFAULT_CONFIG``,
+    lowered for sm_90a: ``rebased``'s (``c2 s^2``, LayerNorm, no state), or with ``based``
+    the Based polynomial ``1 + s + s^2 / 2`` (the same pre-transform) with the kernel's state
+    flag set (the forward and the dq sweep read an initial state, the dk/dv sweep a
+    final-state cotangent)."""
+    import tilelang
+    from tilelang import tvm
+
+    cfg = DEFAULT_CONFIG
+    func = prim_func(kind, H, D, Dv, based, dtype=dtype, BC=cfg["chunk_size"],
+                     num_stages=cfg["num_stages"], threads=cfg["threads"],
+                     **({"coeffs": BASED} if based else {}))  # fmt: skip
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    with target:
+        return tilelang.lower(func, target=target).kernel_source
+
+
+class Sm90a(NamedTuple):
+    """A kernel lowered (and, with nvcc, built) for sm_90a."""
+
+    source: str  # the CUDA C++
+    returncode: int | None = None  # nvcc's (None: not built)
+    log: str = ""  # nvcc's and ptxas -v's output: registers, spills
+    ptx: str = ""  # the PTX nvcc kept
+
+
+def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | None = None):
+    """``hopper_source(kind, dtype, based)`` as an ``Sm90a``, compiled to a cubin by ``nvcc``
+    (CUDA >= 12; None: not compiled) with TileLang's compile options."""
+    from tilelang.contrib.nvcc import default_compile_options
+
+    source = hopper_source(kind, dtype, based)
+    if nvcc is None:
+        return Sm90a(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = Path(tmp) / f"{kind}.cu", Path(tmp) / f"{kind}.cubin"
+        src.write_text(source)
+        cmd = [nvcc, *default_compile_options(), "-w", "--cubin", "-O3", "--keep",
+               f"--keep-dir={tmp}", "-gencode", "arch=compute_90a,code=sm_90a",
+               "-Xptxas=-v", "-o", str(cubin), str(src)]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        ptx = "\n".join(p.read_text() for p in Path(tmp).glob("*.ptx"))
+    return Sm90a(source, result.returncode, result.stdout + result.stderr, ptx)
