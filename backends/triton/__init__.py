@@ -82,7 +82,7 @@ class TritonBackend(Backend):
         "num_warps": 8,
         "features": "onehot",
     }
-    """``walk``: the variant whose GPU property run passed (H100, session 5). ``packed`` (2.2x
+    """``walk``: the variant whose GPU property run passed (H100, session 5). ``packed`` (2.4x
     faster forwards on an H200, ``docs/results/h200-s6/``) matched the float64 oracle there
     in fp32 / bf16 / fp16 but has not had its GPU property run yet, so it is named, not the
     default, and not searched; the same for ``tiles``."""
