@@ -236,6 +236,7 @@ def test_c_target_gradients_match_the_oracle(
 def test_unsupported_problems_raise() -> None:
     """What the kernel does not compute is refused with a reason, before any compile."""
     from rebased_kernels.backends.tilelang.kernels import forward_kernel
+    from rebased_kernels.backends.tilelang.options import KernelOptions
 
     x = random_inputs(1, 8, 1, 16, 8, torch.float32, "cpu", "based", requires_grad=False)
     inputs = Inputs(x["q"], x["k"], x["v"])
@@ -248,9 +249,9 @@ def test_unsupported_problems_raise() -> None:
     with pytest.raises(ValueError, match="D <= 16"):
         forward_kernel(1, 32, 8)
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(1, 16, 8, BC=24)
+        forward_kernel(1, 16, 8, KernelOptions(BC=24))
     with pytest.raises(ValueError, match="c0, c1, c2 >= 0"):
-        forward_kernel(1, 16, 8, coeffs=(1.0, -1.0))
+        forward_kernel(1, 16, 8, KernelOptions(coeffs=(1.0, -1.0)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's

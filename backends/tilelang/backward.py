@@ -48,7 +48,8 @@ from typing import Any, NamedTuple
 import tilelang.language as T
 
 from .layout import DK
-from .tiles import ACC, Block, F, KernelTarget, walk
+from .options import DEFAULT_OPTIONS, KernelOptions
+from .tiles import ACC, Block, F, walk
 
 
 class Tiles(NamedTuple):
@@ -291,30 +292,14 @@ def _state(m: SimpleNamespace, S, z, i_b, i_h, load: bool) -> dict:
     return st
 
 
-def dq_kernel(
-    H: int,
-    D: int,
-    Dv: int,
-    *,
-    norm: bool = True,
-    scale: float | None = None,
-    coeffs: tuple[float, ...] = (0.0, 0.0, 1.0),
-    normalize: bool = True,
-    initial_state: bool = False,
-    eps: float = 1e-5,
-    dtype: str = "bfloat16",
-    BC: int = 64,
-    num_stages: int = 2,
-    threads: int = 256,
-    target: KernelTarget = "cuda",
-) -> T.PrimFunc:
+def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T::
 
         q, k:           [B, T, H, D] dtype
         v, dO:          [B, T, H, Dv] dtype       dO = dL/do
         qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
         S, z:           [B, H, R, Dv], [B, H, R] float32  the initial state (kernel layout;
-                                                  read only with ``initial_state``)
+                                                  read only with ``opt.state``)
         dq:             [B, T, H, D] dtype        dL/dq
         dqw, dqb:       [B, H, D] float32         this program's dL/d gamma_q, dL/d beta_q
         inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
@@ -323,8 +308,8 @@ def dq_kernel(
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize, eps=eps,
-             dtype=dtype, BC=BC, target=target)  # fmt: skip
+    m = walk(H, D, Dv, opt)
+    dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, R = m.B, m.T, m.R
 
@@ -346,10 +331,10 @@ def dq_kernel(
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
     ):
-        with T.Kernel(H, B, threads=threads) as (i_h, i_b):
+        with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, initial_state)
-            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=num_stages):
+            st = _state(m, S, z, i_b, i_h, opt.state)
+            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = n * BC
                 if m.uses_x:
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
@@ -381,30 +366,14 @@ def dq_kernel(
     return rebased_dq
 
 
-def dkv_kernel(
-    H: int,
-    D: int,
-    Dv: int,
-    *,
-    norm: bool = True,
-    scale: float | None = None,
-    coeffs: tuple[float, ...] = (0.0, 0.0, 1.0),
-    normalize: bool = True,
-    final_state: bool = False,
-    eps: float = 1e-5,
-    dtype: str = "bfloat16",
-    BC: int = 64,
-    num_stages: int = 2,
-    threads: int = 256,
-    target: KernelTarget = "cuda",
-) -> T.PrimFunc:
+def dkv_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T::
 
         q, k, v, dO, qw, qb, kw, kb   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
         S, z:           [B, H, R, Dv], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
                                                   final state's cotangent (read only with
-                                                  ``final_state``, else zero); out: ``(Sg_p,
+                                                  ``opt.state``, else zero); out: ``(Sg_p,
                                                   zr_p)`` over every token, the initial
                                                   state's gradient in the same convention
         dk:             [B, T, H, D] dtype        dL/dk
@@ -413,11 +382,11 @@ def dkv_kernel(
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize, eps=eps,
-             dtype=dtype, BC=BC, target=target)  # fmt: skip
+    m = walk(H, D, Dv, opt)
+    dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, BV, R = m.B, m.T, m.BV, m.R
-    with_z = normalize or final_state  # whether zr is ever non-zero
+    with_z = normalize or opt.state  # whether zr is ever non-zero
 
     @T.prim_func
     def rebased_dkv(
@@ -438,10 +407,10 @@ def dkv_kernel(
         dkw: T.Tensor((B, H, D), ACC),
         dkb: T.Tensor((B, H, D), ACC),
     ):
-        with T.Kernel(H, B, threads=threads) as (i_h, i_b):
+        with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, final_state)
-            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=num_stages):
+            st = _state(m, S, z, i_b, i_h, opt.state)
+            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = (T.ceildiv(Tn, BC) - 1 - n) * BC  # the last chunk first
                 if m.uses_x:
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)

@@ -23,6 +23,7 @@ from rebased_kernels.backend import Inputs, Outputs
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 from .layout import DK, block_offsets, block_row
+from .options import KernelOptions
 
 DTYPES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
@@ -54,48 +55,37 @@ KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 
 
-def prim_func(kind: str, H: int, D: int, Dv: int, state: bool = False, **kwargs: Any) -> Any:
-    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``): the builder called with
-    ``kwargs``; ``state`` is its ``initial_state`` (forward, dq) or ``final_state`` (dk/dv:
-    a final-state cotangent is read)."""
+def prim_func(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
+    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) built with ``opt``."""
     from .backward import dkv_kernel, dq_kernel
     from .kernels import forward_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    build = {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind]
-    flag = "final_state" if kind == "dkv" else "initial_state"
-    return build(H, D, Dv, **kwargs, **{flag: state})
+    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](H, D, Dv, opt)
 
 
 @functools.cache
-def compiled(
-    kind: str,
-    H: int,
-    D: int,
-    Dv: int,
-    norm: bool,
-    scale: float,
-    coeffs: tuple[float, ...],
-    normalize: bool,
-    state: bool,
-    eps: float,
-    dtype: str,
-    target: str,
-    chunk_size: int,
-    num_stages: int,
-    threads: int,
-) -> Any:
+def compiled(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
     """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
     class; B and T stay symbolic, so every batch size and length reuses it."""
     import tilelang
 
-    func = prim_func(
-        kind, H, D, Dv, state, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize,
-        eps=eps, dtype=dtype, BC=chunk_size, num_stages=num_stages, threads=threads,
-        target=target,
+    return tilelang.compile(prim_func(kind, H, D, Dv, opt), target=opt.target)
+
+
+def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
+            config: dict | None) -> KernelOptions:  # fmt: skip
+    """The ``KernelOptions`` of a call: its attention, dtype and device, and ``config``
+    (``DEFAULT_CONFIG``'s keys)."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    fm = attn.feature_map
+    return KernelOptions(
+        norm=fm.pre.norm, scale=attn.scale, coeffs=fm.coeffs[:3], normalize=attn.normalize,
+        state=state, eps=attn.eps, dtype=DTYPES[dtype], BC=cfg["chunk_size"],
+        num_stages=cfg["num_stages"], threads=cfg["threads"],
+        target="cuda" if device.type == "cuda" else "c",
     )  # fmt: skip
-    return tilelang.compile(func, target=target)
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
@@ -105,13 +95,8 @@ def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, st
     reason = unsupported_reason(attn, D, Dv, x.v.dtype)
     if reason:
         raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    fm = attn.feature_map
-    return compiled(
-        kind, x.q.shape[2], D, Dv, fm.pre.norm, attn.scale, fm.coeffs[:3], attn.normalize,
-        state, attn.eps, DTYPES[x.v.dtype], "cuda" if x.q.device.type == "cuda" else "c",
-        cfg["chunk_size"], cfg["num_stages"], cfg["threads"],
-    )  # fmt: skip
+    opt = options(attn, x.v.dtype, x.q.device, state, config)
+    return compiled(kind, x.q.shape[2], D, Dv, opt)
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .call import DEFAULT_CONFIG, prim_func
+from .options import KernelOptions
 
 BASED = (1.0, 1.0, 0.5)
 """The Based kernel's ``c0, c1, c2``: every power block present."""
@@ -38,9 +39,10 @@ def hopper_source(
     from tilelang import tvm
 
     cfg = DEFAULT_CONFIG
-    func = prim_func(kind, H, D, Dv, based, dtype=dtype, BC=cfg["chunk_size"],
-                     num_stages=cfg["num_stages"], threads=cfg["threads"],
-                     **({"coeffs": BASED} if based else {}))  # fmt: skip
+    opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
+                        num_stages=cfg["num_stages"], threads=cfg["threads"],
+                        **({"coeffs": BASED} if based else {}))  # fmt: skip
+    func = prim_func(kind, H, D, Dv, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         return tilelang.lower(func, target=target).kernel_source

@@ -49,26 +49,11 @@ layout). The rest of the program is the same code for both. The pieces of the wa
 import tilelang.language as T
 
 from .layout import DK
-from .tiles import ACC, Block, F, KernelTarget, walk
+from .options import DEFAULT_OPTIONS, KernelOptions
+from .tiles import ACC, Block, F, walk
 
 
-def forward_kernel(
-    H: int,
-    D: int,
-    Dv: int,
-    *,
-    norm: bool = True,
-    scale: float | None = None,
-    coeffs: tuple[float, ...] = (0.0, 0.0, 1.0),
-    normalize: bool = True,
-    initial_state: bool = False,
-    eps: float = 1e-5,
-    dtype: str = "bfloat16",
-    BC: int = 64,
-    num_stages: int = 2,
-    threads: int = 256,
-    target: KernelTarget = "cuda",
-) -> T.PrimFunc:
+def forward_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``).
 
     Arguments of the returned ``prim_func`` (B and T are symbolic: one compile serves every
@@ -86,17 +71,14 @@ def forward_kernel(
 
     with ``x' = gamma * LN(x) + beta`` (``x' = gamma * x + beta`` when not ``norm``). ``S``
     and ``z`` are in ``layout``'s stacked layout (``R = block_offsets(powers)[1]``): with
-    ``initial_state`` the kernel reads ``(S0_p, z0_p)`` from them before the walk, and it
+    ``opt.state`` the kernel reads ``(S0_p, z0_p)`` from them before the walk, and it
     writes the final state (initial state included) over them at the end; without, the
-    state starts at zero and they are written only. ``scale`` defaults to ``D ** -0.5``.
-    Tunables: ``BC`` (chunk length, a multiple of 16), ``num_stages`` (``T.Pipelined``
-    stages of the chunk walk: buffers of the q, k, v loads in flight), ``threads`` (compute
-    threads per program; on Hopper TileLang adds a producer warpgroup that issues the loads
-    by TMA). The C target runs the walk serially and ignores both.
+    state starts at zero and they are written only. The rest of ``opt`` (the polynomial,
+    the pre-transform, the tunables): ``tiles.KernelOptions``.
     Raises ``ValueError`` for what ``tiles.walk`` refuses.
     """
-    m = walk(H, D, Dv, norm=norm, scale=scale, coeffs=coeffs, normalize=normalize, eps=eps,
-             dtype=dtype, BC=BC, target=target)  # fmt: skip
+    m = walk(H, D, Dv, opt)
+    dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     B, Tn, BV, R, smem = m.B, m.T, m.BV, m.R, m.smem
 
     @T.prim_func
@@ -112,7 +94,7 @@ def forward_kernel(
         S: T.Tensor((B, H, R, Dv), ACC),
         z: T.Tensor((B, H, R), ACC),
     ):
-        with T.Kernel(H, B, threads=threads) as (i_h, i_b):
+        with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
             b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)  # [BC, Dv] (Dv < BV only)
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV]
             b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
@@ -130,16 +112,16 @@ def forward_kernel(
             st = {}  # the state S_p, z_p, w_p S_p per present power (tiles.Block)
             if m.has2:
                 b_phi = T.alloc_shared((BC, F), dtype, scope=smem)  # [BC, 256] Q^(2) or K^(2)
-                b_S2acc, b_z2, b_S2 = m.state_block(S, z, 2, i_b, i_h, initial_state)
+                b_S2acc, b_z2, b_S2 = m.state_block(S, z, 2, i_b, i_h, opt.state)
                 st[2] = Block(b_S2acc, b_z2, b_S2)  # [256, BV] fp32, [256] fp32, [256, BV]
             if m.has1:
-                b_S1acc, b_z1, b_S1 = m.state_block(S, z, 1, i_b, i_h, initial_state)
+                b_S1acc, b_z1, b_S1 = m.state_block(S, z, 1, i_b, i_h, opt.state)
                 st[1] = Block(b_S1acc, b_z1, b_S1)  # [16, BV] fp32, [16] fp32, [16, BV]
             if m.has0:
-                b_S0acc, b_z0, _ = m.state_block(S, z, 0, i_b, i_h, initial_state)
+                b_S0acc, b_z0, _ = m.state_block(S, z, 0, i_b, i_h, opt.state)
                 st[0] = Block(b_S0acc, b_z0, None)  # [1, BV] fp32, [1] fp32 (tokens seen)
 
-            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=num_stages):
+            for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = n * BC
                 if m.uses_x:
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], b_qr)
@@ -158,7 +140,7 @@ def forward_kernel(
                 for i, e in T.Parallel(BC, BV):
                     if (t0 + i < Tn) & (e < Dv):
                         if normalize:
-                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + eps)
+                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + opt.eps)
                         else:
                             o[i_b, t0 + i, i_h, e] = b_o[i, e]
 

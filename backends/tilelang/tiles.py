@@ -20,17 +20,17 @@ unscaled layout (``load``: read from S, z; otherwise zero).
 
 # no `from __future__ import annotations`: TileLang reads the macro annotations as values
 from types import SimpleNamespace
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import tilelang.language as T
 
 from rebased_kernels.spec import LAYER_NORM_EPS
 
 from .layout import DK, ROWS, block_offsets, padded_value_dim
+from .options import KernelOptions
 
 F = ROWS[2]
 ACC = "float32"
-KernelTarget = Literal["cuda", "c"]
 
 
 class Block(NamedTuple):
@@ -41,20 +41,7 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(
-    H: int,
-    D: int,
-    Dv: int,
-    *,
-    norm: bool,
-    scale: float | None,
-    coeffs: tuple[float, ...],
-    normalize: bool,
-    eps: float,
-    dtype: str,
-    BC: int,
-    target: KernelTarget,
-) -> SimpleNamespace:
+def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
     Constants: ``H, D, Dv, BC, BV, R, dtype, norm, normalize, eps, target, smem`` (the shared
@@ -64,6 +51,8 @@ def walk(
     length that is not a multiple of 16, or coefficients that are not ``c0, c1, c2 >= 0``
     with one of them non-zero.
     """
+    norm, scale, coeffs, normalize = opt.norm, opt.scale, opt.coeffs, opt.normalize
+    eps, dtype, BC, target = opt.eps, opt.dtype, opt.BC, opt.target
     if not 1 <= D <= DK:
         raise ValueError(f"D={D}: this kernel keeps phi(x) = x (x) x on chip for D <= 16 only")
     if not 1 <= Dv <= 64:
