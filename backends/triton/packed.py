@@ -118,8 +118,9 @@ def _pairs(x, ptr, g_ptr, b_ptr, rows, rmask, mean, rstd, D, row_stride, NORM, b
     else:
         E1, E2, _ = _selectors(blk, NF)
         if TRANS:
-            X1 = _dot(tl.trans(E1), tl.trans(x), SP)
-            X2 = _dot(tl.trans(E2), tl.trans(x), SP)
+            xT = tl.trans(x)  # [16, BC]
+            X1 = _dot(tl.trans(E1), xT, SP)
+            X2 = _dot(tl.trans(E2), xT, SP)
         else:
             X1 = _dot(x, E1, SP)
             X2 = _dot(x, E2, SP)

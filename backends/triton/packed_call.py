@@ -41,21 +41,23 @@ tolerance is 1e-2) and forward+backward at 16k took 14.1 ms against 15.7 (``tile
 against 19.0)."""
 
 
-def _rows(idx: tuple[int, ...], D: int) -> tuple[tuple[int, int], list[int]]:
-    """``((S row, Z entry), every S row)`` of a canonical multiset in the kernels' layout, and
-    the kernel row's weight relative to the unweighted product (``w_d``)."""
-    if len(idx) == 0:
-        return (0, 0), [0]
-    if len(idx) == 1:
-        return (1 + idx[0], 1 + idx[0]), [1 + idx[0]]
+def _rows(idx: tuple[int, ...]) -> tuple[int, list[int], float, int, list[int]]:
+    """Where the canonical multiset ``idx`` lives in the kernels' layout: ``(S row, every S
+    row, w_d, Z entry, every Z entry)``; a pair at distance 8 has two S rows of weight 1
+    (``x_i x_j``, ``x_j x_i``), an off-diagonal pair two Z entries (Z2 is symmetric); ``w_d``
+    is the S row's weight relative to the unweighted product (sqrt 2 on block A's
+    off-diagonal rows, else 1)."""
+    if len(idx) < 2:
+        r = 0 if not idx else 1 + idx[0]
+        return r, [r], 1.0, r, [r]
     i, j = idx
-    z = 17 + 16 * i + j
+    zs = sorted({17 + 16 * i + j, 17 + 16 * j + i})
     d = (j - i) % 16
-    if d == 8:  # two rows of weight 1: x_i x_j and x_j x_i
-        return (145 + i, z), [145 + i, 145 + j]
+    if d == 8:
+        return 145 + i, [145 + i, 145 + j], 1.0, zs[0], zs
     if d > 8:
         i, d = j, 16 - d
-    return (17 + 16 * d + i, z), [17 + 16 * d + i]
+    return 17 + 16 * d + i, [17 + 16 * d + i], 2**0.5 if d else 1.0, zs[0], zs
 
 
 @lru_cache(maxsize=64)
@@ -72,14 +74,10 @@ def _packed_maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[tor
     uS, pS = torch.zeros(RS, F, dtype=torch.float64), torch.zeros(F, RS, dtype=torch.float64)
     uZ, pZ = torch.zeros(RZ, F, dtype=torch.float64), torch.zeros(F, RZ, dtype=torch.float64)
     for f, ((idx, _), wf) in enumerate(zip(layout, w)):
-        (srow, zrow), srows = _rows(idx, D)
-        wd = 2**0.5 if len(idx) == 2 and 17 + 16 <= srow < 145 else 1.0
-        for r in srows:
-            uS[r, f] = wd / wf
+        srow, srows, wd, zrow, zrows = _rows(idx)
+        uS[srows, f] = wd / wf
         pS[f, srow] = wf / wd
-        zrows = {zrow, 17 + 16 * idx[1] + idx[0]} if len(idx) == 2 else {zrow}
-        for r in zrows:
-            uZ[r, f] = 1.0 / wf
+        uZ[zrows, f] = 1.0 / wf
         pZ[f, zrow] = wf
     return tuple(t.to(device, torch.float32) for t in (uS, pS, uZ, pZ))
 
@@ -87,27 +85,21 @@ def _packed_maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[tor
 class PackedCall:
     """Launch arguments shared by the kernels of one call."""
 
-    def __init__(self, x: Inputs, attn: LinearAttention, config: dict, backward: bool,
-                 carried: bool) -> None:  # fmt: skip
+    def __init__(self, x: Inputs, attn: LinearAttention, config: dict, backward: bool) -> None:
         fm = attn.feature_map
         self.B, self.T, self.H, self.D = x.q.shape
         self.Dv = x.v.shape[3]
-        self.BC = BWD_CHUNK if backward else int(config["chunk_size"])
-        self.NCS = int(config["chunks_per_segment"])
         self.tiles = config.get("variant") == "tiles"
-        if self.tiles:  # no state on chip: the backward takes the configured chunk too
-            self.BC = int(config["chunk_size"])
+        # the walks' gradient sweeps keep more tiles on chip; the tiles keep no state there
+        self.BC = BWD_CHUNK if backward and not self.tiles else int(config["chunk_size"])
+        self.NCS = int(config["chunks_per_segment"])
         self.NCH = triton_cdiv(self.T, self.BC)
         self.NSEG = triton_cdiv(self.NCH, self.NCS)
         self.BV = max(16, triton_next_pow2(self.Dv))
         self.num_warps = int(config.get("num_warps", NUM_WARPS))
-        self.attn, self.fm, self.carried = attn, fm, carried
+        self.attn, self.fm, self.backward = attn, fm, backward
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward)
-        if self.dot == "ieee":
-            self.sp = "ieee"
-        else:
-            self.sp = CARRIED_SP if carried else (BWD_SP if backward else HALF_SP)
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D, dev = self.H, self.D, x.q.device
         self.qg, self.qb, self.qg_stride = params(x.q_weight, x.q_bias, fm.pre, H, D, dev)
@@ -117,8 +109,15 @@ class PackedCall:
         features = config.get("features", "onehot")
         if features not in FEATURES:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
-        self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, SP=self.sp,
-                          GATHER=features == "gather", num_warps=self.num_warps)  # fmt: skip
+        self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
+                          num_warps=self.num_warps)  # fmt: skip
+
+    def sp(self, carried: bool) -> str:
+        """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
+        starts from the caller's (``carried``), else ``BWD_SP`` / ``HALF_SP``."""
+        if self.dot == "ieee":
+            return "ieee"
+        return CARRIED_SP if carried else (BWD_SP if self.backward else HALF_SP)
 
     def kernel_state(self, S: torch.Tensor | None, z: torch.Tensor | None):
         """A canonical state ``(S [B, H, F, Dv], z [B, H, F])`` in the kernels' layout
@@ -136,7 +135,9 @@ class PackedCall:
 
     def states(self, y, yg, yb, ys, W, WS, Wsc, init: tuple, reverse: bool):
         """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
-        (suffix when ``reverse``) of the segments' states from ``init`` (canonical)."""
+        (suffix when ``reverse``) of the segments' states from ``init`` (canonical; a state
+        given there is carried: ``sp``)."""
+        sp = self.sp(init[0] is not None or init[1] is not None)
         from .packed import FB_ROWS, packed_state_kernel
 
         BH, Dv, dev = self.B * self.H, self.Dv, y.device
@@ -145,17 +146,18 @@ class PackedCall:
         packed_state_kernel[(self.NSEG, BH, 128 // FB_ROWS + 1)](
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, ys, self.NSEG, self.NCS, int(self.fm.pre.norm),
-            BC=self.BC, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None,
+            BC=self.BC, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
             **self.flags,
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
-        half = self.tiles and self.sp in ("bf16", "fp16")  # the tiles read S as dot operands
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.sp] if half else torch.float32
+        half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
 
-    def sweep(self, mode: int, states, **t) -> None:
+    def sweep(self, mode: int, states, carried: bool, **t) -> None:
         """``packed_sweep_kernel`` (``packed_tile_kernel`` for ``tiles``) in mode 0
-        (forward), 1 (dq) or 2 (dk, dv); ``t``: the tensors by kernel argument name."""
+        (forward), 1 (dq) or 2 (dk, dv) from ``states`` (``carried``: they start from the
+        caller's state); ``t``: the tensors by kernel argument name."""
         from .packed import packed_sweep_kernel, packed_tile_kernel
 
         fm, attn, dummy = self.fm, self.attn, self.v
@@ -165,7 +167,7 @@ class PackedCall:
         args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
         if self.tiles:
-            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=self.carried)
+            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=carried)
         else:
             kernel, n, extra = packed_sweep_kernel, self.NSEG, {}
         kernel[(n, self.B * self.H)](
@@ -173,7 +175,7 @@ class PackedCall:
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
             BC=self.BC, BV=self.BV, MODE=mode, HAS_WS="WS" in t, HAS_WSC="Wsc" in t,
-            DOT=self.dot, **self.flags, **extra,
+            DOT=self.dot, SP=self.sp(carried), **self.flags, **extra,
         )  # fmt: skip
 
     def partials(self) -> int:
@@ -190,11 +192,11 @@ class PackedCall:
 
 
 def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
-    call = PackedCall(x, attn, config, backward=False, carried=x.S0 is not None)
+    call = PackedCall(x, attn, config, backward=False)
     prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
                          (x.S0, x.z0), reverse=False)  # fmt: skip
     o = torch.empty_like(call.v)
-    call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o)
+    call.sweep(0, prefix, x.S0 is not None, X=call.q, Y=call.k, W=call.v, OUT=o)
     (_, S_total), (_, z_total) = prefix
     return Outputs(o, *call.canonical(S_total, z_total))
 
@@ -202,7 +204,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
 def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> Inputs:
     fm = attn.feature_map
     carried_in, carried_out = x.S0 is not None, grads.S is not None or grads.z is not None
-    call = PackedCall(x, attn, config, backward=True, carried=carried_in)
+    call = PackedCall(x, attn, config, backward=True)
     B, T, H = call.B, call.T, call.H
     dev = call.q.device
     prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
@@ -213,15 +215,14 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     dgq = torch.empty(B * H, call.partials(), 16, device=dev, dtype=torch.float32)
     dbq = torch.empty_like(dgq)
     dO = grads.o.contiguous()
-    call.sweep(1, prefix, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r, DX=dq, DG=dgq,
-               DB=dbq)  # fmt: skip
-    rev = PackedCall(x, attn, config, backward=True, carried=carried_out)
-    suffix = rev.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
+    call.sweep(1, prefix, carried_in, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r,
+               DX=dq, DG=dgq, DB=dbq)  # fmt: skip
+    suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
                         (grads.S, grads.z), reverse=True)  # fmt: skip
     dk, dv = torch.empty_like(call.k), torch.empty_like(call.v)
     dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
-    rev.sweep(2, suffix, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v, OUT=dv, DX=dk,
-              DG=dgk, DB=dbk)  # fmt: skip
+    call.sweep(2, suffix, carried_out, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v,
+               OUT=dv, DX=dk, DG=dgk, DB=dbk)  # fmt: skip
     (_, dS_total), (_, dz_total) = suffix
     dS0, dz0 = call.canonical(dS_total, dz_total) if carried_in else (None, None)
     pre = fm.pre
