@@ -189,6 +189,19 @@ def variant_configs(be) -> list[dict]:
     return packed + tiles + gather + [walk]
 
 
+def mqar_configs() -> list[dict]:
+    """The MQAR sweep's configurations at T = 256 (Table 1's cells): each variant with the
+    sequence split into segments of 64 or 128 tokens or kept whole (one ``tiles`` segment is
+    the quadratic form alone), chunks of 32 and 64, 4 and 8 warps where it differs."""
+    rows = [{"variant": "walk", "chunk_size": c, "chunks_per_segment": n}
+            for c, n in ((32, 2), (32, 4), (64, 2), (64, 4))]  # fmt: skip
+    rows += [{"variant": "packed", "chunk_size": c, "chunks_per_segment": n, "num_warps": 4}
+             for c, n in ((32, 4), (32, 8), (64, 4))]  # fmt: skip
+    rows += [{"variant": "tiles", "chunk_size": c, "chunks_per_segment": n, "num_warps": w}
+             for c, n in ((32, 4), (32, 8), (64, 2), (64, 4)) for w in (4, 8)]  # fmt: skip
+    return rows
+
+
 def precision(log: dict, config: dict) -> None:
     """The ``packed`` and ``tiles`` variants' gradient sweeps with tf32 and with bf16 state
     products: the oracle errors (check's comparison) and forward+backward at T = 16384."""
@@ -315,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
         elif name == "sweep-mqar":  # a Table 1 cell's mixer call: 9 models x 12 heads, Dv 4
-            packed = [{**c, "variant": v} for c in be.configs() for v in ("packed", "tiles")]
             B, T, H = (4, 64, 12) if SMALL else (256, 256, 108)
-            sweep(log, T, be.configs() + packed, B, H, 4, key="mqar")
+            sweep(log, T, mqar_configs(), B, H, 4, key="mqar")
         elif name == "precision":
             precision(log, config)
         elif name == "tilelang":

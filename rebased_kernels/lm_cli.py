@@ -38,6 +38,9 @@ def add_lm_commands(sub, train_tasks) -> None:
     lm.add_argument("--backend", default="auto")
     lm.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     lm.add_argument("--resume", default=None, help="a checkpoint.pt to continue from")
+    lm.add_argument("--fsdp", action="store_true",
+                    help="shard parameters, gradients and optimizer state (FSDP2) instead of "
+                         "DDP; under torchrun with >= 2 processes")  # fmt: skip
     lm.add_argument("--out", default=None)
     lm.set_defaults(fn=_train_lm)
 
@@ -74,6 +77,7 @@ def _train_lm(args: argparse.Namespace) -> int:
         max_steps=args.steps, warmup_steps=args.warmup, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, backend=args.backend,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), out_dir=args.out,
+        fsdp=args.fsdp,
     )  # fmt: skip
     final = train_lm(cfg, resume_from=args.resume)["final"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))

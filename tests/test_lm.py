@@ -126,3 +126,35 @@ def test_two_process_ddp_equals_one_process(corpus, tmp_path) -> None:
     assert grads.keys() == ddp["grads"].keys() and len(grads) > 10
     for n, g in grads.items():
         torch.testing.assert_close(ddp["grads"][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def _fsdp_worker(rank: int, world: int, corpus: str, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    r = train_lm(_cfg(corpus, max_steps=4, stop_at=2, grad_accum=2, fsdp=True, out_dir=out),
+                 progress=False)  # fmt: skip
+    if rank == 0:
+        torch.save([h["loss"] for h in r["history"]], f"{out}/losses.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes(corpus, tmp_path) -> None:
+    """FSDP2 over 2 gloo processes (2 accumulation steps each) trains like 1 process on the
+    same global batch, and its checkpoint (the full state, gathered) resumes in 1 process:
+    steps 1-2 sharded + steps 3-4 resumed == 4 steps in one process."""
+    out = str(tmp_path / "fsdp")
+    mp.spawn(_fsdp_worker, args=(2, corpus, f"file://{tmp_path / 'rdv'}", out), nprocs=2,
+             join=True)  # fmt: skip
+    torch.set_num_threads(1)
+    single = [h["loss"] for h in train_lm(_cfg(corpus, max_steps=4), progress=False)["history"]]
+    sharded = torch.load(f"{out}/losses.pt")
+    resumed = train_lm(_cfg(corpus, max_steps=4), resume_from=f"{out}/checkpoint.pt",
+                       progress=False)["history"]  # fmt: skip
+    assert len(sharded) == 2 and [h["step"] for h in resumed] == [1, 2, 3, 4]
+    assert np.allclose([h["loss"] for h in resumed], single, rtol=1e-5, atol=0)
+    assert np.allclose(sharded, single[:2], rtol=1e-5, atol=0)
+
+
+def test_fsdp_needs_several_processes(corpus) -> None:
+    with pytest.raises(ValueError, match="torchrun"):
+        train_lm(_cfg(corpus, fsdp=True), progress=False)

@@ -6,7 +6,10 @@ bf16 autocast on CUDA; logs ``metrics.jsonl`` (loss, lr, tokens/s, held-out perp
 draws ``curves.png``, checkpoints with exact resume. Batches come from ``lm_data.batches``
 (window starts seeded by (seed, step)), so step s sees the same global batch whatever the
 number of processes: under ``torchrun`` (DDP; NCCL on GPU, gloo on CPU) rank r takes its
-rows of it, and the averaged gradient equals the one-process gradient.
+rows of it, and the averaged gradient equals the one-process gradient. ``fsdp=True`` shards
+parameters, gradients and optimizer state instead (FSDP2's ``fully_shard`` on every layer and
+the root; for presets too large to replicate); its checkpoints hold the full, unsharded
+state, so they resume under any number of processes and ``eval lm`` reads them alike.
 
 ``evaluate`` reports perplexity overall, on AR tokens and on non-AR tokens: target x_i is
 AR when the bigram (x_{i-1}, x_i) occurred earlier in the same window (Zoology's rule).
@@ -59,6 +62,7 @@ class LMTrainConfig:
     out_dir: str | None = None
     device: str = "cpu"
     backend: str = "auto"
+    fsdp: bool = False  # shard with FSDP2 instead of DDP (needs torchrun, > 1 process)
 
 
 def load_splits(cfg: LMTrainConfig):
@@ -130,16 +134,23 @@ def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by processes x grad_accum "
                          f"= {world} x {cfg.grad_accum}")  # fmt: skip
+    if cfg.fsdp and world == 1:
+        raise ValueError("fsdp=True shards over processes: start it under torchrun with "
+                         "--nproc_per_node >= 2 (one process trains unsharded)")  # fmt: skip
     train_tokens, val_tokens, meta = load_splits(cfg)
     model, opt = build(cfg, int(meta["vocab_size"]), device)
     step, history = 0, []
+    ck = None
     if resume_from is not None:
         ck = torch.load(resume_from, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
         step, history = ck["step"], ck["history"]
         _set_rng_states(ck["rng"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    if cfg.fsdp:
+        model, opt = _shard(model, cfg)
+    if ck is not None:
+        _load_optimizer(model, opt, ck["optimizer"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else None
     net = ddp if ddp is not None else model
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if out is not None and rank == 0:
@@ -159,14 +170,16 @@ def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
             xs, ys = x[m * micro : (m + 1) * micro], y[m * micro : (m + 1) * micro]
-            sync = ddp is None or m == cfg.grad_accum - 1
-            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+            sync = m == cfg.grad_accum - 1
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            ctx = ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
             with ctx, _autocast(device):
                 logits = net(xs)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten())
                 (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
         opt.step()
         step += 1
         tokens_seen += cfg.batch_size * cfg.seq_len
@@ -184,18 +197,62 @@ def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
         if out is not None and rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save(out / CHECKPOINT, model, opt, step, history, cfg)
+        if out is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save(out / CHECKPOINT, model, opt, step, history, cfg)
     bar.close()
-    if out is not None and rank == 0:
+    if out is not None:
         save(out / CHECKPOINT, model, opt, step, history, cfg)
-        _plot(history, out / "curves.png")
+        if rank == 0:
+            _plot(history, out / "curves.png")
     return dict(history=history, model=model, final=history[-1] if history else {})
 
 
+def _full(x) -> float:
+    """A float from a tensor that may be a sharded DTensor (FSDP's gradient norm)."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+def _shard(model: LanguageModel, cfg: LMTrainConfig):
+    """FSDP2: ``fully_shard`` each layer, then the root (embedding, final norm, tied head),
+    and a fresh AdamW over the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    return model, opt
+
+
+def _load_optimizer(model, opt, state: dict) -> None:
+    """A checkpoint's full, name-keyed optimizer state into ``opt`` (sharded or not)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _full_state(model, opt) -> tuple[dict, dict]:
+    """The model's and optimizer's full state, optimizer keyed by parameter name (the same
+    format sharded or not; gathered from every process under FSDP: a collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, opt, options=opts))  # fmt: skip
+
+
 def save(path: Path, model, opt, step: int, history: list, cfg: LMTrainConfig) -> None:
+    """Checkpoint (call it on every process: under FSDP the state is gathered first; rank 0
+    writes)."""
+    model_state, opt_state = _full_state(model, opt)
+    if _world()[0] != 0:
+        return
     tmp = path.with_suffix(".tmp")
-    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+    torch.save(dict(model=model_state, optimizer=opt_state, step=step,
                     history=history, rng=_rng_states(), config=asdict(cfg),
                     model_config=model.config_dict()), tmp)  # fmt: skip
     tmp.replace(path)
