@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-tune gpu-mqar gpu-lm bench-compare bench-html
+.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,7 @@ PROPS_S ?= 240
 GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
 	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
 	--target /tmp/site $(WHEELS)/*.whl; fi \
+	&& if [ -f $(WHEELS)/z3slim.tar.xz ]; then tar xJf $(WHEELS)/z3slim.tar.xz -C /tmp/site; fi \
 	&& (python3 -c "import importlib_metadata" 2>/dev/null \
 	|| echo "from importlib.metadata import *" \
 	> /tmp/site/importlib_metadata.py)
@@ -57,15 +58,25 @@ TUNE_STAGES = tune,asv
 ASV_BACKENDS ?= triton,fla,torch
 MQAR_STAGES = reach,speed,table1,iou
 LM_STAGES = data,train,speed
+PROPS_K ?= triton or fla
+PROPS_RUN = $(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
+	timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n 8 \
+	tests/test_properties.py tests/test_triton.py -k "$(PROPS_K)" \
+	--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
+	tail -12 $(OUT)/properties.txt
 gpu-check:
 	$(GPU_INSTALL)
-	$(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
-		timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n 8 \
-		tests/test_properties.py tests/test_triton.py -k "triton or fla" \
-		--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
-		tail -12 $(OUT)/properties.txt
+	$(PROPS_RUN)
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT) \
 		--stages $(or $(STAGES),$(CHECK_STAGES))
+
+gpu-install:
+	$(GPU_INSTALL)
+
+# the install, then only the property suite (PROPS_K selects: `PROPS_K=triton`)
+gpu-props:
+	$(GPU_INSTALL)
+	$(PROPS_RUN)
 
 # The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).

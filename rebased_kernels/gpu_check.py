@@ -185,7 +185,7 @@ def variant_configs(be) -> list[dict]:
         for n in (2, 4, 8)
     ]
     gather = [{**packed[0], "features": "gather"}, {**tiles[4], "features": "gather"}]
-    walk = {"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk"}
+    walk = {"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk", "num_warps": 8}
     return packed + tiles + gather + [walk]
 
 
@@ -193,7 +193,7 @@ def mqar_configs() -> list[dict]:
     """The MQAR sweep's configurations at T = 256 (Table 1's cells): each variant with the
     sequence split into segments of 64 or 128 tokens or kept whole (one ``tiles`` segment is
     the quadratic form alone), chunks of 32 and 64, 4 and 8 warps where it differs."""
-    rows = [{"variant": "walk", "chunk_size": c, "chunks_per_segment": n}
+    rows = [{"variant": "walk", "chunk_size": c, "chunks_per_segment": n, "num_warps": 8}
             for c, n in ((32, 2), (32, 4), (64, 2), (64, 4))]  # fmt: skip
     rows += [{"variant": "packed", "chunk_size": c, "chunks_per_segment": n, "num_warps": 4}
              for c, n in ((32, 4), (32, 8), (64, 4))]  # fmt: skip
@@ -291,6 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                     "counted), oracle, fla, sweep, sweep-mqar, precision, tilelang, timings, "
                     "stress, profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument(
+        "--tilelang-dtypes",
+        default=None,
+        help="the tilelang stage's oracle dtypes, e.g. float32 (default: all; none: timings only)",
+    )
+    ap.add_argument(
+        "--tilelang-no-timings",
+        action="store_true",
+        help="the tilelang stage without its timings (the oracle rows only)",
+    )
     ap.add_argument("--config", default=None,
                     help="JSON: the triton configuration of the later stages (default: the "
                     "backend's, or the sweep's fastest forward); a list profiles each")  # fmt: skip
@@ -335,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "tilelang":
             from rebased_kernels.gpu_tilelang import check_and_time
 
-            check_and_time(log, DEVICE, SMALL, ms)
+            names = args.tilelang_dtypes
+            dts = (
+                None
+                if names is None
+                else tuple(getattr(torch, d) for d in names.split(",") if d != "none")
+            )
+            check_and_time(log, DEVICE, SMALL, ms, dts, config, not args.tilelang_no_timings)
         elif name == "timings":
             Ts = (64, 200) if SMALL else tuple(int(t) for t in args.Ts.split(","))
             timings(log, config, Ts)

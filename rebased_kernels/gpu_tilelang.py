@@ -55,12 +55,17 @@ def _case(call, name: str, dtype: torch.dtype, T: int, state: bool, device: str)
     return row
 
 
-def check_and_time(log: dict, device: str, small: bool, ms: Callable) -> None:
-    """The oracle rows, then forward times beside triton (``ms``: gpu_check's timer)."""
+def check_and_time(log: dict, device: str, small: bool, ms: Callable,
+                   dtypes: tuple[torch.dtype, ...] | None = None,
+                   triton_config: dict | None = None, timings: bool = True) -> None:  # fmt: skip
+    """The oracle rows (``dtypes``: default bf16, fp16, fp32), then forward and
+    forward+backward times beside triton's ``triton_config`` (``ms``: gpu_check's timer)."""
     from rebased_kernels.backends.tilelang import call
 
-    rows = []
-    dtypes = (torch.float32,) if small else (torch.bfloat16, torch.float16, torch.float32)
+    rows: list[dict] = []
+    log["tilelang"] = dict(oracle=rows, timings=[])  # filled in place (a cut call keeps rows)
+    if dtypes is None:
+        dtypes = (torch.float32,) if small else (torch.bfloat16, torch.float16, torch.float32)
     for dtype in dtypes:
         for name in ("rebased", "based"):
             for T in (37,) if small else (100, 3000):
@@ -71,18 +76,33 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable) -> None:
                         rows.append(dict(feature_map=name, dtype=str(dtype), T=T, state=state,
                                          error=f"{type(exc).__name__}: {exc}"[:300]))  # fmt: skip
                     print("tilelang", rows[-1], flush=True)
-    log["tilelang"] = dict(oracle=rows, timings=[])
+    if not timings:
+        return
     fm = PRESETS["rebased"]
     attn = LinearAttention(fm, 0.25)
     triton = get_backend("triton")
     dtype = torch.float32 if small else torch.bfloat16
-    cfg = dict(triton.default_config)
-    for T in (64,) if small else (2048, 16384):
+    cfg = {**triton.default_config, **(triton_config or {})}
+    for T in (64,) if small else (2048, 8192, 16384):
         B, H = (1, 2) if small else (4, 16)
         x = random_inputs(B, T, H, 16, 64, dtype, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
-        row = dict(T=T, tilelang_fwd=ms(lambda inp=inp: call.forward(inp, attn)))
+        do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
+        row = dict(
+            T=T,
+            tilelang_fwd=ms(lambda inp=inp: call.forward(inp, attn)),
+            tilelang_fwd_bwd=ms(
+                lambda inp=inp, do=do: (call.forward(inp, attn), call.backward(inp, attn, None, do))
+            ),
+        )
         if triton.unavailable_reason() is None:
+            row["triton_config"] = cfg
             row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))
+            row["triton_fwd_bwd"] = ms(
+                lambda inp=inp, do=do: (
+                    triton.forward_dense(inp, attn, cfg),
+                    triton.backward_dense(inp, attn, cfg, do),
+                )
+            )
         log["tilelang"]["timings"].append(row)
         print("tilelang timing", row, flush=True)

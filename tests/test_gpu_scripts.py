@@ -72,4 +72,6 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     rows = log["tilelang"]["oracle"]
     assert len(rows) == 4 and all("error" not in r for r in rows)
     assert all(max(r["err_o"], r["err_S"], r["err_z"]) < 1e-4 for r in rows)
-    assert all(r["tilelang_fwd"] > 0 for r in log["tilelang"]["timings"])
+    assert all(
+        r["tilelang_fwd"] > 0 and r["tilelang_fwd_bwd"] > 0 for r in log["tilelang"]["timings"]
+    )

@@ -97,9 +97,33 @@ def test_forward_and_gradients_match_reference(case: Case, data) -> None:
     # a gradient 100x smaller than the largest one of the same loss is cancellation (dq at
     # T = 1 normalised is O(eps)): it is checked against 1% of that largest one instead
     floor = 1e-2 * max(float(g.double().norm()) for g in ref_grads)
+    # and no gradient is asked to beat 4x what the oracle's own formula loses in float32 on
+    # these inputs (dq through the normaliser sums dO . (v_j - o_i): where o ~ v, as when one
+    # key dominates a small denominator, fp32 cancels ~(p + eps) / eps of its digits)
+    fp32_err = _fp32_oracle_errors(case, ref_kw, cots, ref_grads, floor)
     for name, a, b, t in zip(leaves, grads, ref_grads, leaves.values()):
         assert a.dtype == t.dtype and a.shape == t.shape, name
-        assert_close(a, b, case.dtype, f"{case} d{name}", tol, floor)
+        assert_close(a, b, case.dtype, f"{case} d{name}", max(tol, 4 * fp32_err[name]), floor)
+
+
+def _fp32_oracle_errors(case: Case, kw: dict, cots, ref_grads, floor: float) -> dict:
+    """Per leaf, the float32 oracle's gradient error (scaled as ``assert_close`` scales)."""
+    leaves = {n: t.detach().float().requires_grad_(True) for n, t in kw.items()
+              if isinstance(t, torch.Tensor)}  # fmt: skip
+    kw32 = {**kw, **leaves}
+    if "initial_state" in kw:
+        kw32["initial_state"] = tuple(t.detach().float().requires_grad_(True)
+                                      for t in kw["initial_state"])  # fmt: skip
+        leaves["S0"], leaves["z0"] = kw32["initial_state"]
+    out = oracle(case, kw32)
+    loss = sum((a * c.to(a.device, torch.float32)).sum() for a, c in zip(out, cots))
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    errs = {}
+    for name, a, b in zip(leaves, grads, ref_grads):
+        ref_norm = float(b.double().norm())
+        err = 0.0 if a is None else rel_err(a, b)
+        errs[name] = err * ref_norm / floor if floor > ref_norm > 0.0 else err
+    return errs
 
 
 @property_test(min_T=2)

@@ -9,10 +9,10 @@ the same kernels twice: forward-ordered for dq (which also stores ``1 / (den + e
 ``r`` per token), reverse-ordered for dk and dv; d gamma and d beta come out of the kernels
 as per-segment partial sums.
 
-Variants (``config["variant"]``): ``walk`` (the default; ``kernels.py``, ``walk.py``) keeps the
-full ``1 + BD + BD^2`` state layout (S_2 in memory for D > 16); ``packed`` (D <= 16;
-``packed.py``, ``packed_call.py``) keeps the quadratic state as 144 cyclic-pair rows built
-on the tensor cores and walks like ``walk``; ``tiles`` (D <= 16) is ``packed`` with one
+Variants (``config["variant"]``): ``walk`` (``kernels.py``, ``walk.py``) keeps the
+full ``1 + BD + BD^2`` state layout (S_2 in memory for D > 16); ``packed`` (the default;
+D <= 16; ``packed.py``, ``packed_call.py``) keeps the quadratic state as 144 cyclic-pair rows
+built on the tensor cores and walks like ``walk``; ``tiles`` (D <= 16) is ``packed`` with one
 program per chunk: its segment's stored prefix state plus the segment's earlier chunks
 quadratically, no walk. Larger D runs ``walk`` whatever the variant.
 Supported: D <= 64, Dv <= 64, float32 / float16 / bfloat16. The decode kernel covers
@@ -78,19 +78,22 @@ class TritonBackend(Backend):
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 32,
         "chunks_per_segment": 16,
-        "variant": "walk",
-        "num_warps": 8,
+        "variant": "packed",
+        "num_warps": 4,
         "features": "onehot",
     }
-    """``walk``: the variant whose GPU property run passed (H100, session 5). ``packed`` (2.4x
-    faster forwards on an H200, ``docs/results/h200-s6/``) matched the float64 oracle there
-    in fp32 / bf16 / fp16 but has not had its GPU property run yet, so it is named, not the
-    default, and not searched; the same for ``tiles``."""
+    """``packed`` at 4 warps, so every searched configuration is ``packed``: its forward was
+    2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
+    (``docs/results/h200-s6/``), 1.8x faster forward+backward at MQAR's T = 256
+    (``docs/results/h200-s7/``); its GPU property run passed there (session 7). ``walk`` and
+    ``tiles`` are named configurations: drawn by the property tests, timed by the sweeps."""
     named_configs: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"variant": "walk", "chunk_size": 32, "chunks_per_segment": 4, "num_warps": 8},
+        {"variant": "walk", "chunk_size": 64, "chunks_per_segment": 2, "num_warps": 8},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2},
-        {"variant": "packed", "chunk_size": 64, "chunks_per_segment": 1, "num_warps": 4},
+        {"variant": "packed", "chunk_size": 64, "chunks_per_segment": 1},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2},
-        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "num_warps": 4},
+        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
     )
