@@ -36,7 +36,20 @@ threads: 168 registers a thread and no spills for sm_90a at Dv = 64 (nvcc 13.0),
 forward of ``rebased`` and of ``based`` with an initial state alike (its c1 and c0 blocks
 live in shared memory); 128 threads spill, the fp32 S_2 alone being 128 registers a thread.
 The backward sweeps: 168 registers and no spills for ``rebased``, 8-12 bytes spilled for
-``based`` with its states; 160 KiB of shared memory. Not yet timed on a GPU."""
+``based`` with its states; 160 KiB of shared memory (bf16). Not yet timed on a GPU.
+Float32 halves that: see ``FP32_CONFIG``."""
+FP32_CONFIG: dict[str, Any] = {"chunk_size": 32, "num_stages": 2, "threads": 128}
+"""Float32's defaults: at BC = 64 its fp32 chunk tiles took the backward sweeps to 298 KB of
+shared memory (the H200 refused them: 227 KB at most), BC = 32 at 256 threads does not lower
+(TileLang 0.1.15), BC = 32 at 128 threads needs 187 KB (dq), 186 KB (dk/dv), 137 KB
+(forward); ``tests/test_tilelang.py`` reads each kernel's size from its sm_90a lowering."""
+MAX_SHARED_BYTES = 232_448
+"""Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
+
+
+def default_config(dtype: str) -> dict[str, Any]:
+    """``DEFAULT_CONFIG``, or ``FP32_CONFIG`` for ``"float32"`` (``DTYPES``' names)."""
+    return dict(FP32_CONFIG if dtype == "float32" else DEFAULT_CONFIG)
 
 
 def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtype) -> str | None:
@@ -77,8 +90,8 @@ def compiled(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
 def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
             config: dict | None) -> KernelOptions:  # fmt: skip
     """The ``KernelOptions`` of a call: its attention, dtype and device, and ``config``
-    (``DEFAULT_CONFIG``'s keys)."""
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    (``DEFAULT_CONFIG``'s keys; what it leaves out comes from ``default_config(dtype)``)."""
+    cfg = {**default_config(DTYPES[dtype]), **(config or {})}
     fm = attn.feature_map
     return KernelOptions(
         norm=fm.pre.norm, scale=attn.scale, coeffs=fm.coeffs[:3], normalize=attn.normalize,

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .call import DEFAULT_CONFIG, prim_func
+from .call import default_config, prim_func
 from .options import KernelOptions
 
 BASED = (1.0, 1.0, 0.5)
@@ -22,36 +22,48 @@ BASED = (1.0, 1.0, 0.5)
 
 
 @functools.cache
-def hopper_source(
+def hopper_lowering(
     kind: str = "forward",
     dtype: str = "bfloat16",
     based: bool = False,
     H: int = 4,
     D: int = 16,
     Dv: int = 64,
-) -> str:
-    """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.DEFAULT_CONFIG``,
-    lowered for sm_90a: ``rebased``'s (``c2 s^2``, LayerNorm, no state), or with ``based``
-    the Based polynomial ``1 + s + s^2 / 2`` (the same pre-transform) with the kernel's state
-    flag set (the forward and the dq sweep read an initial state, the dk/dv sweep a
-    final-state cotangent)."""
+) -> tuple[str, int]:
+    """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.default_config``,
+    lowered for sm_90a, and the dynamic shared memory its launch asks for (bytes; the
+    device function's ``dyn_shared_memory_buf``, what a GPU checks against its limit):
+    ``rebased``'s kernel (``c2 s^2``, LayerNorm, no state), or with ``based`` the Based
+    polynomial ``1 + s + s^2 / 2`` (the same pre-transform) with the kernel's state flag set
+    (the forward and the dq sweep read an initial state, the dk/dv sweep a final-state
+    cotangent)."""
     import tilelang
     from tilelang import tvm
 
-    cfg = DEFAULT_CONFIG
+    cfg = default_config(dtype)
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
                         **({"coeffs": BASED} if based else {}))  # fmt: skip
     func = prim_func(kind, H, D, Dv, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
-        return tilelang.lower(func, target=target).kernel_source
+        lowered = tilelang.lower(func, target=target)
+    funcs = lowered.device_mod.functions.values()
+    shared = max(int(f.attrs["dyn_shared_memory_buf"]) for f in funcs
+                 if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs)  # fmt: skip
+    return lowered.kernel_source, shared
+
+
+def hopper_source(kind: str = "forward", dtype: str = "bfloat16", based: bool = False) -> str:
+    """``hopper_lowering``'s CUDA C++ alone."""
+    return hopper_lowering(kind, dtype, based)[0]
 
 
 class Sm90a(NamedTuple):
     """A kernel lowered (and, with nvcc, built) for sm_90a."""
 
     source: str  # the CUDA C++
+    shared_bytes: int  # the dynamic shared memory of its launch
     returncode: int | None = None  # nvcc's (None: not built)
     log: str = ""  # nvcc's and ptxas -v's output: registers, spills
     ptx: str = ""  # the PTX nvcc kept
@@ -62,9 +74,9 @@ def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | N
     (CUDA >= 12; None: not compiled) with TileLang's compile options."""
     from tilelang.contrib.nvcc import default_compile_options
 
-    source = hopper_source(kind, dtype, based)
+    source, shared = hopper_lowering(kind, dtype, based)
     if nvcc is None:
-        return Sm90a(source)
+        return Sm90a(source, shared)
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / f"{kind}.cu", Path(tmp) / f"{kind}.cubin"
         src.write_text(source)
@@ -73,4 +85,4 @@ def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | N
                "-Xptxas=-v", "-o", str(cubin), str(src)]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         ptx = "\n".join(p.read_text() for p in Path(tmp).glob("*.ptx"))
-    return Sm90a(source, result.returncode, result.stdout + result.stderr, ptx)
+    return Sm90a(source, shared, result.returncode, result.stdout + result.stderr, ptx)
