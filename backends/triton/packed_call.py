@@ -154,6 +154,15 @@ class PackedCall:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
 
+    def zero_states(self):
+        """``states``' structure for a call whose sequences are one segment each and whose
+        sweep starts from no carried state: zero prefixes, no totals (nothing to sum)."""
+        half = self.tiles and self.sp(False) in ("bf16", "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.sp(False)] if half else None
+        BH, dev = self.B * self.H, self.q.device
+        S = torch.zeros(BH, self.NSEG, RS, self.Dv, device=dev, dtype=dtype or torch.float32)
+        return (S, None), (torch.zeros(BH, self.NSEG, RZ, 1, device=dev), None)
+
     def sweep(self, mode: int, states, carried: bool, **t) -> None:
         """``packed_sweep_kernel`` (``packed_tile_kernel`` for ``tiles``) in mode 0
         (forward), 1 (dq) or 2 (dk, dv) from ``states`` (``carried``: they start from the
@@ -207,8 +216,15 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     call = PackedCall(x, attn, config, backward=True)
     B, T, H = call.B, call.T, call.H
     dev = call.q.device
-    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
-                         (x.S0, x.z0), reverse=False)  # fmt: skip
+    # one segment per sequence (short T): the dq sweep's prefix is the initial state, the
+    # dk/dv sweep's suffix the final-state cotangent; with neither, both are zero and the
+    # state kernels (whose totals the backward only needs for dS0) are skipped
+    one = call.NSEG == 1
+    if one and not carried_in:
+        prefix = call.zero_states()
+    else:
+        prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                             (x.S0, x.z0), reverse=False)  # fmt: skip
     inv = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     r = torch.empty_like(inv)
     dq = torch.empty_like(call.q)
@@ -217,8 +233,11 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     dO = grads.o.contiguous()
     call.sweep(1, prefix, carried_in, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r,
                DX=dq, DG=dgq, DB=dbq)  # fmt: skip
-    suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
-                        (grads.S, grads.z), reverse=True)  # fmt: skip
+    if one and not carried_out and not carried_in:
+        suffix = call.zero_states()
+    else:
+        suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
+                             (grads.S, grads.z), reverse=True)  # fmt: skip
     dk, dv = torch.empty_like(call.k), torch.empty_like(call.v)
     dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
     call.sweep(2, suffix, carried_out, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v,
