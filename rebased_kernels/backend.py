@@ -97,6 +97,10 @@ class Backend:
     state_cotangents_optional: ClassVar[bool] = False
     """Whether ``backward_dense`` takes ``grads.S = grads.z = None`` (no final state in the
     loss, as in training) and is faster for it; the others get zeros from ``backward``."""
+    final_state_optional: ClassVar[bool] = False
+    """Whether ``forward_dense`` takes ``final_state=False`` (the caller drops S and z, as
+    in training) and may return ``Outputs(o, None, None)`` for it, faster; the others
+    compute the state, which ``forward`` then drops."""
     tolerance_factor: ClassVar[float] = 1.0
     """How much looser than the tolerance rule (``testing``) this backend's results are
     checked; 1 for ours. Only a peer whose numerics we cannot change sets more, saying why."""
@@ -146,18 +150,28 @@ class Backend:
         return vjp(lambda inp: self.forward_dense(inp, attn, config), x, grads)
 
     def forward(
-        self, x: Inputs, attn: LinearAttention, config: dict, cu_seqlens: torch.Tensor | None
+        self,
+        x: Inputs,
+        attn: LinearAttention,
+        config: dict,
+        cu_seqlens: torch.Tensor | None,
+        final_state: bool = True,
     ) -> Outputs:
-        """``forward_dense``, or one call per packed sequence when ``cu_seqlens`` is given."""
+        """``forward_dense``, or one call per packed sequence when ``cu_seqlens`` is given.
+        ``final_state=False``: the caller drops S and z, which come back as None then."""
         if cu_seqlens is None:
-            return self.forward_dense(x, attn, config)
+            if not final_state and self.final_state_optional:
+                return self.forward_dense(x, attn, config, final_state=False)
+            out = self.forward_dense(x, attn, config)
+            return out if final_state else Outputs(out.o, None, None)
         parts = [
             empty_sequence(part, attn)
             if part.q.shape[1] == 0
             else self.forward_dense(part, attn, config)
             for part in split_sequences(x, cu_seqlens)
         ]
-        return Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
+        out = Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
+        return out if final_state else Outputs(out.o, None, None)
 
     def backward(
         self,

@@ -80,6 +80,7 @@ def _fwd_op(
     backend: str,
     config: str,
     check_finite: bool,
+    final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = Inputs(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0)
     if check_finite:
@@ -87,9 +88,12 @@ def _fwd_op(
     attn = _attention(norm, affine, coeffs, scale, normalize, eps)
     if q.shape[1] == 0:  # N empty sequences when packed, else B
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        return tuple(_unaliased(empty_sequence(x, attn, N), x))
-    be = get_backend(backend)
-    out = be.forward(x, attn, decode_config(be, config), cu_seqlens)
+        out = empty_sequence(x, attn, N)
+    else:
+        be = get_backend(backend)
+        out = be.forward(x, attn, decode_config(be, config), cu_seqlens, final_state)
+    if not final_state:  # not asked for: empty placeholders (custom ops return tensors)
+        out = Outputs(out.o, v.new_empty(0), v.new_empty(0))
     return tuple(_unaliased(out, (*x, cu_seqlens)))
 
 
@@ -114,8 +118,11 @@ def _(
     backend,
     config,
     check_finite,
+    final_state,
 ):
     B, T, H, D = q.shape
+    if not final_state:
+        return v.new_empty(B, T, H, v.shape[-1]), v.new_empty(0), v.new_empty(0)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     fm = FeatureMap("custom", PreTransform(norm, affine), tuple(coeffs))
     F, Dv, dt = fm.num_features(D), v.shape[-1], compute_dtype(v.dtype)
@@ -170,7 +177,7 @@ def _(q, k, v, q_weight, q_bias, k_weight, k_bias, S0, z0, cu_seqlens, do, dS, d
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:10])
-    ctx.args = inputs[10:-1]  # not check_finite: the backward has no inputs to check
+    ctx.args = inputs[10:-2]  # not check_finite, final_state: the backward needs neither
     # None, not zeros, for outputs outside the loss: a backend can skip a final state that
     # nobody used (triton's gradient sweeps run faster without one)
     ctx.set_materialize_grads(False)
@@ -178,6 +185,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, dS, dz):
     saved = ctx.saved_tensors
+    # a forward without its final state returned empty placeholders: no cotangent there
+    dS, dz = (None if t is not None and t.dim() == 1 else t for t in (dS, dz))
     if do is None:  # only the final state is in the loss; o has v's shape and dtype
         do = torch.zeros_like(saved[2])
     if dS is None and dz is not None:  # one of the state's two parts in the loss
@@ -186,7 +195,7 @@ def _backward(ctx, do, dS, dz):
         dz = dS.new_zeros(dS.shape[:-1])  # [N, H, F]
     grads = _bwd_op(*saved, do, dS, dz, *ctx.args)
     present = [t is not None for t in saved[:9]]
-    return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 10
+    return tuple(g if p else None for g, p in zip(grads, present)) + (None,) * 11
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -319,7 +328,7 @@ def linear_attention(
     o, S, z = _fwd_op(
         q, k, v, *params, S0, z0, cu_seqlens,
         fm.pre.norm, fm.pre.affine, list(fm.coeffs), scale, normalize, eps, name, cfg,
-        check_finite,
+        check_finite, output_final_state,
     )  # fmt: skip
     return (o, State(S, z)) if output_final_state else o
 

@@ -243,8 +243,10 @@ def test_custom_op_passes_opcheck() -> None:
         "torch",
         '{"chunk_size": 16}',
         True,
+        True,
     )
     torch.library.opcheck(_fwd_op, args)
+    torch.library.opcheck(_fwd_op, (*args[:-1], False))  # no final state: empty S, z
 
 
 def test_layer_compiles_fullgraph_without_graph_breaks() -> None:

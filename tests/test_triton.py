@@ -129,6 +129,38 @@ def test_gradients_without_a_final_state_cotangent_match_a_zero_one() -> None:
             assert_close(ga, gb, torch.float32, n)
 
 
+@pytest.mark.parametrize(
+    ("variant", "T", "state"),
+    [("packed", 40, False), ("tiles", 40, False), ("packed", 40, True), ("tiles", 100, False)],
+)
+def test_dropping_the_final_state_changes_nothing_else(variant: str, T: int, state: bool) -> None:
+    """``output_final_state=False`` (training's call: the packed variants then skip the state
+    kernel where one segment covers the sequence and no state comes in, here T = 40 in
+    chunks of 32 x 2) gives bit-identical o and gradients to the same call keeping the state;
+    T = 100 (two segments) and an initial state take the full path."""
+    fm = PRESETS["rebased"]
+    x = random_inputs(2, T, 3, 16, 20, torch.float32, DEVICE, fm, seed=T + state)
+    F = fm.num_features(16)
+    g = torch.Generator().manual_seed(T)
+    init = None
+    if state:
+        init = ((0.1 * torch.randn(2, 3, F, 20, generator=g)).to(DEVICE),
+                torch.rand(2, 3, F, generator=g).to(DEVICE))  # fmt: skip
+    config = {"variant": variant, "chunk_size": 32, "chunks_per_segment": 2}
+    do = torch.randn(2, T, 3, 20, generator=g).to(DEVICE)
+    runs = []
+    for keep in (True, False):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+        out = rk.linear_attention(**leaves, backend="triton", config=config,
+                                  initial_state=init, output_final_state=keep)  # fmt: skip
+        o = out[0] if keep else out
+        (o * do).sum().backward()
+        runs.append([o.detach(), *(leaves[n].grad for n in leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert torch.isfinite(runs[0][0]).all()
+
+
 def test_ptxas_resource_report_without_a_gpu() -> None:
     """``resources.usage`` compiles a sweep kernel for sm_90a here (no GPU) and reads its
     registers and spills; the ~fp32 state products (``X3``) cost the dq sweep registers.

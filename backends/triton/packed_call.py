@@ -200,12 +200,20 @@ class PackedCall:
         return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
 
 
-def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
+def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True) -> Outputs:
+    """``o`` and, with ``final_state``, the final state in the canonical layout; without it
+    ``Outputs(o, None, None)``, and sequences of one segment with no initial state skip the
+    state kernel (their sweep starts from zero)."""
     call = PackedCall(x, attn, config, backward=False)
-    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
-                         (x.S0, x.z0), reverse=False)  # fmt: skip
+    if not final_state and call.NSEG == 1 and x.S0 is None:
+        prefix = call.zero_states()
+    else:
+        prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                             (x.S0, x.z0), reverse=False)  # fmt: skip
     o = torch.empty_like(call.v)
     call.sweep(0, prefix, x.S0 is not None, X=call.q, Y=call.k, W=call.v, OUT=o)
+    if not final_state:
+        return Outputs(o, None, None)
     (_, S_total), (_, z_total) = prefix
     return Outputs(o, *call.canonical(S_total, z_total))
 
