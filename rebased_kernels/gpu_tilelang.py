@@ -84,7 +84,7 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
     dtype = torch.float32 if small else torch.bfloat16
     cfg = {**triton.default_config, **(triton_config or {})}
     for T in (64,) if small else (2048, 8192, 16384):
-        B, H = (1, 2) if small else (4, 16)
+        B, H = (1, 3) if small else (4, 16)  # a dry run reuses the oracle rows' compiles
         x = random_inputs(B, T, H, 16, 64, dtype, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
@@ -95,7 +95,7 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                 lambda inp=inp, do=do: (call.forward(inp, attn), call.backward(inp, attn, None, do))
             ),
         )
-        if triton.unavailable_reason() is None:
+        if triton.unavailable_reason() is None and not small:  # (the interpreter: slow)
             row["triton_config"] = cfg
             row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))
             row["triton_fwd_bwd"] = ms(
