@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-tune gpu-mqar gpu-lm bench-compare bench-html
+.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -72,6 +72,16 @@ gpu-check:
 
 gpu-install:
 	$(GPU_INSTALL)
+
+# The property suite and, in the same minutes, gpu_check stages that time nothing (BESIDE,
+# e.g. `BESIDE="tilelang --tilelang-no-timings"`: compiles and oracle rows) into OUT/beside;
+# waits on the suite's own pid (session 7 waited on `pgrep -f`, which matched its own shell).
+gpu-props-beside:
+	$(GPU_INSTALL)
+	( $(PROPS_RUN) ) > $(OUT)/props-tail.txt 2>&1 & pid=$$!; mkdir -p $(OUT)/beside; \
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT)/beside --stages $(BESIDE) \
+	> $(OUT)/beside/log.txt 2>&1; wait $$pid; cat $(OUT)/props-tail.txt; \
+	grep -v "TileLang:" $(OUT)/beside/log.txt | tail -30
 
 # the install, then only the property suite (PROPS_K selects: `PROPS_K=triton`)
 gpu-props:
