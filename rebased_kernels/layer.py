@@ -115,10 +115,11 @@ class ReBasedAttention(nn.Module):
                 q[:, 0], k[:, 0], v[:, 0], state, self.feature_map, **self._kwargs()
             )
             o = o[:, None]
-        else:
-            o, new_state = linear_attention(
-                q, k, v, self.feature_map, initial_state=state, output_final_state=True,
+        else:  # the final state only when asked for (training skips it: see ops)
+            out = linear_attention(
+                q, k, v, self.feature_map, initial_state=state, output_final_state=use_cache,
                 cu_seqlens=cu_seqlens, check_finite=self.check_finite, **self._kwargs(),
             )  # fmt: skip
+            o, new_state = out if use_cache else (out, None)
         y = self.o_proj(o.reshape(B, T, self.H * self.Dv))
         return (y, new_state) if use_cache else y
