@@ -158,20 +158,19 @@ class Backend:
         final_state: bool = True,
     ) -> Outputs:
         """``forward_dense``, or one call per packed sequence when ``cu_seqlens`` is given.
-        ``final_state=False``: the caller drops S and z, which come back as None then."""
+        ``final_state=False``: the caller drops S and z (a ``final_state_optional`` backend
+        is told, and may return None for them)."""
         if cu_seqlens is None:
             if not final_state and self.final_state_optional:
                 return self.forward_dense(x, attn, config, final_state=False)
-            out = self.forward_dense(x, attn, config)
-            return out if final_state else Outputs(out.o, None, None)
+            return self.forward_dense(x, attn, config)
         parts = [
             empty_sequence(part, attn)
             if part.q.shape[1] == 0
             else self.forward_dense(part, attn, config)
             for part in split_sequences(x, cu_seqlens)
         ]
-        out = Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
-        return out if final_state else Outputs(out.o, None, None)
+        return Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
 
     def backward(
         self,

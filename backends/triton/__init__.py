@@ -113,10 +113,7 @@ class TritonBackend(Backend):
     def forward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True
     ) -> Outputs:
-        module = _variant(x, config)
-        if module is packed_call:  # skips the state kernel where nothing reads its sums
-            return module.forward(x, attn, config, final_state)
-        return module.forward(x, attn, config)
+        return _variant(x, config).forward(x, attn, config, final_state)
 
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs

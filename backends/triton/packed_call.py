@@ -133,14 +133,21 @@ class PackedCall:
         S = (self.pS @ S_k).reshape(self.B, self.H, -1, self.Dv)
         return S, (self.pZ @ z_k).reshape(self.B, self.H, -1)
 
-    def states(self, y, yg, yb, ys, W, WS, Wsc, init: tuple, reverse: bool):
+    def states(self, y, yg, yb, ys, W, WS, Wsc, init: tuple, reverse: bool,
+               total: bool = True):  # fmt: skip
         """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
         (suffix when ``reverse``) of the segments' states from ``init`` (canonical; a state
-        given there is carried: ``sp``)."""
+        given there is carried: ``sp``). Without ``total`` (None then) a call of one segment
+        per sequence and no ``init`` has a zero prefix and launches nothing but a memset."""
         sp = self.sp(init[0] is not None or init[1] is not None)
+        half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
+        BH, Dv, dev = self.B * self.H, self.Dv, y.device
+        if not total and self.NSEG == 1 and init[0] is None and init[1] is None:
+            S = torch.zeros(BH, 1, RS, Dv, device=dev, dtype=dtype)
+            return (S, None), (torch.zeros(BH, 1, RZ, 1, device=dev), None)
         from .packed import FB_ROWS, packed_state_kernel
 
-        BH, Dv, dev = self.B * self.H, self.Dv, y.device
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
         packed_state_kernel[(self.NSEG, BH, 128 // FB_ROWS + 1)](
@@ -150,18 +157,7 @@ class PackedCall:
             **self.flags,
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
-        half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
-
-    def zero_states(self):
-        """``states``' structure for a call whose sequences are one segment each and whose
-        sweep starts from no carried state: zero prefixes, no totals (nothing to sum)."""
-        half = self.tiles and self.sp(False) in ("bf16", "fp16")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.sp(False)] if half else None
-        BH, dev = self.B * self.H, self.q.device
-        S = torch.zeros(BH, self.NSEG, RS, self.Dv, device=dev, dtype=dtype or torch.float32)
-        return (S, None), (torch.zeros(BH, self.NSEG, RZ, 1, device=dev), None)
 
     def sweep(self, mode: int, states, carried: bool, **t) -> None:
         """``packed_sweep_kernel`` (``packed_tile_kernel`` for ``tiles``) in mode 0
@@ -202,14 +198,10 @@ class PackedCall:
 
 def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True) -> Outputs:
     """``o`` and, with ``final_state``, the final state in the canonical layout; without it
-    ``Outputs(o, None, None)``, and sequences of one segment with no initial state skip the
-    state kernel (their sweep starts from zero)."""
+    ``Outputs(o, None, None)`` (``states`` then skips what nothing reads)."""
     call = PackedCall(x, attn, config, backward=False)
-    if not final_state and call.NSEG == 1 and x.S0 is None:
-        prefix = call.zero_states()
-    else:
-        prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
-                             (x.S0, x.z0), reverse=False)  # fmt: skip
+    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                         (x.S0, x.z0), reverse=False, total=final_state)  # fmt: skip
     o = torch.empty_like(call.v)
     call.sweep(0, prefix, x.S0 is not None, X=call.q, Y=call.k, W=call.v, OUT=o)
     if not final_state:
@@ -224,15 +216,9 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     call = PackedCall(x, attn, config, backward=True)
     B, T, H = call.B, call.T, call.H
     dev = call.q.device
-    # one segment per sequence (short T): the dq sweep's prefix is the initial state, the
-    # dk/dv sweep's suffix the final-state cotangent; with neither, both are zero and the
-    # state kernels (whose totals the backward only needs for dS0) are skipped
-    one = call.NSEG == 1
-    if one and not carried_in:
-        prefix = call.zero_states()
-    else:
-        prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
-                             (x.S0, x.z0), reverse=False)  # fmt: skip
+    # the prefix totals are the forward's final state: the backward never reads them
+    prefix = call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None,
+                         (x.S0, x.z0), reverse=False, total=False)  # fmt: skip
     inv = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     r = torch.empty_like(inv)
     dq = torch.empty_like(call.q)
@@ -241,11 +227,8 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     dO = grads.o.contiguous()
     call.sweep(1, prefix, carried_in, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r,
                DX=dq, DG=dgq, DB=dbq)  # fmt: skip
-    if one and not carried_out and not carried_in:
-        suffix = call.zero_states()
-    else:
-        suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
-                             (grads.S, grads.z), reverse=True)  # fmt: skip
+    suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
+                         (grads.S, grads.z), reverse=True, total=carried_in)  # fmt: skip
     dk, dv = torch.empty_like(call.k), torch.empty_like(call.v)
     dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
     call.sweep(2, suffix, carried_out, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v,

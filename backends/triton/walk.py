@@ -161,7 +161,9 @@ class _Call:
         return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
 
 
-def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
+def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True) -> Outputs:
+    """``o`` and the final state (canonical), or ``Outputs(o, None, None)`` without
+    ``final_state`` (the states are summed either way: the walks start from them)."""
     call = _Call(x, attn, config, backward=False)
     Dv = call.Dv
     prefix = call.states(
@@ -171,6 +173,8 @@ def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
     o = torch.empty_like(call.v)
     BV = min(BLOCK_V, max(16, triton_next_pow2(Dv)))
     call.sweep(0, prefix, X=call.q, Y=call.k, W=call.v, OUT=o, BV=BV)
+    if not final_state:
+        return Outputs(o, None, None)
     (_, S_total), (_, z_total) = prefix
     return Outputs(o, call.canonical(S_total, Dv), call.canonical(z_total, None))
 
