@@ -81,6 +81,16 @@ def random_inputs(
     return x
 
 
+def floored_rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """``||out - ref|| / max(||ref||, floor)``: ``rel_err`` with ``floor`` as the scale below
+    which ``ref`` counts as cancellation."""
+    ref_norm = ref.detach().double().norm().item()
+    err = rel_err(out, ref)
+    if floor > ref_norm > 0.0 and err != float("inf"):
+        err = err * ref_norm / floor
+    return err
+
+
 def assert_close(
     out: torch.Tensor,
     ref: torch.Tensor,
@@ -92,9 +102,6 @@ def assert_close(
     """Fail unless ``||out - ref|| <= tol * max(||ref||, floor)`` (``tol`` defaults to
     ``TOLERANCE[dtype]``; ``floor`` is a scale below which ref counts as cancellation)."""
     tol = TOLERANCE[dtype] if tol is None else tol
-    ref_norm = ref.detach().double().norm().item()
-    err = rel_err(out, ref)
-    if floor > ref_norm > 0.0 and err != float("inf"):
-        err = err * ref_norm / floor
+    err = floored_rel_err(out, ref, floor)
     if not err <= tol:
         raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})")
