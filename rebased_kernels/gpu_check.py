@@ -125,8 +125,9 @@ def stress(log: dict, config: dict) -> None:
     print("stress:", log["stress"], flush=True)
 
 
-def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64):
-    """Timed closures: the backend's dense forward, forward+backward, and the public API."""
+def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64, final_state: bool = False):
+    """Timed closures: the backend's dense forward, forward+backward, and the public API.
+    The dense calls are training's (no final state) unless ``final_state``."""
     from rebased_kernels.backend import Inputs, Outputs
 
     fm = PRESETS["rebased"]
@@ -138,10 +139,10 @@ def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64):
     grads = Outputs(torch.randn_like(out.o), None, None)  # training: no final state
 
     def fwd():
-        return be.forward_dense(inp, attn, config)
+        return be.forward_dense(inp, attn, config, final_state)
 
     def fwd_bwd():
-        be.forward_dense(inp, attn, config)
+        be.forward_dense(inp, attn, config, final_state)
         return be.backward_dense(inp, attn, config, grads)
 
     def api_fwd():
@@ -237,7 +238,8 @@ def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
     dt = bench_dtype()
     for T in Ts:
         fwd, fwd_bwd, api_fwd = _ours(B, T, H, config)
-        row = dict(T=T, ours_fwd=ms(fwd), ours_fwd_bwd=ms(fwd_bwd), ours_api_fwd=ms(api_fwd))
+        row = dict(T=T, ours_fwd=ms(fwd), ours_fwd_bwd=ms(fwd_bwd), ours_api_fwd=ms(api_fwd),
+                   ours_fwd_final_state=ms(_ours(B, T, H, config, final_state=True)[0]))
         if not SMALL and T <= 16384:
             from fla.ops.rebased import parallel_rebased
 

@@ -104,6 +104,38 @@ def probe(log: dict) -> None:
     log["probe"] = rows
 
 
+def profile(log: dict, mixer: str = "rebased", d: int = 48, steps: int = 20) -> None:
+    """Where a Table 1 cell's step goes: the profiler's device time per kernel (per step,
+    largest first) over ``steps`` steps of the 9-model ensemble after a warm-up run, and
+    the steps/s of the same configuration (``probe_case``)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    L, kv, B = (32, 4, 8) if SMALL else (256, 32, 256)
+    backend = "torch" if SMALL else "triton"
+
+    def run(n: int) -> None:
+        cfgs = [_cfg(mixer, d, L, kv, lr, seed, backend, examples=B * n, batch_size=B,
+                     max_steps=n, eval_every=n, test_examples=B)
+                for lr in LRS for seed in range(3)]  # fmt: skip
+        train_ensemble(cfgs, progress=False)
+
+    run(3)  # compiles
+    acts = [ProfilerActivity.CPU] + ([] if SMALL else [ProfilerActivity.CUDA])
+    with torch_profile(activities=acts) as prof:
+        run(steps)
+        if not SMALL:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = ev.self_cpu_time_total if SMALL else getattr(ev, "self_device_time_total", 0)
+        if us > 0:
+            rows.append((ev.key[:90], round(us / steps, 1), round(ev.count / steps, 2)))
+    rows.sort(key=lambda r: -r[1])
+    log["profile"] = dict(mixer=mixer, d_model=d, steps=steps, device_us_per_step=round(
+        sum(r[1] for r in rows), 1), kernels=rows[:25], probe=probe_case(mixer, d, backend))
+
+
 def parallel(log: dict, n: int) -> None:
     """Whether Table 1 cells gain from running side by side on one GPU: ``n`` processes
     run ``probe_case("rebased", 48, "triton")`` at once; their steps/s and the sum."""
@@ -248,7 +280,7 @@ def run_stage(name: str, log: dict, out: Path, backend: str,
               table1_workers: int = 1, parallel_n: int = 4) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
-                  probe=lambda: probe(log), parallel=lambda: parallel(log, parallel_n),
+                  probe=lambda: probe(log), profile=lambda: profile(log), parallel=lambda: parallel(log, parallel_n),
                   table1=lambda: table1(log, out, table1_seconds, table1_workers),
                   iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
