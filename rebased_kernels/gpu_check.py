@@ -238,8 +238,13 @@ def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
     dt = bench_dtype()
     for T in Ts:
         fwd, fwd_bwd, api_fwd = _ours(B, T, H, config)
-        row = dict(T=T, ours_fwd=ms(fwd), ours_fwd_bwd=ms(fwd_bwd), ours_api_fwd=ms(api_fwd),
-                   ours_fwd_final_state=ms(_ours(B, T, H, config, final_state=True)[0]))
+        row = dict(
+            T=T,
+            ours_fwd=ms(fwd),
+            ours_fwd_bwd=ms(fwd_bwd),
+            ours_api_fwd=ms(api_fwd),
+            ours_fwd_final_state=ms(_ours(B, T, H, config, final_state=True)[0]),
+        )
         if not SMALL and T <= 16384:
             from fla.ops.rebased import parallel_rebased
 

@@ -132,8 +132,14 @@ def profile(log: dict, mixer: str = "rebased", d: int = 48, steps: int = 20) -> 
         if us > 0:
             rows.append((ev.key[:90], round(us / steps, 1), round(ev.count / steps, 2)))
     rows.sort(key=lambda r: -r[1])
-    log["profile"] = dict(mixer=mixer, d_model=d, steps=steps, device_us_per_step=round(
-        sum(r[1] for r in rows), 1), kernels=rows[:25], probe=probe_case(mixer, d, backend))
+    log["profile"] = dict(
+        mixer=mixer,
+        d_model=d,
+        steps=steps,
+        device_us_per_step=round(sum(r[1] for r in rows), 1),
+        kernels=rows[:25],
+        probe=probe_case(mixer, d, backend),
+    )
 
 
 def parallel(log: dict, n: int) -> None:
@@ -280,7 +286,8 @@ def run_stage(name: str, log: dict, out: Path, backend: str,
               table1_workers: int = 1, parallel_n: int = 4) -> None:  # fmt: skip
     backend = "torch" if SMALL else backend
     stages = dict(reach=lambda: reach(log, backend), speed=lambda: speed(log),
-                  probe=lambda: probe(log), profile=lambda: profile(log), parallel=lambda: parallel(log, parallel_n),
+                  probe=lambda: probe(log), profile=lambda: profile(log),
+                  parallel=lambda: parallel(log, parallel_n),
                   table1=lambda: table1(log, out, table1_seconds, table1_workers),
                   iou=lambda: iou(log, out, backend, iou_mixers))  # fmt: skip
     if name not in stages:
