@@ -26,9 +26,10 @@ pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on t
 
 
 def _check_against_the_oracle(D: int, name: str | FeatureMap, normalize: bool, T: int, Dv: int,
-                              config: dict, seed: int) -> None:  # fmt: skip
+                              config: dict, seed: int, state_io: bool = True) -> None:  # fmt: skip
     """o, S, z and every gradient (q, k, v, the four parameters, the initial state) of one
-    triton call against the float64 oracle, with a random initial state."""
+    triton call against the float64 oracle, with a random initial state; without
+    ``state_io`` training's call: o and the input gradients, no state in or out."""
     fm = name if isinstance(name, FeatureMap) else PRESETS[name]
     x = random_inputs(1 if D > 16 else 2, T, 2 if D > 16 else 3, D, Dv, torch.float64, DEVICE, fm,
                       seed=seed, requires_grad=False)  # fmt: skip
@@ -41,24 +42,28 @@ def _check_against_the_oracle(D: int, name: str | FeatureMap, normalize: bool, T
     ref_in = {n: t.clone().requires_grad_() for n, t in x.items()}
     ref_state = (S0.clone().requires_grad_(), z0.clone().requires_grad_())
     params = tuple(ref_in.get(n) for n in PARAMS)
+    if not state_io:
+        ref_state = None
     ref = reference.quadratic(ref_in["q"], ref_in["k"], ref_in["v"], attn, params, ref_state)
     ours_in = {n: t.float().requires_grad_() for n, t in x.items()}
-    state = (S0.float().requires_grad_(), z0.float().requires_grad_())
-    o, st = rk.linear_attention(
+    state = (S0.float().requires_grad_(), z0.float().requires_grad_()) if state_io else None
+    out = rk.linear_attention(
         **ours_in, feature_map=fm, normalize=normalize, backend="triton", initial_state=state,
-        output_final_state=True, config=config,
+        output_final_state=state_io, config=config,
     )  # fmt: skip
+    ours = (out[0], out[1].S, out[1].z) if state_io else (out,)
     kappa = reference.condition(x["q"], x["k"], x["v"], attn, tuple(x.get(n) for n in PARAMS),
-                                (S0, z0))  # fmt: skip
+                                (S0, z0) if state_io else None)  # fmt: skip
     tol = feature_form_tolerance(torch.float32, kappa)
     what = f"D={D} {name} {config}"
-    for a, b, n in zip((o, st.S, st.z), ref, "oSz"):
+    for a, b, n in zip(ours, ref, "oSz"):
         assert_close(a, b, torch.float32, f"{what} {n}", tol)
     cots = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE) for r in ref]
-    sum((a.double() * c).sum() for a, c in zip((o, st.S, st.z), cots)).backward()
-    sum((b * c).sum() for b, c in zip(ref, cots)).backward()
+    sum((a.double() * c).sum() for a, c in zip(ours, cots)).backward()
+    sum((b * c).sum() for b, c in zip(ref[: len(ours)], cots)).backward()
     pairs = [(ours_in[n].grad, ref_in[n].grad, n) for n in ours_in]
-    pairs += [(state[i].grad, ref_state[i].grad, f"{n}0") for i, n in enumerate("Sz")]
+    if state_io:
+        pairs += [(state[i].grad, ref_state[i].grad, f"{n}0") for i, n in enumerate("Sz")]
     for a, b, n in pairs:
         assert_close(a, b, torch.float32, f"{what} d{n}", tol)
 
@@ -95,6 +100,19 @@ def test_every_variant_matches_the_oracle(variant: str, name: str, normalize: bo
     per segment), with a random initial state and final-state cotangents."""
     config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant}
     _check_against_the_oracle(16, name, normalize, 70, 24, config, seed=7)
+
+
+@pytest.mark.parametrize(
+    ("variant", "name", "T"),
+    [("packed", "rebased", 70), ("tiles", "rebased", 70), ("tiles", "based", 70),
+     ("tiles", "rebased", 150)],
+)  # fmt: skip
+def test_training_calls_without_state_match_the_oracle(variant: str, name: str, T: int) -> None:
+    """Training's call, no state in or out, in chunks of 32, four per segment: at T = 70 one
+    segment covers the sequence (the packed walk from a zero prefix with no state kernel, the
+    tiles compiled without the state's code, ``STATE`` off); at T = 150 two segments."""
+    config = {"chunk_size": 32, "chunks_per_segment": 4, "variant": variant}
+    _check_against_the_oracle(16, name, True, T, 24, config, seed=T, state_io=False)
 
 
 LINEAR = FeatureMap("linear", PreTransform(True, "gamma_beta"), (0.5, 1.0))

@@ -412,7 +412,7 @@ def packed_tile_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr,
+    SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr, STATE: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -424,7 +424,9 @@ def packed_tile_kernel(
     (x = k, y = q, ``W = dO * INV``, ``w = r``, U = v) takes the query chunks from the
     diagonal on; ``out`` is dv. ``DG``/``DB`` get per-chunk sums. Without ``HAS_INIT`` (no
     caller's state) the first segment's prefix (the last one's suffix) is zero and its
-    programs skip the state's part: a sequence of one segment is the quadratic form alone."""
+    programs skip the state's part: a sequence of one segment is the quadratic form alone.
+    Without ``STATE`` (one segment, no caller's state: no program reads a state) the state's
+    code is not compiled at all, which frees its registers for the pairs."""
     c, bh = tl.program_id(0), tl.program_id(1)
     h = bh % H
     tok = (bh // H) * T * H + h
@@ -449,7 +451,7 @@ def packed_tile_kernel(
         has_state = seg >= 0
     out = tl.zeros([BC, BV], tl.float32)
     den = tl.zeros([BC], tl.float32)
-    if has_state:
+    if STATE and has_state:
         out, den = _state_out_at(x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM, Sst,
                                  Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP, HAS_LIN,
                                  HAS_C2, GATHER)  # fmt: skip
@@ -488,7 +490,7 @@ def packed_tile_kernel(
             dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
         if MODE == 2:
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
-        if has_state:
+        if STATE and has_state:
             dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
                                   Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
                                   HAS_C2, GATHER)  # [BC, 16]  # fmt: skip

@@ -172,7 +172,8 @@ class PackedCall:
         args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
         if self.tiles:
-            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=carried)
+            state = carried or self.NSEG > 1  # else every program skips the state
+            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=carried, STATE=state)
         else:
             kernel, n, extra = packed_sweep_kernel, self.NSEG, {}
         kernel[(n, self.B * self.H)](

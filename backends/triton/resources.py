@@ -83,8 +83,9 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
                     HAS_C2=True, DOT=dot, X3=x3, BA=16, REVERSE=mode == 2)  # fmt: skip
     c = dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
+    c["GATHER"] = False
     if variant == "tiles":
-        c["HAS_INIT"] = False
+        c.update(HAS_INIT=False, STATE=True)
     return c
 
 
