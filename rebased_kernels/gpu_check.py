@@ -174,8 +174,8 @@ def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: i
 def variant_configs(be) -> list[dict]:
     """The sweep's configurations: ``packed`` (walk) at 16 chunks of 32 per segment, 4 and 8
     warps; ``tiles`` over chunk {32, 64} x segment {2, 4, 8} chunks at 4 warps; the best of
-    each with the gathered feature rows (``features``); the ``walk`` variant's best of
-    session 5."""
+    each with the gathered feature rows (``features``) and with tf32x3 products in the
+    gradient sweeps (``exact``); the ``walk`` variant's best of session 5."""
     packed = [
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16, "num_warps": w}
         for w in (4, 8)
@@ -186,8 +186,9 @@ def variant_configs(be) -> list[dict]:
         for n in (2, 4, 8)
     ]
     gather = [{**packed[0], "features": "gather"}, {**tiles[4], "features": "gather"}]
+    x3 = [{**packed[0], "exact": "x3"}, {**tiles[4], "exact": "x3"}]
     walk = {"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk", "num_warps": 8}
-    return packed + tiles + gather + [walk]
+    return packed + tiles + gather + x3 + [walk]
 
 
 def mqar_configs() -> list[dict]:
@@ -200,6 +201,9 @@ def mqar_configs() -> list[dict]:
              for c, n in ((32, 4), (32, 8), (64, 4))]  # fmt: skip
     rows += [{"variant": "tiles", "chunk_size": c, "chunks_per_segment": n, "num_warps": w}
              for c, n in ((32, 4), (32, 8), (64, 2), (64, 4)) for w in (4, 8)]  # fmt: skip
+    # the gradient sweeps' ~fp32 products on the tensor cores (tf32x3) instead of FMAs
+    rows += [{**r, "exact": "x3"} for r in rows if r["variant"] != "walk" and
+             r["num_warps"] == 4]  # fmt: skip
     return rows
 
 

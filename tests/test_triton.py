@@ -179,25 +179,49 @@ def test_dropping_the_final_state_changes_nothing_else(variant: str, T: int, sta
     assert torch.isfinite(runs[0][0]).all()
 
 
-def test_ptxas_resource_report_without_a_gpu() -> None:
-    """``resources.usage`` compiles a sweep kernel for sm_90a here (no GPU) and reads its
-    registers and spills; the ~fp32 state products (``X3``) cost the dq sweep registers.
-    In a process without ``TRITON_INTERPRET`` (the interpreter's kernels do not compile)."""
+def _compiled_json(code: str):
+    """The last stdout line, as JSON, of ``code`` run in a process without
+    ``TRITON_INTERPRET`` (the interpreter's kernels do not compile for sm_90a)."""
     import json
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_ptxas_resource_report_without_a_gpu() -> None:
+    """``resources.usage`` compiles a sweep kernel for sm_90a here (no GPU) and reads its
+    registers and spills; the ~fp32 state products (``X3``) cost the dq sweep registers.
+    In a process without ``TRITON_INTERPRET`` (the interpreter's kernels do not compile)."""
     code = (
         "import json; from rebased_kernels.backends.triton import kernels, resources as r\n"
         "u = [r.usage(kernels.sweep_kernel, r.sweep_constants(1, 32, 'walk', 'tf32', x3=x), 8)"
         " for x in (False, True)]\n"
         "print(json.dumps([[v.registers, v.stack] for v in u]))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    (regs, stack), (_, stack_x3) = json.loads(p.stdout.strip().splitlines()[-1])
+    (regs, stack), (_, stack_x3) = _compiled_json(code)
     assert 0 < regs <= 255 and stack >= 0
     assert stack_x3 > stack
+
+
+def test_exact_x3_moves_the_gradient_products_to_the_tensor_cores() -> None:
+    """``config["exact"] = "x3"`` reaches the kernels: the one-segment tiles dq sweep of half
+    inputs compiled for sm_90a has its scores and pair gradients as tf32x3 tensor-core
+    products (more wgmma) instead of fp32 FMAs (far fewer ``fma.rn.f32``). The interpreter
+    computes both exactly, so on the CPU only the compiled code can tell them apart."""
+    code = (
+        "import json; from rebased_kernels.backends.triton import packed, resources as r\n"
+        "out = []\n"
+        "for dot in ('tf32', 'x3'):\n"
+        "    c = {**r.sweep_constants(1, 64, 'tiles', dot), 'BV': 16, 'STATE': False}\n"
+        "    out.append(r.ptx_ops(packed.packed_tile_kernel, c, 4))\n"
+        "print(json.dumps(out))"
+    )
+    fma, x3 = _compiled_json(code)
+    assert x3["fp32 fma"] * 4 < fma["fp32 fma"], (fma, x3)
+    assert x3["wgmma"] > fma["wgmma"] > 0, (fma, x3)

@@ -71,7 +71,8 @@ class TritonBackend(Backend):
     }
     """The chunk length compiles a kernel per value; the segment length (chunks one program
     walks, i.e. how many programs split a sequence) is a run-time argument. A configuration
-    may also name ``variant`` (``VARIANTS``), ``num_warps`` and, for ``packed`` and
+    may also name ``variant`` (``VARIANTS``), ``num_warps``, ``exact`` (``launch.EXACT``: how
+    the gradient sweeps of half inputs form their ~fp32 products) and, for ``packed`` and
     ``tiles``, ``features`` (``packed_call.FEATURES``)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
@@ -81,6 +82,7 @@ class TritonBackend(Backend):
         "variant": "packed",
         "num_warps": 4,
         "features": "onehot",
+        "exact": "fma",
     }
     """``packed`` at 4 warps, so every searched configuration is ``packed``: its forward was
     2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
@@ -96,6 +98,15 @@ class TritonBackend(Backend):
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
+        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3"},
+        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
+        {
+            "variant": "walk",
+            "chunk_size": 32,
+            "chunks_per_segment": 4,
+            "num_warps": 8,
+            "exact": "x3",
+        },
     )
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True

@@ -95,7 +95,12 @@ def _block_ptrs(Sst, base, a0, offs_v, Dv, BA: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _cast(x, DOT: tl.constexpr):
-    """A dot operand in the precision ``DOT``: "ieee" / "tf32" (fp32), "bf16", "fp16"."""
+    """A dot operand in the precision ``DOT``: "ieee" / "tf32" / "x3" (fp32), "bf16", "fp16".
+
+    ``DOT`` names a sweep's precision: "ieee" for fp32 inputs, "bf16" / "fp16" for the
+    forward of half inputs, "tf32" or "x3" for their gradient sweeps, which differ in the
+    products that need ~fp32 (``_dot_exact``): CUDA-core fp32 FMAs, or three tf32 passes on
+    the tensor cores (``x3``)."""
     if DOT == "bf16":
         return x.to(tl.bfloat16)
     elif DOT == "fp16":
@@ -109,7 +114,7 @@ def _dot(a, b, DOT: tl.constexpr):
     """``a @ b`` with fp32 accumulation and operands in the precision ``DOT``."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == "tf32":
+    elif DOT == "tf32" or DOT == "x3":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
@@ -120,10 +125,20 @@ def _dot_scores(a, b, DOT: tl.constexpr):
     """``s = q' k'^T``: tf32 in the forward for half inputs, exact fp32 in the backward
     (DOT "tf32"), where dq ~ s (x) k' carries s's cancellation: tf32 scores measured dq
     errors of 1.6e-2 on an H100 (bf16, x2, T = 1)."""
-    if DOT == "ieee" or DOT == "tf32":
-        return tl.dot(a, b, input_precision="ieee")
+    if DOT == "ieee" or DOT == "tf32" or DOT == "x3":
+        return _dot_exact(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _dot_exact(a, b, DOT: tl.constexpr):
+    """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or three tf32 tensor-core
+    passes (``tf32x3``) in an "x3" sweep."""
+    if DOT == "x3":
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -272,7 +287,7 @@ def _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT: tl.constexpr):
     keep 1/100 of its norm; tf32 y' measured dq errors of 4e-2 (bf16, T=1)."""
     P = _dot_x3(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
     G = tl.where(keep, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
-    return sc * tl.dot(G, y, input_precision="ieee")
+    return sc * _dot_exact(G, y, DOT)
 
 
 @triton.jit

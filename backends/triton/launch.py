@@ -18,14 +18,22 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def dot_precision(dtype: torch.dtype, backward: bool) -> str:
+EXACT = ("fma", "x3")
+"""How the gradient sweeps of half inputs form their ~fp32 products (``config["exact"]``,
+``kernels._dot_exact``): CUDA-core fp32 FMAs, or three tf32 tensor-core passes."""
+
+
+def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma") -> str:
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
-    (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance)."""
+    (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance), with its
+    ~fp32 products (scores, pair gradients) as ``exact`` says: "x3" for tf32x3."""
+    if exact not in EXACT:
+        raise ValueError(f"triton exact {exact!r} is not one of {EXACT}")
     if dtype == torch.float32:
         return "ieee"
     if backward:
-        return "tf32"
+        return "x3" if exact == "x3" else "tf32"
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 

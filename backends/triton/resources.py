@@ -55,14 +55,30 @@ def _signature(fn, constants: dict) -> dict[str, str]:
     return sig
 
 
-def usage(fn, constants: dict, num_warps: int, arch: int = 90) -> Usage:
-    """Compile ``fn`` (a ``@triton.jit`` kernel) with ``constants`` for ``sm_<arch>`` and
-    read its registers and stack from the cubin."""
+def _compile(fn, constants: dict, num_warps: int, arch: int = 90):
+    """``fn`` (a ``@triton.jit`` kernel) with ``constants``, compiled for ``sm_<arch>``."""
     names = list(inspect.signature(fn.fn).parameters)
     src = ASTSource(fn, _signature(fn, constants),
                     constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps))  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))  # fmt: skip
+
+
+PTX_OPS = {"fp32 fma": r"\bfma\.rn\.f32\b", "wgmma": r"\bwgmma\.mma_async\b",
+           "mma": r"\bmma\.sync\b"}  # fmt: skip
+
+
+def ptx_ops(fn, constants: dict, num_warps: int, arch: int = 90) -> dict[str, int]:
+    """Static counts of ``PTX_OPS`` (CUDA-core fp32 FMAs, tensor-core instructions) in the
+    PTX of ``fn`` compiled for ``sm_<arch>``: where a kernel's products run."""
+    ptx = _compile(fn, constants, num_warps, arch).asm["ptx"]
+    return {name: len(re.findall(pat, ptx)) for name, pat in PTX_OPS.items()}
+
+
+def usage(fn, constants: dict, num_warps: int, arch: int = 90) -> Usage:
+    """Compile ``fn`` (a ``@triton.jit`` kernel) with ``constants`` for ``sm_<arch>`` and
+    read its registers and stack from the cubin."""
+    compiled = _compile(fn, constants, num_warps, arch)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

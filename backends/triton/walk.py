@@ -85,7 +85,7 @@ class _Call:
         self.num_warps = int(config.get("num_warps", NUM_WARPS))
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
-        self.dot = dot_precision(x.v.dtype, backward)
+        self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D = self.H, self.D
         self.qg, self.qb, self.qg_stride = params(x.q_weight, x.q_bias, fm.pre, H, D, x.q.device)
