@@ -225,3 +225,34 @@ def test_exact_x3_moves_the_gradient_products_to_the_tensor_cores() -> None:
     fma, x3 = _compiled_json(code)
     assert x3["fp32 fma"] * 4 < fma["fp32 fma"], (fma, x3)
     assert x3["wgmma"] > fma["wgmma"] > 0, (fma, x3)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_decode_splits_the_values_across_programs(inplace: bool) -> None:
+    """Dv = 40: three decode programs of 16 value columns per (b, h), which all read z and
+    the last of which writes z'. Three steps from a random state (in place or not) against
+    the float64 oracle over the same tokens; the reader counts are zero again afterwards."""
+    from rebased_kernels.backends.triton import _READERS
+
+    fm = PRESETS["rebased"]
+    x = random_inputs(2, 3, 3, 16, 40, torch.float64, DEVICE, fm, seed=5, requires_grad=False)
+    F = fm.num_features(16)
+    g = torch.Generator().manual_seed(5)
+    S0 = (0.1 * torch.randn(2, 3, F, 40, generator=g, dtype=torch.float64)).to(DEVICE)
+    z0 = torch.rand(2, 3, F, generator=g, dtype=torch.float64).to(DEVICE)
+    attn = LinearAttention(fm, 16**-0.5)
+    params = tuple(x.get(n) for n in PARAMS)
+    o_ref, S_ref, z_ref = reference.quadratic(x["q"], x["k"], x["v"], attn, params, (S0, z0))
+    kw = {n: x[n].float() for n in PARAMS if n in x}
+    state = (S0.float().clone(), z0.float().clone())
+    buffers, outs = state, []
+    for t in range(3):
+        o_t, state = rk.decode_step(x["q"][:, t].float(), x["k"][:, t].float(),
+                                    x["v"][:, t].float(), state, fm, backend="triton",
+                                    inplace=inplace, **kw)  # fmt: skip
+        outs.append(o_t)
+    assert (state.S is buffers[0]) == inplace
+    assert_close(torch.stack(outs, 1), o_ref, torch.float32, "decoded o")
+    assert_close(state.S, S_ref, torch.float32, "S")
+    assert_close(state.z, z_ref, torch.float32, "z")
+    assert all(int(buf.abs().sum()) == 0 for buf in _READERS.values())

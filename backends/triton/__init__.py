@@ -31,7 +31,7 @@ from rebased_kernels.backend import Backend, Inputs, Outputs, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 from . import packed_call, walk
-from .launch import INTERPRET, params, triton_next_pow2
+from .launch import INTERPRET, params, triton_cdiv, triton_next_pow2
 
 MAX_D = 64
 VARIANTS = ("packed", "walk", "tiles")
@@ -54,6 +54,25 @@ def _packed_index(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[to
     i1 = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=device)
     w = torch.tensor(feature_weights(fm, D, scale), dtype=torch.float32, device=device)
     return i0, i1, w
+
+
+DECODE_BV = 16
+"""Value columns per decode program: B*H*Dv/16 programs (256 at B=4, H=16, Dv=64), each a
+[256, 16] fp32 tile of the state; one program per (b, h) walking Dv measured 27.7 us per
+step on an H200 (CUDA graph; ``docs/results/h200-s8/``), latency-bound on 64 programs."""
+_READERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _readers(n: int, device: torch.device) -> torch.Tensor:
+    """The decode kernel's per-(b, h) reader counts, ``[>= n]`` int32, zero between calls
+    (each call's last reader resets its count): one buffer per device and stream, so calls
+    on different streams never share counts."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _READERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _READERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return buf
 
 
 class TritonBackend(Backend):
@@ -153,10 +172,11 @@ class TritonBackend(Backend):
         kg, kb, ks = params(x.k_weight, x.k_bias, fm.pre, H, D, q.device)
         if ks != gs:
             raise ValueError("the triton decode step needs q and k parameters of one shape")
-        decode_kernel[(B * H,)](
+        BV = DECODE_BV
+        decode_kernel[(B * H, triton_cdiv(Dv, BV))](
             q, x.k.contiguous(), x.v.contiguous(), g, bq, kg, kb, S0, z0, i0, i1, w, o, S, z,
-            H, D, Dv, F, gs, int(fm.pre.norm), int(attn.normalize), float(attn.eps),
-            BD=16, BF=triton_next_pow2(F), BV=min(32, max(16, triton_next_pow2(Dv))), num_warps=4,
+            _readers(B * H, q.device), H, D, Dv, F, gs, int(fm.pre.norm), int(attn.normalize),
+            float(attn.eps), BD=16, BF=triton_next_pow2(F), BV=BV, num_warps=4,
         )  # fmt: skip
         return Outputs(o, S, z)
 

@@ -582,17 +582,21 @@ def _phi_packed(ptr, g_ptr, b_ptr, i0, i1, wf, D, NORM, BD: tl.constexpr):
 
 @triton.jit(do_not_specialize=["H", "D", "Dv", "F", "pg_stride", "NORM", "NORMALIZE"])
 def decode_kernel(
-    Q, K, V, QG, QB, KG, KB, S, Z, I0, I1, WF, O, S_OUT, Z_OUT,
+    Q, K, V, QG, QB, KG, KB, S, Z, I0, I1, WF, O, S_OUT, Z_OUT, READS,
     H, D, Dv, F, pg_stride, NORM, NORMALIZE, eps,
     BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(B*H,)``: one token on the canonical packed state ``S [F, Dv]``, ``z [F]``.
+    """Grid ``(B*H, cdiv(Dv, BV))``: one token on the canonical packed state ``S [F, Dv]``,
+    ``z [F]``; program ``(bh, vb)`` owns the value columns ``vb * BV ..`` of S and o.
 
     ``phi(x)[f] = WF[f] * x'[I0[f]] * x'[I1[f]]`` (index D stands for 1);
     ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) S' / (phi(q) . z' + eps)``.
-    The state is read before it is written, by the same program: ``S_OUT`` may be ``S``.
+    Each program reads and writes its own columns of S, so ``S_OUT`` may be ``S``. Every
+    program reads all of z; the last of a (b, h)'s programs to have read it writes z'
+    (``READS [B*H]`` int32 counts the readers and that program resets it to 0), so ``Z_OUT``
+    may be ``Z`` too.
     """
-    bh = tl.program_id(0)
+    bh, vb = tl.program_id(0), tl.program_id(1)
     h = bh % H
     offs_f = tl.arange(0, BF)
     fmask = offs_f < F
@@ -605,16 +609,18 @@ def decode_kernel(
                         NORM, BD)  # [BF]  # fmt: skip
     z = tl.load(Z + bh * F + offs_f, mask=fmask, other=0.0) + phi_k  # [BF]
     den = tl.sum(phi_q * z, 0) + eps
-    for v0 in range(0, Dv, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        vmask = offs_v < Dv
-        m = fmask[:, None] & vmask[None, :]
-        ptrs = (bh * F + offs_f[:, None]) * Dv + offs_v[None, :]  # [BF, BV]
-        v = tl.load(V + bh * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)
-        St = tl.load(S + ptrs, mask=m, other=0.0) + phi_k[:, None] * v[None, :]
-        tl.store(S_OUT + ptrs, St, mask=m)
-        o = tl.sum(phi_q[:, None] * St, 0)  # [BV]
-        if NORMALIZE:
-            o = o / den
-        tl.store(O + bh * Dv + offs_v, o.to(O.dtype.element_ty), mask=vmask)
-    tl.store(Z_OUT + bh * F + offs_f, z, mask=fmask)
+    offs_v = vb * BV + tl.arange(0, BV)
+    vmask = offs_v < Dv
+    m = fmask[:, None] & vmask[None, :]
+    ptrs = (bh * F + offs_f[:, None]) * Dv + offs_v[None, :]  # [BF, BV]
+    v = tl.load(V + bh * Dv + offs_v, mask=vmask, other=0.0).to(tl.float32)  # [BV]
+    St = tl.load(S + ptrs, mask=m, other=0.0) + phi_k[:, None] * v[None, :]  # [BF, BV]
+    tl.store(S_OUT + ptrs, St, mask=m)
+    o = tl.sum(phi_q[:, None] * St, 0)  # [BV]
+    if NORMALIZE:
+        o = o / den
+    tl.store(O + bh * Dv + offs_v, o.to(O.dtype.element_ty), mask=vmask)
+    # acq_rel: this program's read of z happens before its count; the last reader writes z'
+    if tl.atomic_add(READS + bh, 1) == tl.num_programs(1) - 1:
+        tl.store(Z_OUT + bh * F + offs_f, z, mask=fmask)
+        tl.store(READS + bh, 0)
