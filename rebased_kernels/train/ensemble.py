@@ -148,14 +148,16 @@ def query_positions(labels: torch.Tensor, K: int) -> torch.Tensor:
     return ((labels != IGNORE_INDEX) * first).topk(K, dim=-1).indices
 
 
-def _losses(net: StackedMQAR, x: torch.Tensor, y: torch.Tensor, K: int):
-    """``(per-model mean cross-entropy [M], correct predictions [M])`` on a batch."""
+def _losses(net: StackedMQAR, x: torch.Tensor, y: torch.Tensor, K: int, count: bool = True):
+    """``(per-model mean cross-entropy [M], correct predictions [M])`` on a batch; without
+    ``count`` (a training step) the second is None: the argmax over ``[M, B, K, V]`` logits
+    cost 1.3 ms of a 78 ms Table 1 step on an H200."""
     pos = query_positions(y, K)
     with _autocast(x.device):
         logits = net(x, pos).float()  # [M, B, K, V]
     target = y.gather(-1, pos)  # [M, B, K]
     ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
-    correct = (logits.argmax(-1) == target).flatten(1).sum(1)
+    correct = (logits.argmax(-1) == target).flatten(1).sum(1) if count else None
     return ce.view(net.M, -1).mean(1), correct
 
 
@@ -233,7 +235,7 @@ def train_ensemble(cfgs: list[TrainConfig], progress: bool = True) -> list[dict]
         factor = lr_factor(step, total, c0.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = 0.0 if done[g["model"]] else g["base_lr"] * factor
-        loss = _losses(net, x, y, K)[0]
+        loss = _losses(net, x, y, K, count=False)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
