@@ -117,13 +117,12 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def build(cfg: LMTrainConfig, vocab_size: int, device: torch.device):
+def build(cfg: LMTrainConfig, vocab_size: int, device: torch.device) -> LanguageModel:
+    """The config's model, initialised under ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     mcfg: LMConfig = lm_config(cfg.preset, vocab_size, mixer=cfg.mixer, backend=cfg.backend,
                                **cfg.model)  # fmt: skip
-    model = LanguageModel(mcfg).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    return model, opt
+    return LanguageModel(mcfg).to(device)
 
 
 def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
@@ -138,7 +137,7 @@ def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
         raise ValueError("fsdp=True shards over processes: start it under torchrun with "
                          "--nproc_per_node >= 2 (one process trains unsharded)")  # fmt: skip
     train_tokens, val_tokens, meta = load_splits(cfg)
-    model, opt = build(cfg, int(meta["vocab_size"]), device)
+    model = build(cfg, int(meta["vocab_size"]), device)
     step, history = 0, []
     ck = None
     if resume_from is not None:
@@ -147,7 +146,9 @@ def train_lm(cfg: LMTrainConfig, resume_from: str | Path | None = None,
         step, history = ck["step"], ck["history"]
         _set_rng_states(ck["rng"])
     if cfg.fsdp:
-        model, opt = _shard(model, cfg)
+        _shard(model)
+    # over the sharded parameters under FSDP
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if ck is not None:
         _load_optimizer(model, opt, ck["optimizer"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else None
@@ -212,16 +213,14 @@ def _full(x) -> float:
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
-def _shard(model: LanguageModel, cfg: LMTrainConfig):
-    """FSDP2: ``fully_shard`` each layer, then the root (embedding, final norm, tied head),
-    and a fresh AdamW over the sharded parameters."""
+def _shard(model: LanguageModel) -> None:
+    """FSDP2, in place: ``fully_shard`` each layer, then the root (embedding, final norm,
+    tied head)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    return model, opt
 
 
 def _load_optimizer(model, opt, state: dict) -> None:
