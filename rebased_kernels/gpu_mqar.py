@@ -105,39 +105,23 @@ def probe(log: dict) -> None:
 
 
 def profile(log: dict, mixer: str = "rebased", d: int = 48, steps: int = 20) -> None:
-    """Where a Table 1 cell's step goes: the profiler's device time per kernel (per step,
-    largest first) over ``steps`` steps of the 9-model ensemble after a warm-up run, and
-    the steps/s of the same configuration (``probe_case``)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    """Where a Table 1 cell's step goes: ``gpu_profile.kernel_table`` (device time per kernel,
+    largest first; it runs once to compile first) of ``steps`` steps of the 9-model
+    ensemble, per step, and the steps/s of the same configuration (``probe_case``)."""
+    from .gpu_profile import kernel_table
 
     L, kv, B = (32, 4, 8) if SMALL else (256, 32, 256)
     backend = "torch" if SMALL else "triton"
-
-    def run(n: int) -> None:
-        cfgs = [_cfg(mixer, d, L, kv, lr, seed, backend, examples=B * n, batch_size=B,
-                     max_steps=n, eval_every=n, test_examples=B)
-                for lr in LRS for seed in range(3)]  # fmt: skip
-        train_ensemble(cfgs, progress=False)
-
-    run(3)  # compiles
-    acts = [ProfilerActivity.CPU] + ([] if SMALL else [ProfilerActivity.CUDA])
-    with torch_profile(activities=acts) as prof:
-        run(steps)
-        if not SMALL:
-            torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        us = ev.self_cpu_time_total if SMALL else getattr(ev, "self_device_time_total", 0)
-        if us > 0:
-            rows.append((ev.key[:90], round(us / steps, 1), round(ev.count / steps, 2)))
-    rows.sort(key=lambda r: -r[1])
+    cfgs = [_cfg(mixer, d, L, kv, lr, seed, backend, examples=B * steps, batch_size=B,
+                 max_steps=steps, eval_every=steps, test_examples=B)
+            for lr in LRS for seed in range(3)]  # fmt: skip
+    rows = kernel_table(lambda: train_ensemble(cfgs, progress=False), "cpu" if SMALL else "cuda",
+                        calls=1, top=25)  # fmt: skip
     log["profile"] = dict(
         mixer=mixer,
         d_model=d,
         steps=steps,
-        device_us_per_step=round(sum(r[1] for r in rows), 1),
-        kernels=rows[:25],
+        kernels=[(name, round(us / steps, 1), round(n / steps, 2)) for name, us, n in rows],
         probe=probe_case(mixer, d, backend),
     )
 
