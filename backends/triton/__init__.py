@@ -172,11 +172,10 @@ class TritonBackend(Backend):
         kg, kb, ks = params(x.k_weight, x.k_bias, fm.pre, H, D, q.device)
         if ks != gs:
             raise ValueError("the triton decode step needs q and k parameters of one shape")
-        BV = DECODE_BV
-        decode_kernel[(B * H, triton_cdiv(Dv, BV))](
+        decode_kernel[(B * H, triton_cdiv(Dv, DECODE_BV))](
             q, x.k.contiguous(), x.v.contiguous(), g, bq, kg, kb, S0, z0, i0, i1, w, o, S, z,
             _readers(B * H, q.device), H, D, Dv, F, gs, int(fm.pre.norm), int(attn.normalize),
-            float(attn.eps), BD=16, BF=triton_next_pow2(F), BV=BV, num_warps=4,
+            float(attn.eps), BD=16, BF=triton_next_pow2(F), BV=DECODE_BV, num_warps=4,
         )  # fmt: skip
         return Outputs(o, S, z)
 

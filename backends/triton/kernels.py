@@ -133,10 +133,10 @@ def _dot_scores(a, b, DOT: tl.constexpr):
 
 @triton.jit
 def _dot_exact(a, b, DOT: tl.constexpr):
-    """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or three tf32 tensor-core
-    passes (``tf32x3``) in an "x3" sweep."""
+    """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or ``_dot_x3``'s three tf32
+    tensor-core passes in an "x3" sweep."""
     if DOT == "x3":
-        return tl.dot(a, b, input_precision="tf32x3")
+        return _dot_x3(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="ieee")
 
