@@ -217,6 +217,15 @@ def _load_rest(Sst, Zst, base, offs_v, vmask, Dv):
 
 
 @triton.jit
+def _zero_rest(BV: tl.constexpr):
+    """``_load_rest``'s tiles of a zero state: ``(S0, S1, SB, z0, z1, Z2)``."""
+    S0 = tl.zeros([BV], tl.float32)
+    S1 = tl.zeros([16, BV], tl.float32)
+    Z2 = tl.zeros([16, 16], tl.float32)
+    return S0, S1, S1 * 0.0, tl.sum(S0, 0) * 0.0, tl.zeros([16], tl.float32), Z2
+
+
+@triton.jit
 def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2):
     d = tl.arange(0, 16)
     z = Zst + base * RZ
@@ -281,12 +290,7 @@ def packed_state_kernel(
         tl.store(ptrs, acc, mask=m)
     else:
         P8 = _p8()
-        S0 = tl.zeros([BV], tl.float32)
-        S1 = tl.zeros([16, BV], tl.float32)
-        SB = tl.zeros([16, BV], tl.float32)
-        z0 = tl.sum(S0, 0) * 0.0
-        z1 = tl.zeros([16], tl.float32)
-        Z2 = tl.zeros([16, 16], tl.float32)
+        S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = rows < T
@@ -305,9 +309,10 @@ def packed_sweep_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr, GATHER: tl.constexpr,
+    SP: tl.constexpr, GATHER: tl.constexpr, PREFIX: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(NSEG, B*H)``: walk one segment's chunks from its prefix (suffix) state.
+    """Grid ``(NSEG, B*H)``: walk one segment's chunks from its prefix (suffix) state, or
+    from zero without ``PREFIX`` (one segment, no caller's state: ``Sst``, ``Zst`` unread).
 
     The modes are ``kernels.sweep_kernel``'s: 0 forward (x = q, y = k, W = v, w = 1); 1 the
     gradient of q, storing ``INV = 1 / (den + eps)`` (1 without normalising) and
@@ -322,9 +327,13 @@ def packed_sweep_kernel(
     E1, E2, wA = _selectors(0, 128)
     P8 = _p8()
     base = bh * NSEG + seg
-    S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
-    pA, mA = _rows_of(Sst, base, 17, 128, offs_v, vmask, Dv)
-    SA = tl.load(pA, mask=mA, other=0.0)  # [128, BV]
+    if PREFIX:
+        S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
+        pA, mA = _rows_of(Sst, base, 17, 128, offs_v, vmask, Dv)
+        SA = tl.load(pA, mask=mA, other=0.0)  # [128, BV]
+    else:
+        S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
+        SA = tl.zeros([128, BV], tl.float32)
     dg_acc = tl.zeros([16], tl.float32)
     db_acc = tl.zeros([16], tl.float32)
     for i in range(NCS):

@@ -138,14 +138,14 @@ class PackedCall:
         """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
         (suffix when ``reverse``) of the segments' states from ``init`` (canonical; a state
         given there is carried: ``sp``). Without ``total`` (None then) a call of one segment
-        per sequence and no ``init`` has a zero prefix and launches nothing but a memset."""
+        per sequence and no ``init`` has a zero prefix: nothing is launched and the prefixes
+        are None too (the sweeps start from zero, ``sweep``)."""
+        if not total and self.NSEG == 1 and init[0] is None and init[1] is None:
+            return (None, None), (None, None)
         sp = self.sp(init[0] is not None or init[1] is not None)
         half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         BH, Dv, dev = self.B * self.H, self.Dv, y.device
-        if not total and self.NSEG == 1 and init[0] is None and init[1] is None:
-            S = torch.zeros(BH, 1, RS, Dv, device=dev, dtype=dtype)
-            return (S, None), (torch.zeros(BH, 1, RZ, 1, device=dev), None)
         from .packed import FB_ROWS, packed_state_kernel
 
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
@@ -169,13 +169,16 @@ class PackedCall:
         q, k = (self.qg, self.qb, self.qg_stride), (self.kg, self.kb, self.kg_stride)
         (xg, xb, xs), (yg, yb, ys) = (k, q) if mode == 2 else (q, k)  # rows, columns
         (S_st, _), (z_st, _) = states
+        prefix = S_st is not None  # None: one segment from zero (``states``)
+        if not prefix:
+            S_st = z_st = dummy
         args = [t.get(n, dummy) for n in ("X", "Y", "W", "WS", "Wsc", "U", "DO")]
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
         if self.tiles:
             state = carried or self.NSEG > 1  # else every program skips the state
             kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=carried, STATE=state)
         else:
-            kernel, n, extra = packed_sweep_kernel, self.NSEG, {}
+            kernel, n, extra = packed_sweep_kernel, self.NSEG, dict(PREFIX=prefix)
         kernel[(n, self.B * self.H)](
             args[0], xg, xb, args[1], yg, yb, *args[2:], S_st, z_st, *out,
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),

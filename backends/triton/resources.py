@@ -102,6 +102,8 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
     c["GATHER"] = False
     if variant == "tiles":
         c.update(HAS_INIT=False, STATE=True)
+    else:
+        c["PREFIX"] = True
     return c
 
 
