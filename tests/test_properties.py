@@ -153,32 +153,38 @@ def test_causal(case: Case, data) -> None:
 
 @property_test()
 def test_chunk_size_invariant(case: Case, data) -> None:
-    """3. Every configuration (the tuning space and the named ones) computes the same function."""
+    """3. Every configuration (the tuning space and the named ones) computes the same function:
+    the oracle's, to the rule's tolerance (two configurations round differently, so each is
+    held to the float64 oracle rather than to the other: H200 session 9 measured 2.5e-2
+    between ``packed`` and ``walk`` on a T = 1 fp16 draw whose o cancels, kappa-sized)."""
     configs = registered()[case.backend].test_configs()
     if len(configs) < 2:
         return
     other = data.draw(st.sampled_from(configs))
     kw = make_inputs(case)
-    a = run(case, kw)
     b = run(replace(case, config=tuple(sorted(other.items()))), kw)
-    for x, y, n in zip(a, b, "oSz"):
-        assert_close(x, y, case.dtype, f"{case} {n} vs config {other}")
+    tol = tolerance(case, kw)
+    for x, y, n in zip(b, oracle(case, kw), "oSz"):
+        assert_close(x, y, case.dtype, f"{case} {n} of config {other}", tol)
 
 
 @property_test(min_T=2)
 def test_split_with_state_equals_one_run(case: Case, data) -> None:
-    """4. Running [0, t) then [t, T) from the carried state equals one run."""
+    """4. Running [0, t) then [t, T) from the carried state equals one run: both compute the
+    oracle's function, and the split is held to the float64 oracle (the one run is, in 1):
+    its second half takes o through the carried state's products, rounded differently from
+    the one run's chunk products (H200 session 9: 1.9e-2 between the two, fp16, kappa 30)."""
     t = data.draw(st.integers(1, case.T - 1))
     kw = make_inputs(case)
-    full = run(case, kw)
     first = run(case, {**kw, "q": kw["q"][:, :t], "k": kw["k"][:, :t], "v": kw["v"][:, :t]})
     second_kw = {**kw, "q": kw["q"][:, t:], "k": kw["k"][:, t:], "v": kw["v"][:, t:]}
     second_kw["initial_state"] = (first[1], first[2])
     second = run(case, second_kw)
     tol = tolerance(case, kw)
-    assert_close(torch.cat([first[0], second[0]], dim=1), full[0], case.dtype, "o", tol)
-    assert_close(second[1], full[1], case.dtype, "S")
-    assert_close(second[2], full[2], case.dtype, "z")
+    ref = oracle(case, kw)
+    assert_close(torch.cat([first[0], second[0]], dim=1), ref[0], case.dtype, "o", tol)
+    assert_close(second[1], ref[1], case.dtype, "S", tol)
+    assert_close(second[2], ref[2], case.dtype, "z", tol)
 
 
 @property_test(max_T=60, min_T=0)

@@ -10,7 +10,7 @@ from strategies import DEVICE
 
 import rebased_kernels as rk
 from rebased_kernels import reference
-from rebased_kernels.backend import get_backend
+from rebased_kernels.backend import Inputs, get_backend
 from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
 from rebased_kernels.testing import assert_close, feature_form_tolerance, random_inputs
 
@@ -256,3 +256,33 @@ def test_decode_splits_the_values_across_programs(inplace: bool) -> None:
     assert_close(state.S, S_ref, torch.float32, "S")
     assert_close(state.z, z_ref, torch.float32, "z")
     assert all(int(buf.abs().sum()) == 0 for buf in _READERS.values())
+
+
+@pytest.mark.parametrize("variant, warps", [("walk", 8), ("packed", 4), ("tiles", 4)])
+def test_each_variant_keeps_its_own_warps_under_the_default_config(variant: str, warps: int):
+    """The default configuration's ``num_warps`` None leaves each variant its own: a config
+    naming only ``variant="walk"`` must not inherit packed's 4 warps (at 4 the walk spills,
+    and its float32 dq sweep does not compile with triton 3.6: H200 session 9)."""
+    from rebased_kernels.backends.triton import packed_call, walk
+
+    be = get_backend("triton")
+    fm = PRESETS["rebased"]
+    x = random_inputs(1, 40, 2, 16, 8, torch.float32, "cpu", fm, seed=3, requires_grad=False)
+    inputs, attn = Inputs(x["q"], x["k"], x["v"]), LinearAttention(fm, 0.25)
+    make = walk._Call if variant == "walk" else packed_call.PackedCall
+    config = {**be.default_config, "variant": variant}
+    assert make(inputs, attn, config, False).num_warps == warps
+    assert make(inputs, attn, {**config, "num_warps": 2}, False).num_warps == 2
+
+
+def test_walk_refuses_a_float32_backward_triton_cannot_compile() -> None:
+    """Below 8 warps, triton < 3.9's sm_90 compile of the walk's float32 dq sweep fails
+    (``walk.MIN_FP32_DQ_WARPS``): a clear error instead of an MLIR dump; half inputs and
+    newer triton pass."""
+    from rebased_kernels.backends.triton.walk import check_warps
+
+    with pytest.raises(ValueError, match="num_warps >= 8"):
+        check_warps(torch.float32, 4, (3, 6))
+    check_warps(torch.float32, 8, (3, 6))
+    check_warps(torch.bfloat16, 4, (3, 6))
+    check_warps(torch.float32, 4, (3, 9))

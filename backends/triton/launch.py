@@ -23,6 +23,21 @@ EXACT = ("fma", "x3")
 ``kernels._dot_exact``): CUDA-core fp32 FMAs, or three tf32 tensor-core passes."""
 
 
+def triton_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed triton."""
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def warps(config: dict, default: int) -> int:
+    """``config["num_warps"]``, or the variant's ``default`` when it is absent or None (the
+    backend's default configuration leaves it None, so each variant keeps its own)."""
+    n = config.get("num_warps")
+    return default if n is None else int(n)
+
+
 def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma") -> str:
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
