@@ -85,14 +85,20 @@ class TritonBackend(Backend):
     max_D: ClassVar[int | None] = MAX_D
     max_Dv: ClassVar[int | None] = 64
     tuning_space: ClassVar[dict[str, tuple]] = {
+        "variant": ("packed", "tiles"),
         "chunk_size": (32, 64),
-        "chunks_per_segment": (4, 8, 16, 32),
+        "exact": ("fma", "x3"),
+        "chunks_per_segment": (2, 4, 8, 16, 32),
     }
-    """The chunk length compiles a kernel per value; the segment length (chunks one program
-    walks, i.e. how many programs split a sequence) is a run-time argument. A configuration
-    may also name ``variant`` (``VARIANTS``), ``num_warps``, ``exact`` (``launch.EXACT``: how
-    the gradient sweeps of half inputs form their ~fp32 products) and, for ``packed`` and
-    ``tiles``, ``features`` (``packed_call.FEATURES``)."""
+    """The variant, the chunk length and ``exact`` (``launch.EXACT``: how the gradient sweeps
+    of half inputs form their ~fp32 products) compile a kernel per value; the segment length
+    (chunks one program walks, i.e. how many programs split a sequence) is a run-time
+    argument. The searched variants are the two that won somewhere on the H200: ``packed``
+    (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
+    fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
+    ``docs/results/h200-s9/``). A configuration may also name ``num_warps`` and, for
+    ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``); ``walk`` is a named
+    configuration only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
     default_config: ClassVar[dict[str, Any]] = {
@@ -104,11 +110,12 @@ class TritonBackend(Backend):
         "exact": "fma",
     }
     """``packed``; ``num_warps`` None is each variant's own (4 for ``packed`` and ``tiles``,
-    8 for ``walk``, which spills at 4), so every searched configuration is ``packed`` at 4
-    warps: its forward was 2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
-    (``docs/results/h200-s6/``), 1.8x faster forward+backward at MQAR's T = 256
-    (``docs/results/h200-s7/``); its GPU property run passed there (session 7). ``walk`` and
-    ``tiles`` are named configurations: drawn by the property tests, timed by the sweeps."""
+    8 for ``walk``, which spills at 4). ``packed``'s forward was 2.4x ``walk``'s at 16k on an
+    H200 with forward+backward no slower (``docs/results/h200-s6/``), 1.8x faster
+    forward+backward at MQAR's T = 256 (``docs/results/h200-s7/``); its GPU property run
+    passed there (session 7). The tuner searches ``tiles`` beside it; ``walk`` and the
+    ``features`` variants are named configurations: drawn by the property tests, timed by
+    the sweeps."""
     named_configs: ClassVar[tuple[dict[str, Any], ...]] = (
         {"variant": "walk", "chunk_size": 32, "chunks_per_segment": 4, "num_warps": 8},
         {"variant": "walk", "chunk_size": 64, "chunks_per_segment": 2, "num_warps": 8},
