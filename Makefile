@@ -40,6 +40,8 @@ OUT ?= out
 WHEELS ?= .whl-gpu
 # the property suite is interrupted (SIGINT: pytest still prints which tests failed) after
 PROPS_S ?= 240
+# seconds, with PROPS_N pytest-xdist workers (the GPU machine has 16 cores)
+PROPS_N ?= 8
 # peers (fla) and asv from a carried offline wheelhouse, when there is one
 GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
 	&& if [ -d $(WHEELS) ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -60,7 +62,7 @@ MQAR_STAGES = reach,speed,table1,iou
 LM_STAGES = data,train,speed
 PROPS_K ?= triton or fla
 PROPS_RUN = $(GPU_ENV) REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda \
-	timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n 8 \
+	timeout -s INT $(PROPS_S) python3 -m pytest -v -rf -p no:cacheprovider -n $(PROPS_N) \
 	tests/test_properties.py tests/test_triton.py -k "$(PROPS_K)" \
 	--junitxml=$(OUT)/properties.xml > $(OUT)/properties.txt 2>&1; \
 	tail -12 $(OUT)/properties.txt
