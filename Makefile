@@ -39,8 +39,8 @@ format: $(STAMP)
 OUT ?= out
 WHEELS ?= .whl-gpu
 # the property suite is interrupted (SIGINT: pytest still prints which tests failed) after
+# PROPS_S seconds; PROPS_N pytest-xdist workers (the GPU machine has 16 cores)
 PROPS_S ?= 240
-# seconds, with PROPS_N pytest-xdist workers (the GPU machine has 16 cores)
 PROPS_N ?= 8
 # peers (fla) and asv from a carried offline wheelhouse, when there is one
 GPU_INSTALL = mkdir -p $(OUT) && python3 -m pip install -q --no-deps --no-build-isolation -e . \
