@@ -90,8 +90,10 @@ def compiled(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
 def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
             config: dict | None) -> KernelOptions:  # fmt: skip
     """The ``KernelOptions`` of a call: its attention, dtype and device, and ``config``
-    (``DEFAULT_CONFIG``'s keys; what it leaves out comes from ``default_config(dtype)``)."""
-    cfg = {**default_config(DTYPES[dtype]), **(config or {})}
+    (``DEFAULT_CONFIG``'s keys; what it leaves out or sets to None comes from
+    ``default_config(dtype)``)."""
+    given = {key: value for key, value in (config or {}).items() if value is not None}
+    cfg = {**default_config(DTYPES[dtype]), **given}
     fm = attn.feature_map
     return KernelOptions(
         norm=fm.pre.norm, scale=attn.scale, coeffs=fm.coeffs[:3], normalize=attn.normalize,
