@@ -247,11 +247,11 @@ def test_unsupported_problems_raise() -> None:
     with pytest.raises(ValueError, match="float64"):
         call.forward(x64, LinearAttention(PRESETS["x2"], 0.25))
     with pytest.raises(ValueError, match="D <= 16"):
-        forward_kernel(1, 32, 8)
+        forward_kernel(32, 8)
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(1, 16, 8, KernelOptions(BC=24))
+        forward_kernel(16, 8, KernelOptions(BC=24))
     with pytest.raises(ValueError, match="c0, c1, c2 >= 0"):
-        forward_kernel(1, 16, 8, KernelOptions(coeffs=(1.0, -1.0)))
+        forward_kernel(16, 8, KernelOptions(coeffs=(1.0, -1.0)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's
@@ -301,7 +301,7 @@ def _lower_in_background(request):
 
 def _sm90a(kind: str, dtype: str = "bfloat16", based: bool = False):
     """``hopper.sm90a(kind, dtype, based, nvcc)``: the CUDA C++ of the default configuration
-    at H=4, D=16, Dv=64 for sm_90a (and its nvcc build), from the worker, or lowered here
+    at D=16, Dv=64 (H symbolic) for sm_90a (and its nvcc build), from the worker, or lowered here
     when the worker has not started it yet (the C-target kernels came from TileLang's disk
     cache, say)."""
     from rebased_kernels.backends.tilelang.hopper import sm90a

@@ -292,8 +292,8 @@ def _state(m: SimpleNamespace, S, z, i_b, i_h, load: bool) -> dict:
     return st
 
 
-def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
         q, k:           [B, T, H, D] dtype
         v, dO:          [B, T, H, Dv] dtype       dO = dL/do
@@ -308,10 +308,10 @@ def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(H, D, Dv, opt)
+    m = walk(D, Dv, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
-    B, Tn, R = m.B, m.T, m.R
+    B, Tn, H, R = m.B, m.T, m.H, m.R
 
     @T.prim_func
     def rebased_dq(
@@ -366,8 +366,8 @@ def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> 
     return rebased_dq
 
 
-def dkv_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
         q, k, v, dO, qw, qb, kw, kb   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
@@ -382,10 +382,10 @@ def dkv_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) ->
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(H, D, Dv, opt)
+    m = walk(D, Dv, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
-    B, Tn, BV, R = m.B, m.T, m.BV, m.R
+    B, Tn, H, BV, R = m.B, m.T, m.H, m.BV, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
 
     @T.prim_func

@@ -68,23 +68,23 @@ KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 
 
-def prim_func(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
+def prim_func(kind: str, D: int, Dv: int, opt: KernelOptions) -> Any:
     """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) built with ``opt``."""
     from .backward import dkv_kernel, dq_kernel
     from .kernels import forward_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](H, D, Dv, opt)
+    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](D, Dv, opt)
 
 
 @functools.cache
-def compiled(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
+def compiled(kind: str, D: int, Dv: int, opt: KernelOptions) -> Any:
     """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
-    class; B and T stay symbolic, so every batch size and length reuses it."""
+    class; B, T and H stay symbolic, so every batch size, length and head count reuses it."""
     import tilelang
 
-    return tilelang.compile(prim_func(kind, H, D, Dv, opt), target=opt.target)
+    return tilelang.compile(prim_func(kind, D, Dv, opt), target=opt.target)
 
 
 def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
@@ -111,7 +111,7 @@ def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, st
     if reason:
         raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
     opt = options(attn, x.v.dtype, x.q.device, state, config)
-    return compiled(kind, x.q.shape[2], D, Dv, opt)
+    return compiled(kind, D, Dv, opt)
 
 
 @functools.cache

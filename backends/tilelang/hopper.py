@@ -26,7 +26,6 @@ def hopper_lowering(
     kind: str = "forward",
     dtype: str = "bfloat16",
     based: bool = False,
-    H: int = 4,
     D: int = 16,
     Dv: int = 64,
 ) -> tuple[str, int]:
@@ -44,7 +43,7 @@ def hopper_lowering(
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
                         **({"coeffs": BASED} if based else {}))  # fmt: skip
-    func = prim_func(kind, H, D, Dv, opt)
+    func = prim_func(kind, D, Dv, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         lowered = tilelang.lower(func, target=target)

@@ -53,11 +53,11 @@ from .options import DEFAULT_OPTIONS, KernelOptions
 from .tiles import ACC, Block, F, walk
 
 
-def forward_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``).
 
-    Arguments of the returned ``prim_func`` (B and T are symbolic: one compile serves every
-    batch size and length; the tail chunk is masked)::
+    Arguments of the returned ``prim_func`` (B, T and H are symbolic: one compile serves
+    every batch size, length and head count; the tail chunk is masked)::
 
         q, k:           [B, T, H, D] dtype
         qw, qb, kw, kb: [H, D] float32   gamma, beta of q and k (ones / zeros when unused)
@@ -77,9 +77,9 @@ def forward_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS
     the pre-transform, the tunables): ``tiles.KernelOptions``.
     Raises ``ValueError`` for what ``tiles.walk`` refuses.
     """
-    m = walk(H, D, Dv, opt)
+    m = walk(D, Dv, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
-    B, Tn, BV, R, smem = m.B, m.T, m.BV, m.R, m.smem
+    B, Tn, H, BV, R, smem = m.B, m.T, m.H, m.BV, m.R, m.smem
 
     @T.prim_func
     def rebased_forward(

@@ -41,13 +41,13 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
+def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
-    Constants: ``H, D, Dv, BC, BV, R, dtype, norm, normalize, eps, target, smem`` (the shared
+    Constants: ``D, Dv, BC, BV, R, dtype, norm, normalize, eps, target, smem`` (the shared
     scope), ``w = {p: c_p scale^p}`` over the present powers, ``offsets`` (each block's first
     row in the stacked state), ``has0, has1, has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0)
-    and the symbolic sizes ``B, T``. Raises ``ValueError`` for D > 16, Dv > 64, a chunk
+    and the symbolic sizes ``B, T, H``. Raises ``ValueError`` for D > 16, Dv > 64, a chunk
     length that is not a multiple of 16, or coefficients that are not ``c0, c1, c2 >= 0``
     with one of them non-zero.
     """
@@ -67,7 +67,7 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
     offsets, R = block_offsets(tuple(w))
     BV = padded_value_dim(Dv)
     smem = "shared.dyn" if target == "cuda" else "shared"
-    B, Tn = T.dynamic("B, T")
+    B, Tn, H = T.dynamic("B, T, H")
 
     def feature(p, b_x, j, r, t0):
         """``x^(p)_r`` of chunk row j in fp32 (x' is zero past T; ``x^(0)`` is masked)."""
@@ -266,9 +266,9 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
                 operand(st[p].S, st[p].op, p)
 
     return SimpleNamespace(
-        H=H, D=D, Dv=Dv, BC=BC, BV=BV, R=R, dtype=dtype, norm=norm, normalize=normalize,
+        D=D, Dv=Dv, BC=BC, BV=BV, R=R, dtype=dtype, norm=norm, normalize=normalize,
         eps=eps, target=target, smem=smem, w=w, offsets=offsets, has0=has0, has1=has1,
-        has2=has2, uses_x=has1 or has2, B=B, T=Tn, feature=feature, similarity=similarity,
+        has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
         load_rows=load_rows, features=features, operand=operand, state_block=state_block,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
