@@ -1,7 +1,8 @@
 """TileLang kernels of the ReBased backward: two chunk walks, one (batch, head) per program.
 
-Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p``, the unscaled
-features ``x^(p)``, the state ``S_p, z_p``), and per token i::
+Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p`` and ``eps``: the
+kernel's scalar arguments ``sc``, the unscaled features ``x^(p)``, the state ``S_p, z_p``),
+and per token i::
 
     g_i   = dO_i / (den_i + eps)             [Dv]   (dO_i without normalize)
     r_i   = -(dO_i . num_i) / (den_i + eps)^2       (dL / d den_i; 0 without normalize)
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 import tilelang.language as T
 
 from .layout import DK
-from .options import DEFAULT_OPTIONS, KernelOptions
+from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
@@ -93,7 +94,7 @@ class Tiles(NamedTuple):
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     """The backward's macros on top of ``tiles.walk``'s (``m``)."""
-    BC, BV, D, Dv, dtype, smem, w, Tn = m.BC, m.BV, m.D, m.Dv, m.dtype, m.smem, m.w, m.T
+    BC, BV, D, Dv, dtype, smem, Tn = m.BC, m.BV, m.D, m.Dv, m.dtype, m.smem, m.T
 
     def one(b, i):
         """``b[i]``, or 1 for ``b = None``."""
@@ -152,14 +153,14 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         )  # fmt: skip
 
     @T.macro
-    def scores(t, reverse):
+    def scores(sc, t, reverse):
         """``t.ds = sim'(x' y'^T)``, then ``t.s = A`` and its operand ``t.A`` (causal pairs
         ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order."""
         m.scores(t.x, t.y, t.s)
         if m.uses_x:
             for i, j in T.Parallel(BC, BC):
-                t.ds[i, j] = m.derivative(t.s[i, j])
-        m.similarities(t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
+                t.ds[i, j] = m.derivative(sc, t.s[i, j])
+        m.similarities(sc, t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
 
     @T.macro
     def scale_rows(t):
@@ -168,7 +169,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.g[i, e] = T.cast(T.cast(t.do[i, e], ACC) * t.inv[i], dtype)
 
     @T.macro
-    def rows_done(t, inv, r, i_b, i_h, t0):
+    def rows_done(sc, t, inv, r, i_b, i_h, t0):
         """From ``t.o = num`` and ``t.den``: ``1 / (den + eps)`` and
         ``r = -(dO . num) / (den + eps)^2`` into ``t.inv, t.r`` and ``inv, r [B, T, H]``;
         then ``t.g``."""
@@ -176,7 +177,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.o[i, e] = t.o[i, e] * T.cast(t.do[i, e], ACC)
         m.row_sum(t.o, t.red, 1, True)
         for i in T.Parallel(BC):  # (reads registers only: no shared-memory hazard inside)
-            inv_i = 1.0 / (t.den[i] + m.eps)
+            inv_i = 1.0 / (t.den[i] + sc.eps)
             t.inv[i] = inv_i
             t.r[i] = -t.red[i] * inv_i * inv_i
             if t0 + i < Tn:
@@ -218,7 +219,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         T.gemm(t.A, t.yt, t.dx, transpose_B=True)
 
     @T.macro
-    def state_grad(t, st, b_U, b_u, with_z):
+    def state_grad(sc, t, st, b_U, b_u, with_z):
         """``t.dx += sum_p w_p d x^(p)/dx' . (S_p U_i + z_p u_i)`` for the rows ``b_U``
         (``z_p u_i`` only ``with_z``; u = None is 1)."""
         if m.has2:
@@ -226,14 +227,14 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
                 t.U[i, f] = 0.0
             T.gemm(b_U, st[2].op, t.U, transpose_B=True)
             for i, f in T.Parallel(BC, F):
-                Uz = t.U[i, f] + one(b_u, i) * w[2] * st[2].z[f] if with_z else t.U[i, f]
+                Uz = t.U[i, f] + one(b_u, i) * sc[2] * st[2].z[f] if with_z else t.U[i, f]
                 t.phi[i, f] = T.cast(2.0 * Uz * T.cast(t.x[i, f % DK], ACC), dtype)
             T.gemm(t.phi, t.E, t.dx, transpose_B=True)
         if m.has1:
             T.gemm(b_U, st[1].op, t.dx, transpose_B=True)
             if with_z:
                 for i, a in T.Parallel(BC, DK):
-                    t.dx[i, a] += one(b_u, i) * w[1] * st[1].z[a]
+                    t.dx[i, a] += one(b_u, i) * sc[1] * st[1].z[a]
 
     @T.macro
     def pre_transform_backward(t, gamma, dx, i_b, i_h, t0):
@@ -284,11 +285,11 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     )  # fmt: skip
 
 
-def _state(m: SimpleNamespace, S, z, i_b, i_h, load: bool) -> dict:
+def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
     """The ``{p: Block}`` state of a sweep, loaded from S, z (``load``) or zero."""
     st = {}
-    for p in sorted(m.w, reverse=True):
-        st[p] = Block(*m.state_block(S, z, p, i_b, i_h, load))
+    for p in sorted(m.powers, reverse=True):
+        st[p] = Block(*m.state_block(sc, S, z, p, i_b, i_h, load))
     return st
 
 
@@ -298,6 +299,7 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
         q, k:           [B, T, H, D] dtype
         v, dO:          [B, T, H, Dv] dtype       dO = dL/do
         qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
+        w_0, w_1, w_2, eps: float32               ``options.Scalars``: w_p = c_p scale^p, eps
         S, z:           [B, H, R, Dv], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
         dq:             [B, T, H, D] dtype        dL/dq
@@ -323,6 +325,10 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
         kb: T.Tensor((H, D), ACC),
+        w_0: T.float32,
+        w_1: T.float32,
+        w_2: T.float32,
+        eps: T.float32,
         S: T.Tensor((B, H, R, Dv), ACC),
         z: T.Tensor((B, H, R), ACC),
         dq: T.Tensor((B, Tn, H, D), dtype),
@@ -332,8 +338,9 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
         r: T.Tensor((B, Tn, H), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
+            sc = Scalars(w_0, w_1, w_2, eps)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, opt.state)
+            st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = n * BC
                 if m.uses_x:
@@ -346,19 +353,19 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
                     m.pre_transform(t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # the forward's num and den, then 1 / (den + eps), r and g
-                bw.scores(t, False)
-                m.attend(t.A, t.v, t.x, t.phi, st, t.o)
+                bw.scores(sc, t, False)
+                m.attend(sc, t.A, t.v, t.x, t.phi, st, t.o)
                 if normalize:
-                    m.inter_den(t.den, st, t.x, t0)
-                    bw.rows_done(t, inv, r, i_b, i_h, t0)
+                    m.inter_den(sc, t.den, st, t.x, t0)
+                    bw.rows_done(sc, t, inv, r, i_b, i_h, t0)
 
                 # dq' = (P o sim') K' + the state part; then the pre-transform's backward
                 if m.uses_x:
                     bw.pair_grad(t, t.g, t.v, t.r, None, False)
-                    bw.state_grad(t, st, t.g, t.r, normalize)
+                    bw.state_grad(sc, t, st, t.g, t.r, normalize)
                     bw.pre_transform_backward(t, qw, dq, i_b, i_h, t0)
 
-                m.update(st, t.y, t.v, None, t.phi, t0, normalize)
+                m.update(sc, st, t.y, t.v, None, t.phi, t0, normalize)
 
             if m.uses_x:
                 bw.store_params(t, dqw, dqb, i_b, i_h)
@@ -369,7 +376,7 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
 def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
-        q, k, v, dO, qw, qb, kw, kb   as ``dq_kernel``'s
+        q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
         S, z:           [B, H, R, Dv], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
                                                   final state's cotangent (read only with
@@ -398,6 +405,10 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
         kb: T.Tensor((H, D), ACC),
+        w_0: T.float32,
+        w_1: T.float32,
+        w_2: T.float32,
+        eps: T.float32,
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
         S: T.Tensor((B, H, R, Dv), ACC),
@@ -408,8 +419,9 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
         dkb: T.Tensor((B, H, D), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
+            sc = Scalars(w_0, w_1, w_2, eps)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, opt.state)
+            st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = (T.ceildiv(Tn, BC) - 1 - n) * BC  # the last chunk first
                 if m.uses_x:
@@ -425,8 +437,8 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                     m.pre_transform(t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # dv = A^T g + sum_p K^(p) (w_p Sg_p)
-                bw.scores(t, True)
-                m.attend(t.A, t.g, t.x, t.phi, st, t.o)
+                bw.scores(sc, t, True)
+                m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
                 for i, e in T.Parallel(BC, BV):
                     if (t0 + i < Tn) & (e < Dv):
                         dv[i_b, t0 + i, i_h, e] = t.o[i, e]
@@ -434,10 +446,10 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                 # dk' = (P^T o sim') Q' + the state part; then the pre-transform's backward
                 if m.uses_x:
                     bw.pair_grad(t, t.v, t.g, None, t.r, True)
-                    bw.state_grad(t, st, t.v, None, with_z)
+                    bw.state_grad(sc, t, st, t.v, None, with_z)
                     bw.pre_transform_backward(t, kw, dk, i_b, i_h, t0)
 
-                m.update(st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
+                m.update(sc, st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
 
             m.store_state(S, z, st, i_b, i_h)
             if m.uses_x:

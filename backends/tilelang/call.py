@@ -23,7 +23,7 @@ from rebased_kernels.backend import Inputs, Outputs
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 from .layout import DK, block_offsets, block_row
-from .options import KernelOptions
+from .options import KernelOptions, Scalars
 
 DTYPES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
@@ -96,11 +96,18 @@ def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, sta
     cfg = {**default_config(DTYPES[dtype]), **given}
     fm = attn.feature_map
     return KernelOptions(
-        norm=fm.pre.norm, scale=attn.scale, coeffs=fm.coeffs[:3], normalize=attn.normalize,
-        state=state, eps=attn.eps, dtype=DTYPES[dtype], BC=cfg["chunk_size"],
-        num_stages=cfg["num_stages"], threads=cfg["threads"],
-        target="cuda" if device.type == "cuda" else "c",
+        norm=fm.pre.norm, powers=fm.powers, normalize=attn.normalize, state=state,
+        dtype=DTYPES[dtype], BC=cfg["chunk_size"], num_stages=cfg["num_stages"],
+        threads=cfg["threads"], target="cuda" if device.type == "cuda" else "c",
     )  # fmt: skip
+
+
+def scalars(attn: LinearAttention) -> Scalars:
+    """The kernels' runtime scalars (``options.Scalars``): ``w_p = c_p scale^p`` in float64
+    (0 for an absent power; the launch rounds them to float32 once) and ``attn.eps``."""
+    coeffs = attn.feature_map.coeffs
+    w = [coeffs[p] * attn.scale**p if p < len(coeffs) else 0.0 for p in range(3)]
+    return Scalars(*w, attn.eps)
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
@@ -235,7 +242,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     q, k, v = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v))
     o = torch.empty_like(v)
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, v.shape[-1], v.device)
-    kernel(q, k, v, *_params(x, attn), o, S, z)  # reads the initial state from S, z if any
+    kernel(q, k, v, *_params(x, attn), *scalars(attn), o, S, z)  # reads an initial S, z if any
     return Outputs(o, *canonical_state(S, z, attn, D))
 
 
@@ -267,7 +274,7 @@ def backward(
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
     q, k, v, do = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v, grads.o))
-    params = _params(x, attn)
+    params, sc = _params(x, attn), scalars(attn)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (
         new(q.shape, dtype=q.dtype, device=dev),
@@ -278,9 +285,9 @@ def backward(
     inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
 
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, dev)
-    dq_kernel(q, k, v, do, *params, S, z, dq, dqw, dqb, inv, r)
+    dq_kernel(q, k, v, do, *params, *sc, S, z, dq, dqw, dqb, inv, r)
     Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, dev)
-    dkv_kernel(q, k, v, do, *params, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
+    dkv_kernel(q, k, v, do, *params, *sc, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
 
     dS0 = dz0 = None
     if x.S0 is not None:

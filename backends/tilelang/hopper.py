@@ -17,8 +17,8 @@ from typing import NamedTuple
 from .call import default_config, prim_func
 from .options import KernelOptions
 
-BASED = (1.0, 1.0, 0.5)
-"""The Based kernel's ``c0, c1, c2``: every power block present."""
+BASED = (0, 1, 2)
+"""The Based kernel's powers (``1 + s + s^2 / 2``): every power block present."""
 
 
 @functools.cache
@@ -42,7 +42,7 @@ def hopper_lowering(
     cfg = default_config(dtype)
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
-                        **({"coeffs": BASED} if based else {}))  # fmt: skip
+                        **({"powers": BASED} if based else {}))  # fmt: skip
     func = prim_func(kind, D, Dv, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:

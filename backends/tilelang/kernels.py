@@ -6,9 +6,11 @@ Legend (``spec`` names; per (batch, head) program)
 ``DK``    16: q', k' padded to 16 columns with exact zeros (D <= 16).
 ``BV``    the value dim padded to a multiple of 16 (>= Dv).
 ``p``     a power of ``sim = sum_p c_p s^p``, ``s = scale q' . k'``, p <= 2; only the
-          powers with ``c_p != 0`` are built (Python-level flags: an absent power costs
+          powers with ``c_p != 0`` are built (compile-time flags: an absent power costs
           nothing).
-``w_p``   ``c_p scale^p``, so ``sim = sum_p w_p (q' . k')^p``.
+``w_p``   ``c_p scale^p``, so ``sim = sum_p w_p (q' . k')^p``: a scalar argument of the
+          kernel (``sc[p]``, ``options.Scalars``; ``eps`` too), so one compile serves every
+          scale and every polynomial with the same powers.
 ``x^(p)`` the unscaled power-p features of a row (``layout``): ``x^(0) = 1``,
           ``x^(1) = x'`` [16], ``x^(2)[16 a + b] = x'_a x'_b`` [F = 256], so that
           ``(q' . k')^p = q^(p) . k^(p)``; ``ROWS[p]`` is their count (1, 16, 256).
@@ -49,7 +51,7 @@ layout). The rest of the program is the same code for both. The pieces of the wa
 import tilelang.language as T
 
 from .layout import DK
-from .options import DEFAULT_OPTIONS, KernelOptions
+from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
@@ -62,6 +64,8 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
         q, k:           [B, T, H, D] dtype
         qw, qb, kw, kb: [H, D] float32   gamma, beta of q and k (ones / zeros when unused)
         v:              [B, T, H, Dv] dtype
+        w_0, w_1, w_2:  float32          w_p = c_p scale^p (0 for an absent power)
+        eps:            float32          the normaliser's eps
         o:              [B, T, H, Dv] dtype  o_i = num_i / (den_i + eps), or num_i when not
                                              normalize, with A_ij = sim(q_i, k_j) and
                                              num_i = sum_{j<=i} A_ij v_j + sum_p w_p q_i^(p) S0_p,
@@ -73,8 +77,8 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
     and ``z`` are in ``layout``'s stacked layout (``R = block_offsets(powers)[1]``): with
     ``opt.state`` the kernel reads ``(S0_p, z0_p)`` from them before the walk, and it
     writes the final state (initial state included) over them at the end; without, the
-    state starts at zero and they are written only. The rest of ``opt`` (the polynomial,
-    the pre-transform, the tunables): ``tiles.KernelOptions``.
+    state starts at zero and they are written only. The rest of ``opt`` (the powers
+    present, the pre-transform, the tunables): ``options.KernelOptions``.
     Raises ``ValueError`` for what ``tiles.walk`` refuses.
     """
     m = walk(D, Dv, opt)
@@ -90,11 +94,16 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
         kb: T.Tensor((H, D), ACC),
+        w_0: T.float32,
+        w_1: T.float32,
+        w_2: T.float32,
+        eps: T.float32,
         o: T.Tensor((B, Tn, H, Dv), dtype),
         S: T.Tensor((B, H, R, Dv), ACC),
         z: T.Tensor((B, H, R), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
+            sc = Scalars(w_0, w_1, w_2, eps)
             b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)  # [BC, Dv] (Dv < BV only)
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV]
             b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
@@ -112,13 +121,13 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
             st = {}  # the state S_p, z_p, w_p S_p per present power (tiles.Block)
             if m.has2:
                 b_phi = T.alloc_shared((BC, F), dtype, scope=smem)  # [BC, 256] Q^(2) or K^(2)
-                b_S2acc, b_z2, b_S2 = m.state_block(S, z, 2, i_b, i_h, opt.state)
+                b_S2acc, b_z2, b_S2 = m.state_block(sc, S, z, 2, i_b, i_h, opt.state)
                 st[2] = Block(b_S2acc, b_z2, b_S2)  # [256, BV] fp32, [256] fp32, [256, BV]
             if m.has1:
-                b_S1acc, b_z1, b_S1 = m.state_block(S, z, 1, i_b, i_h, opt.state)
+                b_S1acc, b_z1, b_S1 = m.state_block(sc, S, z, 1, i_b, i_h, opt.state)
                 st[1] = Block(b_S1acc, b_z1, b_S1)  # [16, BV] fp32, [16] fp32, [16, BV]
             if m.has0:
-                b_S0acc, b_z0, _ = m.state_block(S, z, 0, i_b, i_h, opt.state)
+                b_S0acc, b_z0, _ = m.state_block(sc, S, z, 0, i_b, i_h, opt.state)
                 st[0] = Block(b_S0acc, b_z0, None)  # [1, BV] fp32, [1] fp32 (tokens seen)
 
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
@@ -133,19 +142,19 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
 
                 # num = A v + sum_p Q^(p) w_p S_p, den = A 1 + sum_p w_p Q^(p) z_p
                 m.scores(b_q, b_k, b_s)
-                m.similarities(b_s, b_A, b_den if normalize else None, False)
-                m.attend(b_A, b_v, b_q, b_phi, st, b_o)
+                m.similarities(sc, b_s, b_A, b_den if normalize else None, False)
+                m.attend(sc, b_A, b_v, b_q, b_phi, st, b_o)
                 if normalize:
-                    m.inter_den(b_den, st, b_q, t0)
+                    m.inter_den(sc, b_den, st, b_q, t0)
                 for i, e in T.Parallel(BC, BV):
                     if (t0 + i < Tn) & (e < Dv):
                         if normalize:
-                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + opt.eps)
+                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + sc.eps)
                         else:
                             o[i_b, t0 + i, i_h, e] = b_o[i, e]
 
                 # state update: S_p += K^(p)T V, z_p += K^(p)T 1
-                m.update(st, b_k, b_v, None, b_phi, t0, True)
+                m.update(sc, st, b_k, b_v, None, b_phi, t0, True)
 
             m.store_state(S, z, st, i_b, i_h)
 
