@@ -247,11 +247,13 @@ def test_unsupported_problems_raise() -> None:
     with pytest.raises(ValueError, match="float64"):
         call.forward(x64, LinearAttention(PRESETS["x2"], 0.25))
     with pytest.raises(ValueError, match="D <= 16"):
-        forward_kernel(32, 8)
+        forward_kernel(32, 16)
+    with pytest.raises(ValueError, match="16, 32, 48 or 64"):
+        forward_kernel(16, 24)
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(16, 8, KernelOptions(BC=24))
+        forward_kernel(16, 16, KernelOptions(BC=24))
     with pytest.raises(ValueError, match=r"subset of \(0, 1, 2\)"):
-        forward_kernel(16, 8, KernelOptions(powers=(1, 3)))
+        forward_kernel(16, 16, KernelOptions(powers=(1, 3)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's

@@ -4,7 +4,7 @@ Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p`` and `
 kernel's scalar arguments ``sc``, the unscaled features ``x^(p)``, the state ``S_p, z_p``),
 and per token i::
 
-    g_i   = dO_i / (den_i + eps)             [Dv]   (dO_i without normalize)
+    g_i   = dO_i / (den_i + eps)             [BV]   (dO_i without normalize)
     r_i   = -(dO_i . num_i) / (den_i + eps)^2       (dL / d den_i; 0 without normalize)
     P_ij  = g_i . v_j + r_i                         (dL / dA_ij)
     sim'  = w_1 + 2 w_2 (q' . k')                   (d sim / d (q' . k'))
@@ -66,7 +66,6 @@ class Tiles(NamedTuple):
     rstd: Any  # [BC] LayerNorm 1 / sqrt(var + eps) of x (fp32)
     ymean: Any  # [BC] the same of y (scratch)
     yrstd: Any  # [BC]
-    vr: Any  # [BC, Dv] staging of v and dO rows when Dv < BV
     v: Any  # [BC, BV]
     do: Any  # [BC, BV] dO
     g: Any  # [BC, BV] g = dO / (den + eps) (dO itself without normalize)
@@ -94,7 +93,7 @@ class Tiles(NamedTuple):
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     """The backward's macros on top of ``tiles.walk``'s (``m``)."""
-    BC, BV, D, Dv, dtype, smem, Tn = m.BC, m.BV, m.D, m.Dv, m.dtype, m.smem, m.T
+    BC, BV, D, dtype, smem, Tn = m.BC, m.BV, m.D, m.dtype, m.smem, m.T
 
     def one(b, i):
         """``b[i]``, or 1 for ``b = None``."""
@@ -127,7 +126,6 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             for i, d in T.Parallel(BC, DK):
                 b_dg[i, d] = 0.0
                 b_db[i, d] = 0.0
-        b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)
         b_v = T.alloc_shared((BC, BV), dtype, scope=smem)
         b_do = T.alloc_shared((BC, BV), dtype, scope=smem)
         b_g = T.alloc_shared((BC, BV), dtype, scope=smem) if m.normalize else None
@@ -147,7 +145,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             for a, f in T.Parallel(DK, F):
                 b_E[a, f] = T.if_then_else(f // DK == a, T.cast(1.0, dtype), T.cast(0.0, dtype))
         return Tiles(
-            b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_vr, b_v, b_do,
+            b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_v, b_do,
             b_g if m.normalize else b_do, b_inv, b_r, b_s, b_ds, b_P, b_A, b_o, b_den, b_red,
             b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E,
         )  # fmt: skip
@@ -293,14 +291,14 @@ def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
     return st
 
 
-def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def dq_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
         q, k:           [B, T, H, D] dtype
-        v, dO:          [B, T, H, Dv] dtype       dO = dL/do
+        v, dO:          [B, T, H, BV] dtype       dO = dL/do
         qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
         w_0, w_1, w_2, eps: float32               ``options.Scalars``: w_p = c_p scale^p, eps
-        S, z:           [B, H, R, Dv], [B, H, R] float32  the initial state (kernel layout;
+        S, z:           [B, H, R, BV], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
         dq:             [B, T, H, D] dtype        dL/dq
         dqw, dqb:       [B, H, D] float32         this program's dL/d gamma_q, dL/d beta_q
@@ -310,7 +308,7 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(D, Dv, opt)
+    m = walk(D, BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
@@ -319,8 +317,8 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
     def rebased_dq(
         q: T.Tensor((B, Tn, H, D), dtype),
         k: T.Tensor((B, Tn, H, D), dtype),
-        v: T.Tensor((B, Tn, H, Dv), dtype),
-        dO: T.Tensor((B, Tn, H, Dv), dtype),
+        v: T.Tensor((B, Tn, H, BV), dtype),
+        dO: T.Tensor((B, Tn, H, BV), dtype),
         qw: T.Tensor((H, D), ACC),
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
@@ -329,7 +327,7 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
         w_1: T.float32,
         w_2: T.float32,
         eps: T.float32,
-        S: T.Tensor((B, H, R, Dv), ACC),
+        S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
         dq: T.Tensor((B, Tn, H, D), dtype),
         dqw: T.Tensor((B, H, D), ACC),
@@ -346,8 +344,8 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
                 if m.uses_x:
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.yr)
-                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
-                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
+                T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if m.uses_x:
                     m.pre_transform(t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
                     m.pre_transform(t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
@@ -373,34 +371,34 @@ def dq_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
     return rebased_dq
 
 
-def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def dkv_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
         q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
-        S, z:           [B, H, R, Dv], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
+        S, z:           [B, H, R, BV], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
                                                   final state's cotangent (read only with
                                                   ``opt.state``, else zero); out: ``(Sg_p,
                                                   zr_p)`` over every token, the initial
                                                   state's gradient in the same convention
         dk:             [B, T, H, D] dtype        dL/dk
-        dv:             [B, T, H, Dv] dtype       dL/dv
+        dv:             [B, T, H, BV] dtype       dL/dv
         dkw, dkb:       [B, H, D] float32         this program's dL/d gamma_k, dL/d beta_k
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(D, Dv, opt)
+    m = walk(D, BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
-    B, Tn, H, BV, R = m.B, m.T, m.H, m.BV, m.R
+    B, Tn, H, R = m.B, m.T, m.H, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
 
     @T.prim_func
     def rebased_dkv(
         q: T.Tensor((B, Tn, H, D), dtype),
         k: T.Tensor((B, Tn, H, D), dtype),
-        v: T.Tensor((B, Tn, H, Dv), dtype),
-        dO: T.Tensor((B, Tn, H, Dv), dtype),
+        v: T.Tensor((B, Tn, H, BV), dtype),
+        dO: T.Tensor((B, Tn, H, BV), dtype),
         qw: T.Tensor((H, D), ACC),
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
@@ -411,10 +409,10 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
         eps: T.float32,
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
-        S: T.Tensor((B, H, R, Dv), ACC),
+        S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
         dk: T.Tensor((B, Tn, H, D), dtype),
-        dv: T.Tensor((B, Tn, H, Dv), dtype),
+        dv: T.Tensor((B, Tn, H, BV), dtype),
         dkw: T.Tensor((B, H, D), ACC),
         dkb: T.Tensor((B, H, D), ACC),
     ):
@@ -427,8 +425,8 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                 if m.uses_x:
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.yr)
-                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
-                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
+                T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if normalize:
                     bw.load_scalars(t, inv, r, i_b, i_h, t0)
                     bw.scale_rows(t)
@@ -440,7 +438,7 @@ def dkv_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                 bw.scores(sc, t, True)
                 m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
                 for i, e in T.Parallel(BC, BV):
-                    if (t0 + i < Tn) & (e < Dv):
+                    if t0 + i < Tn:
                         dv[i_b, t0 + i, i_h, e] = t.o[i, e]
 
                 # dk' = (P^T o sim') Q' + the state part; then the pre-transform's backward

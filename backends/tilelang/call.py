@@ -22,7 +22,7 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .layout import DK, block_offsets, block_row
+from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import KernelOptions, Scalars
 
 DTYPES: dict[torch.dtype, str] = {
@@ -68,23 +68,25 @@ KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 
 
-def prim_func(kind: str, D: int, Dv: int, opt: KernelOptions) -> Any:
-    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) built with ``opt``."""
+def prim_func(kind: str, D: int, BV: int, opt: KernelOptions) -> Any:
+    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
+    (``layout.padded_value_dim``), built with ``opt``."""
     from .backward import dkv_kernel, dq_kernel
     from .kernels import forward_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](D, Dv, opt)
+    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](D, BV, opt)
 
 
 @functools.cache
-def compiled(kind: str, D: int, Dv: int, opt: KernelOptions) -> Any:
+def compiled(kind: str, D: int, BV: int, opt: KernelOptions) -> Any:
     """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
-    class; B, T and H stay symbolic, so every batch size, length and head count reuses it."""
+    class; B, T and H stay symbolic, so every batch size, length and head count reuses it,
+    and every Dv that pads to BV."""
     import tilelang
 
-    return tilelang.compile(prim_func(kind, D, Dv, opt), target=opt.target)
+    return tilelang.compile(prim_func(kind, D, BV, opt), target=opt.target)
 
 
 def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
@@ -118,7 +120,7 @@ def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, st
     if reason:
         raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
     opt = options(attn, x.v.dtype, x.q.device, state, config)
-    return compiled(kind, D, Dv, opt)
+    return compiled(kind, D, padded_value_dim(Dv), opt)
 
 
 @functools.cache
@@ -214,17 +216,29 @@ def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
     ]
 
 
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with its last dim zero-padded to ``n`` columns (``t`` itself when it has n)."""
+    return t if t.shape[-1] == n else torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+
+
+def _cut(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t[..., :n]``, contiguous (``t`` itself when it has n columns)."""
+    return t if t.shape[-1] == n else t[..., :n].contiguous()
+
+
 def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, device):
-    """A canonical state (either part may be None: zeros) in the kernel's layout, float32,
-    contiguous; empty buffers (to be written) when both are None."""
+    """A canonical state (either part may be None: zeros) in the kernel's layout
+    ``[B, H, R, BV]``, ``[B, H, R]``, float32, contiguous, its columns >= Dv zero; empty
+    buffers (to be written) when both are None."""
     _, R = block_offsets(attn.feature_map.powers)
     if S is None and z is None:
-        return (torch.empty(B, H, R, Dv, dtype=torch.float32, device=device),
+        return (torch.empty(B, H, R, padded_value_dim(Dv), dtype=torch.float32, device=device),
                 torch.empty(B, H, R, dtype=torch.float32, device=device))  # fmt: skip
     F = attn.feature_map.num_features(D)
     S = torch.zeros(B, H, F, Dv, device=device) if S is None else S
     z = torch.zeros(B, H, F, device=device) if z is None else z
-    return tuple(t.float().contiguous() for t in kernel_state(S, z, attn, D))
+    S_k, z_k = kernel_state(S, z, attn, D)
+    return _pad(S_k.float(), padded_value_dim(Dv)).contiguous(), z_k.float().contiguous()
 
 
 def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = None) -> Outputs:
@@ -235,15 +249,17 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     (canonical layout; rounded to float32 in the kernel's); returns ``o [B, T, H, Dv]`` in
     v's dtype and the final state ``S [B, H, F, Dv]``, ``z [B, H, F]`` (float32, canonical
     layout), for any ``sim = c0 + c1 s + c2 s^2`` and ``attn.normalize`` either way. Raises
-    ``ValueError`` for what ``unsupported_reason`` names.
+    ``ValueError`` for what ``unsupported_reason`` names. A Dv that is not a multiple of 16
+    is padded with zero columns for the kernel (a copy of v; none for Dv = 16, 32, 48, 64).
     """
-    B, _, H, D = x.q.shape
+    (B, _, H, D), Dv = x.q.shape, x.v.shape[-1]
     kernel = _kernel("forward", x, attn, config, x.S0 is not None)
-    q, k, v = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v))
+    q, k = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k))
+    v = _pad(x.v, padded_value_dim(Dv)).contiguous()  # [B, T, H, BV]
     o = torch.empty_like(v)
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, v.shape[-1], v.device)
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v.device)
     kernel(q, k, v, *_params(x, attn), *scalars(attn), o, S, z)  # reads an initial S, z if any
-    return Outputs(o, *canonical_state(S, z, attn, D))
+    return Outputs(_cut(o, Dv), *canonical_state(S[..., :Dv], z, attn, D))
 
 
 def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
@@ -266,14 +282,16 @@ def backward(
     and k in their parameters' shapes ([H, D] or [D]; None when absent or unused by the
     feature map); dS0, dz0 in S0's dtype (None without an initial state). Two launches:
     ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``; the
-    per-program d gamma / d beta are summed here. Raises ``ValueError`` as ``forward``.
+    per-program d gamma / d beta are summed here. Raises ``ValueError`` and pads Dv as
+    ``forward`` (v and dO).
     """
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     final = grads.S is not None or grads.z is not None
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
-    q, k, v, do = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v, grads.o))
+    q, k = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k))
+    v, do = (_pad(t.to(x.v.dtype), padded_value_dim(Dv)).contiguous() for t in (x.v, grads.o))
     params, sc = _params(x, attn), scalars(attn)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (
@@ -291,10 +309,10 @@ def backward(
 
     dS0 = dz0 = None
     if x.S0 is not None:
-        dS0, dz0 = state_gradient(Sg, zr, attn, D)
+        dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
         dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
     return Inputs(
-        dq.to(x.q.dtype), dk.to(x.k.dtype), dv,
+        dq.to(x.q.dtype), dk.to(x.k.dtype), _cut(dv, Dv),
         _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
         _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
         dS0, dz0,

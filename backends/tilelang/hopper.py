@@ -27,7 +27,7 @@ def hopper_lowering(
     dtype: str = "bfloat16",
     based: bool = False,
     D: int = 16,
-    Dv: int = 64,
+    BV: int = 64,
 ) -> tuple[str, int]:
     """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.default_config``,
     lowered for sm_90a, and the dynamic shared memory its launch asks for (bytes; the
@@ -43,7 +43,7 @@ def hopper_lowering(
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
                         **({"powers": BASED} if based else {}))  # fmt: skip
-    func = prim_func(kind, D, Dv, opt)
+    func = prim_func(kind, D, BV, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         lowered = tilelang.lower(func, target=target)

@@ -4,7 +4,8 @@ Legend (``spec`` names; per (batch, head) program)
 --------------------------------------------------
 ``BC``    chunk length (tokens per step of the walk); ``N = ceil(T / BC)`` chunks.
 ``DK``    16: q', k' padded to 16 columns with exact zeros (D <= 16).
-``BV``    the value dim padded to a multiple of 16 (>= Dv).
+``BV``    the value columns: 16, 32, 48 or 64 (the host pads Dv to the next of them with
+          zero columns when Dv is not one itself, and drops them from o and S).
 ``p``     a power of ``sim = sum_p c_p s^p``, ``s = scale q' . k'``, p <= 2; only the
           powers with ``c_p != 0`` are built (compile-time flags: an absent power costs
           nothing).
@@ -55,7 +56,7 @@ from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
-def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def forward_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``).
 
     Arguments of the returned ``prim_func`` (B, T and H are symbolic: one compile serves
@@ -63,14 +64,14 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
 
         q, k:           [B, T, H, D] dtype
         qw, qb, kw, kb: [H, D] float32   gamma, beta of q and k (ones / zeros when unused)
-        v:              [B, T, H, Dv] dtype
+        v:              [B, T, H, BV] dtype
         w_0, w_1, w_2:  float32          w_p = c_p scale^p (0 for an absent power)
         eps:            float32          the normaliser's eps
-        o:              [B, T, H, Dv] dtype  o_i = num_i / (den_i + eps), or num_i when not
+        o:              [B, T, H, BV] dtype  o_i = num_i / (den_i + eps), or num_i when not
                                              normalize, with A_ij = sim(q_i, k_j) and
                                              num_i = sum_{j<=i} A_ij v_j + sum_p w_p q_i^(p) S0_p,
                                              den_i = sum_{j<=i} A_ij + sum_p w_p q_i^(p) . z0_p
-        S:              [B, H, R, Dv] float32  S_p: sum_j k'_j^(p) v_j^T, unscaled
+        S:              [B, H, R, BV] float32  S_p: sum_j k'_j^(p) v_j^T, unscaled
         z:              [B, H, R] float32      z_p: sum_j k'_j^(p), unscaled
 
     with ``x' = gamma * LN(x) + beta`` (``x' = gamma * x + beta`` when not ``norm``). ``S``
@@ -81,15 +82,15 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
     present, the pre-transform, the tunables): ``options.KernelOptions``.
     Raises ``ValueError`` for what ``tiles.walk`` refuses.
     """
-    m = walk(D, Dv, opt)
+    m = walk(D, BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
-    B, Tn, H, BV, R, smem = m.B, m.T, m.H, m.BV, m.R, m.smem
+    B, Tn, H, R, smem = m.B, m.T, m.H, m.R, m.smem
 
     @T.prim_func
     def rebased_forward(
         q: T.Tensor((B, Tn, H, D), dtype),
         k: T.Tensor((B, Tn, H, D), dtype),
-        v: T.Tensor((B, Tn, H, Dv), dtype),
+        v: T.Tensor((B, Tn, H, BV), dtype),
         qw: T.Tensor((H, D), ACC),
         qb: T.Tensor((H, D), ACC),
         kw: T.Tensor((H, D), ACC),
@@ -98,13 +99,12 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
         w_1: T.float32,
         w_2: T.float32,
         eps: T.float32,
-        o: T.Tensor((B, Tn, H, Dv), dtype),
-        S: T.Tensor((B, H, R, Dv), ACC),
+        o: T.Tensor((B, Tn, H, BV), dtype),
+        S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
             sc = Scalars(w_0, w_1, w_2, eps)
-            b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)  # [BC, Dv] (Dv < BV only)
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV]
             b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
             b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] q'k'^T, then A
@@ -135,7 +135,7 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
                 if m.uses_x:
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], b_qr)
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], b_kr)
-                m.load_rows(v, b_vr, b_v, i_b, i_h, t0)
+                T.copy(v[i_b, t0 : t0 + BC, i_h, :], b_v)
                 if m.uses_x:
                     m.pre_transform(b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0)
                     m.pre_transform(b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0)
@@ -147,7 +147,7 @@ def forward_kernel(D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
                 if normalize:
                     m.inter_den(sc, b_den, st, b_q, t0)
                 for i, e in T.Parallel(BC, BV):
-                    if (t0 + i < Tn) & (e < Dv):
+                    if t0 + i < Tn:
                         if normalize:
                             o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + sc.eps)
                         else:

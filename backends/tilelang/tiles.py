@@ -29,7 +29,7 @@ import tilelang.language as T
 
 from rebased_kernels.spec import LAYER_NORM_EPS
 
-from .layout import DK, ROWS, block_offsets, padded_value_dim
+from .layout import DK, ROWS, block_offsets
 from .options import KernelOptions
 
 F = ROWS[2]
@@ -44,21 +44,22 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
+def walk(D: int, BV: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
-    Constants: ``D, Dv, BC, BV, R, dtype, norm, normalize, target, smem`` (the shared
+    Constants: ``D, BV, BC, R, dtype, norm, normalize, target, smem`` (the shared
     scope), ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0,
     has1, has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes
-    ``B, T, H``. Raises ``ValueError`` for D > 16, Dv > 64, a chunk length that is not a
-    multiple of 16, or powers that are not a sorted non-empty subset of (0, 1, 2).
+    ``B, T, H``. Raises ``ValueError`` for D > 16, value columns BV that are not a multiple
+    of 16 up to 64 (``call`` pads v to them), a chunk length that is not a multiple of 16,
+    or powers that are not a sorted non-empty subset of (0, 1, 2).
     """
     norm, powers, normalize = opt.norm, opt.powers, opt.normalize
     dtype, BC, target = opt.dtype, opt.BC, opt.target
     if not 1 <= D <= DK:
         raise ValueError(f"D={D}: this kernel keeps phi(x) = x (x) x on chip for D <= 16 only")
-    if not 1 <= Dv <= 64:
-        raise ValueError(f"Dv={Dv}: this kernel supports 1 <= Dv <= 64")
+    if BV not in (16, 32, 48, 64):
+        raise ValueError(f"BV={BV}: the value columns must be 16, 32, 48 or 64 (Dv padded)")
     if BC % 16 or BC <= 0:
         raise ValueError(f"BC={BC}: the chunk length must be a positive multiple of 16")
     if not powers or tuple(sorted(set(powers) & {0, 1, 2})) != tuple(powers):
@@ -66,7 +67,6 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
                          "(0, 1, 2), the p with c_p != 0")  # fmt: skip
     has0, has1, has2 = (p in powers for p in range(3))
     offsets, R = block_offsets(powers)
-    BV = padded_value_dim(Dv)
     smem = "shared.dyn" if target == "cuda" else "shared"
     B, Tn, H = T.dynamic("B, T, H")
 
@@ -138,17 +138,6 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             b_x[i, d] = T.if_then_else((t0 + i < Tn) & (d < D), xp, 0)
 
     @T.macro
-    def load_rows(src, b_raw, b_rows, i_b, i_h, t0):
-        """``b_rows [BC, BV]``: rows t0 .. t0 + BC of ``src [B, T, H, Dv]`` (zero past T and
-        in the columns >= Dv), through ``b_raw [BC, Dv]`` when Dv < BV."""
-        if Dv == BV:
-            T.copy(src[i_b, t0 : t0 + BC, i_h, :], b_rows)
-        else:
-            T.copy(src[i_b, t0 : t0 + BC, i_h, :], b_raw)
-            for i, e in T.Parallel(BC, BV):
-                b_rows[i, e] = T.if_then_else(e < Dv, b_raw[i, T.min(e, Dv - 1)], 0)
-
-    @T.macro
     def features(b_x, b_phi):
         """``b_phi [BC, 256] = x^(2)`` of the rows ``b_x``, formed in fp32."""
         for i, f in T.Parallel(BC, F):
@@ -162,7 +151,7 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
 
     @T.macro
     def state_block(sc, S, z, p, i_b, i_h, load):
-        """Allocate block p of a state (``Block``'s tiles) and fill it from ``S [B, H, R, Dv]``,
+        """Allocate block p of a state (``Block``'s tiles) and fill it from ``S [B, H, R, BV]``,
         ``z [B, H, R]`` (``load``) or with zeros; returns ``(S_p, z_p, w_p S_p operand)``."""
         if p == 2:
             b_Sp = T.alloc_fragment((F, BV), ACC)  # [256, BV]
@@ -171,8 +160,7 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
         b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
         for r, e in T.Parallel(ROWS[p], BV):
             if load:
-                value = S[i_b, i_h, offsets[p] + r, T.min(e, Dv - 1)]
-                b_Sp[r, e] = T.if_then_else(e < Dv, value, 0.0)
+                b_Sp[r, e] = S[i_b, i_h, offsets[p] + r, e]
             else:
                 b_Sp[r, e] = 0.0
         for r in T.Parallel(ROWS[p]):
@@ -188,11 +176,10 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
 
     @T.macro
     def store_state(S, z, st, i_b, i_h):
-        """Every block of the state ``st`` into ``S [B, H, R, Dv]``, ``z [B, H, R]``."""
+        """Every block of the state ``st`` into ``S [B, H, R, BV]``, ``z [B, H, R]``."""
         for p in st:
             for r, e in T.Parallel(ROWS[p], BV):
-                if e < Dv:
-                    S[i_b, i_h, offsets[p] + r, e] = st[p].S[r, e]
+                S[i_b, i_h, offsets[p] + r, e] = st[p].S[r, e]
             for r in T.Parallel(ROWS[p]):
                 z[i_b, i_h, offsets[p] + r] = st[p].z[r]
 
@@ -269,11 +256,11 @@ def walk(D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
                 operand(sc, st[p].S, st[p].op, p)
 
     return SimpleNamespace(
-        D=D, Dv=Dv, BC=BC, BV=BV, R=R, dtype=dtype, norm=norm, normalize=normalize,
+        D=D, BV=BV, BC=BC, R=R, dtype=dtype, norm=norm, normalize=normalize,
         target=target, smem=smem, powers=powers, offsets=offsets, has0=has0, has1=has1,
         has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
-        load_rows=load_rows, features=features, operand=operand, state_block=state_block,
+        features=features, operand=operand, state_block=state_block,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
         inter_den=inter_den, update=update,
     )  # fmt: skip
