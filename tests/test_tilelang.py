@@ -246,14 +246,15 @@ def test_unsupported_problems_raise() -> None:
     x64 = Inputs(*(t.double() for t in inputs[:3]))
     with pytest.raises(ValueError, match="float64"):
         call.forward(x64, LinearAttention(PRESETS["x2"], 0.25))
+    wide = random_inputs(1, 8, 1, 32, 8, torch.float32, "cpu", "x2", requires_grad=False)
     with pytest.raises(ValueError, match="D <= 16"):
-        forward_kernel(32, 16)
+        call.forward(Inputs(wide["q"], wide["k"], wide["v"]), LinearAttention(PRESETS["x2"], 0.2))
     with pytest.raises(ValueError, match="16, 32, 48 or 64"):
-        forward_kernel(16, 24)
+        forward_kernel(24)
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(16, 16, KernelOptions(BC=24))
+        forward_kernel(16, KernelOptions(BC=24))
     with pytest.raises(ValueError, match=r"subset of \(0, 1, 2\)"):
-        forward_kernel(16, 16, KernelOptions(powers=(1, 3)))
+        forward_kernel(16, KernelOptions(powers=(1, 3)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's

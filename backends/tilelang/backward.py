@@ -37,7 +37,7 @@ The state part of power 2: with ``U = G (w_2 S_2)^T + r (w_2 z_2)^T`` ([BC, 256]
 ``dx'_a = 2 sum_b U[16 a + b] x'_b`` (S_2 and z_2 are symmetric in a, b), formed as the
 T.gemm ``(2 U o x'_b) E`` with the one-hot ``E [256, 16]``, ``E[16 a + b, a] = 1``; power 1
 adds ``G (w_1 S_1)^T + w_1 r z_1^T``. The per-program sums of d gamma, d beta are written
-to ``[B, H, D]`` and reduced over B on the host. Operands of the T.gemm are in the input
+to ``[B, H, 16]`` and reduced over B on the host. Operands of the T.gemm are in the input
 dtype (g, P o sim', U o x' rounded to it); the accumulators, statistics, 1 / (den + eps)
 and r are fp32. ``target="c"`` as for the forward.
 """
@@ -57,8 +57,8 @@ class Tiles(NamedTuple):
     """The on-chip tiles of one sweep (x: the rows whose gradient it computes, y: the rows
     they attend to; None where the kernel has no use for them)."""
 
-    xr: Any  # [BC, D] x rows as loaded
-    yr: Any  # [BC, D] y rows as loaded
+    xr: Any  # [BC, 16] x rows as loaded
+    yr: Any  # [BC, 16] y rows as loaded
     x: Any  # [BC, 16] x'
     y: Any  # [BC, 16] y'
     yt: Any  # [16, BC] y'^T, the K-major operand of (P o sim') Y' (see pair_grad)
@@ -93,7 +93,7 @@ class Tiles(NamedTuple):
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     """The backward's macros on top of ``tiles.walk``'s (``m``)."""
-    BC, BV, D, dtype, smem, Tn = m.BC, m.BV, m.D, m.dtype, m.smem, m.T
+    BC, BV, dtype, smem, Tn = m.BC, m.BV, m.dtype, m.smem, m.T
 
     def one(b, i):
         """``b[i]``, or 1 for ``b = None``."""
@@ -108,8 +108,8 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         b_x = T.alloc_shared((BC, DK), dtype, scope=smem)
         b_y = T.alloc_shared((BC, DK), dtype, scope=smem)
         if m.uses_x:
-            b_xr = T.alloc_shared((BC, D), dtype, scope=smem)
-            b_yr = T.alloc_shared((BC, D), dtype, scope=smem)
+            b_xr = T.alloc_shared((BC, DK), dtype, scope=smem)
+            b_yr = T.alloc_shared((BC, DK), dtype, scope=smem)
             b_yt = T.alloc_shared((DK, BC), dtype, scope=smem)
             b_mean = T.alloc_fragment((BC,), ACC)
             b_rstd = T.alloc_fragment((BC,), ACC)
@@ -235,46 +235,47 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
                     t.dx[i, a] += one(b_u, i) * sc[1] * st[1].z[a]
 
     @T.macro
-    def pre_transform_backward(t, gamma, dx, i_b, i_h, t0):
-        """``dx [B, T, H, D]`` (this chunk's rows) from ``dx' = t.dx`` through
-        ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself without ``norm``)::
+    def pre_transform_backward(sc, t, gamma, dx, i_b, i_h, t0):
+        """``dx [B, T, H, 16]`` (this chunk's rows, the first ``sc.D`` columns) from
+        ``dx' = t.dx`` through ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself
+        without ``norm``), the means over the first D columns::
 
             dxhat = gamma dx',  dx = rstd (dxhat - mean_d(dxhat) - xhat mean_d(dxhat xhat))
 
-        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only)."""
+        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows and columns
+        only)."""
         T.copy(t.dx, t.dxs)
         for i in T.Parallel(BC):
             t.sum1[i] = 0.0
             t.sum2[i] = 0.0
             if m.norm:
-                for d in T.serial(D):
+                for d in T.serial(sc.D):
                     dxhat = gamma[i_h, d] * t.dxs[i, d]
                     t.sum1[i] += dxhat
                     t.sum2[i] += dxhat * (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
         for i, d in T.Parallel(BC, DK):
-            dc = T.min(d, D - 1)
-            keep = (t0 + i < Tn) & (d < D)
-            xhat = (T.cast(t.xr[i, dc], ACC) - t.mean[i]) * t.rstd[i]
+            keep = (t0 + i < Tn) & (d < sc.D)
+            xhat = (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
             dxp = T.if_then_else(keep, t.dxs[i, d], 0.0)
             t.dg[i, d] += dxp * xhat
             t.db[i, d] += dxp
             if keep:
-                dxhat = gamma[i_h, dc] * dxp
+                dxhat = gamma[i_h, d] * dxp
                 if m.norm:
-                    total = dxhat - (t.sum1[i] + xhat * t.sum2[i]) / D
+                    total = dxhat - (t.sum1[i] + xhat * t.sum2[i]) / T.cast(sc.D, ACC)
                     dx[i_b, t0 + i, i_h, d] = T.cast(t.rstd[i] * total, dtype)
                 else:
                     dx[i_b, t0 + i, i_h, d] = T.cast(dxhat, dtype)
 
     @T.macro
     def store_params(t, dgamma, dbeta, i_b, i_h):
-        """The program's d gamma, d beta ``[B, H, D]``: the per-row sums summed."""
+        """The program's d gamma, d beta ``[B, H, 16]``: the per-row sums summed (zero in
+        the columns >= D)."""
         m.row_sum(t.dg, t.dgs, 0, False)
         m.row_sum(t.db, t.dbs, 0, False)
         for d in T.Parallel(DK):
-            if d < D:
-                dgamma[i_b, i_h, d] = t.dgs[d]
-                dbeta[i_b, i_h, d] = t.dbs[d]
+            dgamma[i_b, i_h, d] = t.dgs[d]
+            dbeta[i_b, i_h, d] = t.dbs[d]
 
     return SimpleNamespace(
         tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done,
@@ -291,52 +292,53 @@ def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
     return st
 
 
-def dq_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
-        q, k:           [B, T, H, D] dtype
+        q, k:           [B, T, H, 16] dtype       (columns >= D: zeros)
         v, dO:          [B, T, H, BV] dtype       dO = dL/do
-        qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
-        w_0, w_1, w_2, eps: float32               ``options.Scalars``: w_p = c_p scale^p, eps
+        qw, qb, kw, kb: [H, 16] float32           gamma, beta of q and k
+        w_0, w_1, w_2, eps: float32, D: int32     ``options.Scalars``: w_p, eps, D
         S, z:           [B, H, R, BV], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
-        dq:             [B, T, H, D] dtype        dL/dq
-        dqw, dqb:       [B, H, D] float32         this program's dL/d gamma_q, dL/d beta_q
+        dq:             [B, T, H, 16] dtype       dL/dq (columns < D written)
+        dqw, dqb:       [B, H, 16] float32         this program's dL/d gamma_q, dL/d beta_q
         inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
                                                   ``normalize``: the dk/dv sweep reads them)
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(D, BV, opt)
+    m = walk(BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
 
     @T.prim_func
     def rebased_dq(
-        q: T.Tensor((B, Tn, H, D), dtype),
-        k: T.Tensor((B, Tn, H, D), dtype),
+        q: T.Tensor((B, Tn, H, DK), dtype),
+        k: T.Tensor((B, Tn, H, DK), dtype),
         v: T.Tensor((B, Tn, H, BV), dtype),
         dO: T.Tensor((B, Tn, H, BV), dtype),
-        qw: T.Tensor((H, D), ACC),
-        qb: T.Tensor((H, D), ACC),
-        kw: T.Tensor((H, D), ACC),
-        kb: T.Tensor((H, D), ACC),
+        qw: T.Tensor((H, DK), ACC),
+        qb: T.Tensor((H, DK), ACC),
+        kw: T.Tensor((H, DK), ACC),
+        kb: T.Tensor((H, DK), ACC),
         w_0: T.float32,
         w_1: T.float32,
         w_2: T.float32,
         eps: T.float32,
+        D: T.int32,
         S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
-        dq: T.Tensor((B, Tn, H, D), dtype),
-        dqw: T.Tensor((B, H, D), ACC),
-        dqb: T.Tensor((B, H, D), ACC),
+        dq: T.Tensor((B, Tn, H, DK), dtype),
+        dqw: T.Tensor((B, H, DK), ACC),
+        dqb: T.Tensor((B, H, DK), ACC),
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
-            sc = Scalars(w_0, w_1, w_2, eps)
+            sc = Scalars(w_0, w_1, w_2, eps, D)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
             st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
@@ -347,8 +349,8 @@ def dq_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
                 T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
                 T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if m.uses_x:
-                    m.pre_transform(t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
-                    m.pre_transform(t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
+                    m.pre_transform(sc, t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(sc, t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # the forward's num and den, then 1 / (den + eps), r and g
                 bw.scores(sc, t, False)
@@ -361,7 +363,7 @@ def dq_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
                 if m.uses_x:
                     bw.pair_grad(t, t.g, t.v, t.r, None, False)
                     bw.state_grad(sc, t, st, t.g, t.r, normalize)
-                    bw.pre_transform_backward(t, qw, dq, i_b, i_h, t0)
+                    bw.pre_transform_backward(sc, t, qw, dq, i_b, i_h, t0)
 
                 m.update(sc, st, t.y, t.v, None, t.phi, t0, normalize)
 
@@ -371,23 +373,23 @@ def dq_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFu
     return rebased_dq
 
 
-def dkv_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
-        q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps   as ``dq_kernel``'s
+        q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps, D   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
         S, z:           [B, H, R, BV], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
                                                   final state's cotangent (read only with
                                                   ``opt.state``, else zero); out: ``(Sg_p,
                                                   zr_p)`` over every token, the initial
                                                   state's gradient in the same convention
-        dk:             [B, T, H, D] dtype        dL/dk
+        dk:             [B, T, H, 16] dtype       dL/dk (columns < D written)
         dv:             [B, T, H, BV] dtype       dL/dv
-        dkw, dkb:       [B, H, D] float32         this program's dL/d gamma_k, dL/d beta_k
+        dkw, dkb:       [B, H, 16] float32         this program's dL/d gamma_k, dL/d beta_k
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(D, BV, opt)
+    m = walk(BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
@@ -395,29 +397,30 @@ def dkv_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
 
     @T.prim_func
     def rebased_dkv(
-        q: T.Tensor((B, Tn, H, D), dtype),
-        k: T.Tensor((B, Tn, H, D), dtype),
+        q: T.Tensor((B, Tn, H, DK), dtype),
+        k: T.Tensor((B, Tn, H, DK), dtype),
         v: T.Tensor((B, Tn, H, BV), dtype),
         dO: T.Tensor((B, Tn, H, BV), dtype),
-        qw: T.Tensor((H, D), ACC),
-        qb: T.Tensor((H, D), ACC),
-        kw: T.Tensor((H, D), ACC),
-        kb: T.Tensor((H, D), ACC),
+        qw: T.Tensor((H, DK), ACC),
+        qb: T.Tensor((H, DK), ACC),
+        kw: T.Tensor((H, DK), ACC),
+        kb: T.Tensor((H, DK), ACC),
         w_0: T.float32,
         w_1: T.float32,
         w_2: T.float32,
         eps: T.float32,
+        D: T.int32,
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
         S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
-        dk: T.Tensor((B, Tn, H, D), dtype),
+        dk: T.Tensor((B, Tn, H, DK), dtype),
         dv: T.Tensor((B, Tn, H, BV), dtype),
-        dkw: T.Tensor((B, H, D), ACC),
-        dkb: T.Tensor((B, H, D), ACC),
+        dkw: T.Tensor((B, H, DK), ACC),
+        dkb: T.Tensor((B, H, DK), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
-            sc = Scalars(w_0, w_1, w_2, eps)
+            sc = Scalars(w_0, w_1, w_2, eps, D)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
             st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
@@ -431,8 +434,8 @@ def dkv_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                     bw.load_scalars(t, inv, r, i_b, i_h, t0)
                     bw.scale_rows(t)
                 if m.uses_x:
-                    m.pre_transform(t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
-                    m.pre_transform(t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
+                    m.pre_transform(sc, t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(sc, t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # dv = A^T g + sum_p K^(p) (w_p Sg_p)
                 bw.scores(sc, t, True)
@@ -445,7 +448,7 @@ def dkv_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimF
                 if m.uses_x:
                     bw.pair_grad(t, t.v, t.g, None, t.r, True)
                     bw.state_grad(sc, t, st, t.v, None, with_z)
-                    bw.pre_transform_backward(t, kw, dk, i_b, i_h, t0)
+                    bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
 
                 m.update(sc, st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
 

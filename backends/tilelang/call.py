@@ -68,7 +68,7 @@ KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 
 
-def prim_func(kind: str, D: int, BV: int, opt: KernelOptions) -> Any:
+def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
     """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
     (``layout.padded_value_dim``), built with ``opt``."""
     from .backward import dkv_kernel, dq_kernel
@@ -76,17 +76,17 @@ def prim_func(kind: str, D: int, BV: int, opt: KernelOptions) -> Any:
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](D, BV, opt)
+    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](BV, opt)
 
 
 @functools.cache
-def compiled(kind: str, D: int, BV: int, opt: KernelOptions) -> Any:
+def compiled(kind: str, BV: int, opt: KernelOptions) -> Any:
     """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
-    class; B, T and H stay symbolic, so every batch size, length and head count reuses it,
-    and every Dv that pads to BV."""
+    class; B, T and H stay symbolic and D is a runtime scalar, so every batch size, length,
+    head count and D <= 16 reuses it, and every Dv that pads to BV."""
     import tilelang
 
-    return tilelang.compile(prim_func(kind, D, BV, opt), target=opt.target)
+    return tilelang.compile(prim_func(kind, BV, opt), target=opt.target)
 
 
 def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
@@ -104,12 +104,12 @@ def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, sta
     )  # fmt: skip
 
 
-def scalars(attn: LinearAttention) -> Scalars:
+def scalars(attn: LinearAttention, D: int) -> Scalars:
     """The kernels' runtime scalars (``options.Scalars``): ``w_p = c_p scale^p`` in float64
-    (0 for an absent power; the launch rounds them to float32 once) and ``attn.eps``."""
+    (0 for an absent power; the launch rounds them to float32 once), ``attn.eps`` and D."""
     coeffs = attn.feature_map.coeffs
     w = [coeffs[p] * attn.scale**p if p < len(coeffs) else 0.0 for p in range(3)]
-    return Scalars(*w, attn.eps)
+    return Scalars(*w, attn.eps, D)
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
@@ -120,7 +120,7 @@ def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, st
     if reason:
         raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
     opt = options(attn, x.v.dtype, x.q.device, state, config)
-    return compiled(kind, D, padded_value_dim(Dv), opt)
+    return compiled(kind, padded_value_dim(Dv), opt)
 
 
 @functools.cache
@@ -199,14 +199,14 @@ def state_gradient(
 
 
 def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
-    """``qw, qb, kw, kb`` as the kernels take them: ``[H, D]`` float32, gamma 1 and beta 0
-    where the feature map does not use them."""
+    """``qw, qb, kw, kb`` as the kernels take them: ``[H, 16]`` float32 (zero past D), gamma 1
+    and beta 0 where the feature map does not use them."""
     pre, (_, _, H, D), dev = attn.feature_map.pre, x.q.shape, x.q.device
 
     def param(t: torch.Tensor | None, used: bool, fill: float) -> torch.Tensor:
         if t is None or not used:
-            return torch.full((H, D), fill, dtype=torch.float32, device=dev)
-        return t.to(torch.float32).expand(H, D).contiguous()
+            t = torch.full((H, D), fill, dtype=torch.float32, device=dev)
+        return _pad(t.to(torch.float32).expand(H, D), DK).contiguous()
 
     return [
         param(x.q_weight, pre.uses_gamma, 1.0),
@@ -241,6 +241,15 @@ def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, devi
     return _pad(S_k.float(), padded_value_dim(Dv)).contiguous(), z_k.float().contiguous()
 
 
+def _operands(x: Inputs, *extra: torch.Tensor) -> list[torch.Tensor]:
+    """q, k ``[B, T, H, 16]`` and v (then each of ``extra``, shaped like v) ``[B, T, H, BV]``
+    as the kernels take them: in v's dtype, contiguous, zero in the columns past D and Dv (a
+    copy only where a column is padded or a dtype converted)."""
+    BV = padded_value_dim(x.v.shape[-1])
+    qk = [_pad(t.to(x.v.dtype), DK).contiguous() for t in (x.q, x.k)]
+    return qk + [_pad(t.to(x.v.dtype), BV).contiguous() for t in (x.v, *extra)]
+
+
 def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = None) -> Outputs:
     """Causal linear attention through the TileLang kernel (see ``kernels``).
 
@@ -249,25 +258,26 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     (canonical layout; rounded to float32 in the kernel's); returns ``o [B, T, H, Dv]`` in
     v's dtype and the final state ``S [B, H, F, Dv]``, ``z [B, H, F]`` (float32, canonical
     layout), for any ``sim = c0 + c1 s + c2 s^2`` and ``attn.normalize`` either way. Raises
-    ``ValueError`` for what ``unsupported_reason`` names. A Dv that is not a multiple of 16
-    is padded with zero columns for the kernel (a copy of v; none for Dv = 16, 32, 48, 64).
+    ``ValueError`` for what ``unsupported_reason`` names. The kernel takes 16 feature
+    columns and a multiple of 16 value columns: q, k (D < 16) and v (Dv not a multiple of
+    16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
     """
     (B, _, H, D), Dv = x.q.shape, x.v.shape[-1]
     kernel = _kernel("forward", x, attn, config, x.S0 is not None)
-    q, k = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k))
-    v = _pad(x.v, padded_value_dim(Dv)).contiguous()  # [B, T, H, BV]
+    q, k, v = _operands(x)  # [B, T, H, 16] twice, [B, T, H, BV]
     o = torch.empty_like(v)
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v.device)
-    kernel(q, k, v, *_params(x, attn), *scalars(attn), o, S, z)  # reads an initial S, z if any
+    sc = scalars(attn, D)
+    kernel(q, k, v, *_params(x, attn), *sc, o, S, z)  # reads the initial S, z if any
     return Outputs(_cut(o, Dv), *canonical_state(S[..., :Dv], z, attn, D))
 
 
 def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
-    """A per-program ``[B, H, D]`` parameter gradient summed to ``like``'s shape ([H, D] or
+    """A per-program ``[B, H, 16]`` parameter gradient summed to ``like``'s shape ([H, D] or
     [D]) and dtype; None for an absent parameter or one the feature map does not use."""
     if like is None or not used:
         return None
-    return g.reshape(-1, *like.shape).sum(0).to(like.dtype)
+    return g[..., : like.shape[-1]].reshape(-1, *like.shape).sum(0).to(like.dtype)
 
 
 def backward(
@@ -282,24 +292,23 @@ def backward(
     and k in their parameters' shapes ([H, D] or [D]; None when absent or unused by the
     feature map); dS0, dz0 in S0's dtype (None without an initial state). Two launches:
     ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``; the
-    per-program d gamma / d beta are summed here. Raises ``ValueError`` and pads Dv as
-    ``forward`` (v and dO).
+    per-program d gamma / d beta are summed here. Raises ``ValueError`` and pads q, k, v
+    and dO as ``forward``.
     """
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     final = grads.S is not None or grads.z is not None
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
-    q, k = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k))
-    v, do = (_pad(t.to(x.v.dtype), padded_value_dim(Dv)).contiguous() for t in (x.v, grads.o))
-    params, sc = _params(x, attn), scalars(attn)
+    q, k, v, do = _operands(x, grads.o)  # [B, T, H, 16] twice, [B, T, H, BV] twice
+    params, sc = _params(x, attn), scalars(attn, D)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (
         new(q.shape, dtype=q.dtype, device=dev),
         new(q.shape, dtype=q.dtype, device=dev),
         torch.empty_like(v),
     )
-    dqw, dqb, dkw, dkb = (new(B, H, D, dtype=torch.float32, device=dev) for _ in range(4))
+    dqw, dqb, dkw, dkb = (new(B, H, DK, dtype=torch.float32, device=dev) for _ in range(4))
     inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
 
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, dev)
@@ -312,7 +321,7 @@ def backward(
         dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
         dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
     return Inputs(
-        dq.to(x.q.dtype), dk.to(x.k.dtype), _cut(dv, Dv),
+        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv),
         _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
         _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
         dS0, dz0,

@@ -26,7 +26,6 @@ def hopper_lowering(
     kind: str = "forward",
     dtype: str = "bfloat16",
     based: bool = False,
-    D: int = 16,
     BV: int = 64,
 ) -> tuple[str, int]:
     """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.default_config``,
@@ -43,7 +42,7 @@ def hopper_lowering(
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
                         **({"powers": BASED} if based else {}))  # fmt: skip
-    func = prim_func(kind, D, BV, opt)
+    func = prim_func(kind, BV, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         lowered = tilelang.lower(func, target=target)

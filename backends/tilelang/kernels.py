@@ -3,7 +3,8 @@
 Legend (``spec`` names; per (batch, head) program)
 --------------------------------------------------
 ``BC``    chunk length (tokens per step of the walk); ``N = ceil(T / BC)`` chunks.
-``DK``    16: q', k' padded to 16 columns with exact zeros (D <= 16).
+``DK``    16: q, k and their gamma, beta come padded to 16 columns (by the host), q', k'
+          are exact zeros past the first D (a runtime value, D <= 16).
 ``BV``    the value columns: 16, 32, 48 or 64 (the host pads Dv to the next of them with
           zero columns when Dv is not one itself, and drops them from o and S).
 ``p``     a power of ``sim = sum_p c_p s^p``, ``s = scale q' . k'``, p <= 2; only the
@@ -21,7 +22,7 @@ Legend (``spec`` names; per (batch, head) program)
 ``b_``    on-chip tiles (shared memory or register fragments), as in fla.
 
 The pre-transform ``x' = gamma * LN(x) + beta`` (``LN(x) = (x - mean) / sqrt(var + 1e-5)``
-over the D columns; ``norm=False`` leaves it out) runs on each chunk's rows in fp32 as they
+over the first D columns; ``norm=False`` leaves it out) runs on each chunk's rows in fp32 as they
 arrive. Then, per chunk ``n`` with rows ``Q = q'[nBC : nBC + BC]`` (likewise K, V)::
 
     A    = tril(sum_p w_p (Q K^T)^p)                   [BC, BC]  (Q K^T: T.gemm, fp32)
@@ -56,17 +57,18 @@ from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
-def forward_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``).
 
     Arguments of the returned ``prim_func`` (B, T and H are symbolic: one compile serves
     every batch size, length and head count; the tail chunk is masked)::
 
-        q, k:           [B, T, H, D] dtype
-        qw, qb, kw, kb: [H, D] float32   gamma, beta of q and k (ones / zeros when unused)
+        q, k:           [B, T, H, 16] dtype  (columns >= D: zeros)
+        qw, qb, kw, kb: [H, 16] float32  gamma, beta of q and k (ones / zeros when unused)
         v:              [B, T, H, BV] dtype
         w_0, w_1, w_2:  float32          w_p = c_p scale^p (0 for an absent power)
         eps:            float32          the normaliser's eps
+        D:              int32            the columns of q, k that are features (<= 16)
         o:              [B, T, H, BV] dtype  o_i = num_i / (den_i + eps), or num_i when not
                                              normalize, with A_ij = sim(q_i, k_j) and
                                              num_i = sum_{j<=i} A_ij v_j + sum_p w_p q_i^(p) S0_p,
@@ -82,29 +84,30 @@ def forward_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
     present, the pre-transform, the tunables): ``options.KernelOptions``.
     Raises ``ValueError`` for what ``tiles.walk`` refuses.
     """
-    m = walk(D, BV, opt)
+    m = walk(BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     B, Tn, H, R, smem = m.B, m.T, m.H, m.R, m.smem
 
     @T.prim_func
     def rebased_forward(
-        q: T.Tensor((B, Tn, H, D), dtype),
-        k: T.Tensor((B, Tn, H, D), dtype),
+        q: T.Tensor((B, Tn, H, DK), dtype),
+        k: T.Tensor((B, Tn, H, DK), dtype),
         v: T.Tensor((B, Tn, H, BV), dtype),
-        qw: T.Tensor((H, D), ACC),
-        qb: T.Tensor((H, D), ACC),
-        kw: T.Tensor((H, D), ACC),
-        kb: T.Tensor((H, D), ACC),
+        qw: T.Tensor((H, DK), ACC),
+        qb: T.Tensor((H, DK), ACC),
+        kw: T.Tensor((H, DK), ACC),
+        kb: T.Tensor((H, DK), ACC),
         w_0: T.float32,
         w_1: T.float32,
         w_2: T.float32,
         eps: T.float32,
+        D: T.int32,
         o: T.Tensor((B, Tn, H, BV), dtype),
         S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
-            sc = Scalars(w_0, w_1, w_2, eps)
+            sc = Scalars(w_0, w_1, w_2, eps, D)
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV]
             b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
             b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] q'k'^T, then A
@@ -114,8 +117,8 @@ def forward_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
             b_k = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] k' (unread if c0 only)
             b_phi = None
             if m.uses_x:
-                b_qr = T.alloc_shared((BC, D), dtype, scope=smem)  # [BC, D] q rows as loaded
-                b_kr = T.alloc_shared((BC, D), dtype, scope=smem)  # [BC, D] k rows as loaded
+                b_qr = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] q rows as loaded
+                b_kr = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] k rows as loaded
                 b_mean = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm mean
                 b_rstd = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm 1 / sqrt(var + eps)
             st = {}  # the state S_p, z_p, w_p S_p per present power (tiles.Block)
@@ -137,8 +140,8 @@ def forward_kernel(D: int, BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.P
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], b_kr)
                 T.copy(v[i_b, t0 : t0 + BC, i_h, :], b_v)
                 if m.uses_x:
-                    m.pre_transform(b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0)
-                    m.pre_transform(b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0)
+                    m.pre_transform(sc, b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0)
+                    m.pre_transform(sc, b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0)
 
                 # num = A v + sum_p Q^(p) w_p S_p, den = A 1 + sum_p w_p Q^(p) z_p
                 m.scores(b_q, b_k, b_s)

@@ -44,20 +44,18 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(D: int, BV: int, opt: KernelOptions) -> SimpleNamespace:
+def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
-    Constants: ``D, BV, BC, R, dtype, norm, normalize, target, smem`` (the shared
+    Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared
     scope), ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0,
     has1, has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes
-    ``B, T, H``. Raises ``ValueError`` for D > 16, value columns BV that are not a multiple
+    ``B, T, H``. Raises ``ValueError`` for value columns BV that are not a multiple
     of 16 up to 64 (``call`` pads v to them), a chunk length that is not a multiple of 16,
     or powers that are not a sorted non-empty subset of (0, 1, 2).
     """
     norm, powers, normalize = opt.norm, opt.powers, opt.normalize
     dtype, BC, target = opt.dtype, opt.BC, opt.target
-    if not 1 <= D <= DK:
-        raise ValueError(f"D={D}: this kernel keeps phi(x) = x (x) x on chip for D <= 16 only")
     if BV not in (16, 32, 48, 64):
         raise ValueError(f"BV={BV}: the value columns must be 16, 32, 48 or 64 (Dv padded)")
     if BC % 16 or BC <= 0:
@@ -117,25 +115,24 @@ def walk(D: int, BV: int, opt: KernelOptions) -> SimpleNamespace:
                         b_dst[a] += b_src[a, b]
 
     @T.macro
-    def pre_transform(b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
-        """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, D]``
-        (0 past T and in the padding columns); ``b_mean, b_rstd [BC]`` keep the statistics
-        (0 and 1 without ``norm``)."""
+    def pre_transform(sc, b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
+        """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, 16]``,
+        the statistics over their first ``sc.D`` columns (x' is 0 past T and in the padding
+        columns); ``b_mean, b_rstd [BC]`` keep them (0 and 1 without ``norm``)."""
         for i in T.Parallel(BC):
             b_mean[i] = 0.0
             b_rstd[i] = 0.0
             if norm:
-                for d in T.serial(D):
-                    b_mean[i] += T.cast(b_xr[i, d], ACC) / D
-                for d in T.serial(D):
+                for d in T.serial(sc.D):
+                    b_mean[i] += T.cast(b_xr[i, d], ACC) / T.cast(sc.D, ACC)
+                for d in T.serial(sc.D):
                     centred = T.cast(b_xr[i, d], ACC) - b_mean[i]
-                    b_rstd[i] += centred * centred / D
+                    b_rstd[i] += centred * centred / T.cast(sc.D, ACC)
             b_rstd[i] = T.rsqrt(b_rstd[i] + LAYER_NORM_EPS) if norm else 1.0
         for i, d in T.Parallel(BC, DK):
-            dc = T.min(d, D - 1)
-            xn = (T.cast(b_xr[i, dc], ACC) - b_mean[i]) * b_rstd[i]
-            xp = T.cast(gamma[i_h, dc] * xn + beta[i_h, dc], dtype)
-            b_x[i, d] = T.if_then_else((t0 + i < Tn) & (d < D), xp, 0)
+            xn = (T.cast(b_xr[i, d], ACC) - b_mean[i]) * b_rstd[i]
+            xp = T.cast(gamma[i_h, d] * xn + beta[i_h, d], dtype)
+            b_x[i, d] = T.if_then_else((t0 + i < Tn) & (d < sc.D), xp, 0)
 
     @T.macro
     def features(b_x, b_phi):
@@ -256,7 +253,7 @@ def walk(D: int, BV: int, opt: KernelOptions) -> SimpleNamespace:
                 operand(sc, st[p].S, st[p].op, p)
 
     return SimpleNamespace(
-        D=D, BV=BV, BC=BC, R=R, dtype=dtype, norm=norm, normalize=normalize,
+        BV=BV, BC=BC, R=R, dtype=dtype, norm=norm, normalize=normalize,
         target=target, smem=smem, powers=powers, offsets=offsets, has0=has0, has1=has1,
         has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
