@@ -242,8 +242,9 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
 
             dxhat = gamma dx',  dx = rstd (dxhat - mean_d(dxhat) - xhat mean_d(dxhat xhat))
 
-        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows and columns
-        only)."""
+        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only; dx' is
+        exactly zero in the columns >= D, where x' is, and so are the sums; dx there is
+        written but not used)."""
         T.copy(t.dx, t.dxs)
         for i in T.Parallel(BC):
             t.sum1[i] = 0.0
@@ -254,7 +255,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
                     t.sum1[i] += dxhat
                     t.sum2[i] += dxhat * (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
         for i, d in T.Parallel(BC, DK):
-            keep = (t0 + i < Tn) & (d < sc.D)
+            keep = t0 + i < Tn
             xhat = (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
             dxp = T.if_then_else(keep, t.dxs[i, d], 0.0)
             t.dg[i, d] += dxp * xhat
@@ -297,11 +298,11 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
 
         q, k:           [B, T, H, 16] dtype       (columns >= D: zeros)
         v, dO:          [B, T, H, BV] dtype       dO = dL/do
-        qw, qb, kw, kb: [H, 16] float32           gamma, beta of q and k
+        qw, qb, kw, kb: [H, 16] float32           gamma, beta of q and k (zeros past D)
         w_0, w_1, w_2, eps: float32, D: int32     ``options.Scalars``: w_p, eps, D
         S, z:           [B, H, R, BV], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
-        dq:             [B, T, H, 16] dtype       dL/dq (columns < D written)
+        dq:             [B, T, H, 16] dtype       dL/dq (columns >= D: not used)
         dqw, dqb:       [B, H, 16] float32         this program's dL/d gamma_q, dL/d beta_q
         inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
                                                   ``normalize``: the dk/dv sweep reads them)
@@ -383,7 +384,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                                                   ``opt.state``, else zero); out: ``(Sg_p,
                                                   zr_p)`` over every token, the initial
                                                   state's gradient in the same convention
-        dk:             [B, T, H, 16] dtype       dL/dk (columns < D written)
+        dk:             [B, T, H, 16] dtype       dL/dk (columns >= D: not used)
         dv:             [B, T, H, BV] dtype       dL/dv
         dkw, dkb:       [B, H, 16] float32         this program's dL/d gamma_k, dL/d beta_k
 

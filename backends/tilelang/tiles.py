@@ -117,8 +117,10 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     @T.macro
     def pre_transform(sc, b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
         """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, 16]``,
-        the statistics over their first ``sc.D`` columns (x' is 0 past T and in the padding
-        columns); ``b_mean, b_rstd [BC]`` keep them (0 and 1 without ``norm``)."""
+        the statistics over their first ``sc.D`` columns; ``b_mean, b_rstd [BC]`` keep them
+        (0 and 1 without ``norm``). x' is 0 past T (masked) and in the columns >= D, where
+        x, gamma and beta are zero (the host pads them so; a mask on the runtime D there
+        doubles TileLang's lowering time)."""
         for i in T.Parallel(BC):
             b_mean[i] = 0.0
             b_rstd[i] = 0.0
@@ -132,7 +134,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         for i, d in T.Parallel(BC, DK):
             xn = (T.cast(b_xr[i, d], ACC) - b_mean[i]) * b_rstd[i]
             xp = T.cast(gamma[i_h, d] * xn + beta[i_h, d], dtype)
-            b_x[i, d] = T.if_then_else((t0 + i < Tn) & (d < sc.D), xp, 0)
+            b_x[i, d] = T.if_then_else(t0 + i < Tn, xp, 0)
 
     @T.macro
     def features(b_x, b_phi):
