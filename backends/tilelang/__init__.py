@@ -8,12 +8,17 @@ one program per (batch, head), D <= 16, Dv <= 64. ``backward.dq_kernel`` and
 ``backward.dkv_kernel`` are its backward as two more walks (dq, d gamma_q, d beta_q and the
 per-token 1 / (den + eps) and r in order; dk, dv, d gamma_k, d beta_k and the initial
 state's gradient in reverse, from the final state's cotangent); the pieces of a walk live
-once, in ``tiles``. ``call.forward`` / ``call.backward`` compile them (CUDA on a GPU,
-TileLang's C target on the CPU), launch them and map the state and its cotangents between
-the kernel's layout (``layout``) and the spec's canonical one; ``hopper`` lowers them for
-sm_90a on any machine. Registered for CUDA (its first GPU run, on an H200, matched the
-float64 oracle in bf16 and fp16: ``docs/results/h200-s7/``); on the CPU the tests check its
-numerics through the C target and lower it to Hopper CUDA (``tests/test_tilelang.py``).
+once, in ``tiles``. ``build`` compiles them (CUDA on a GPU, TileLang's C target on the
+CPU) once per compile key (kind, BV = Dv rounded up to a multiple of 16, and
+``options.KernelOptions``: the powers present, LayerNorm, normaliser, state, dtype,
+tunables), B, T, H, D, the coefficients, scale and eps being read at launch;
+``build.compile_classes`` lists the keys a set of problems needs and ``build.precompile``
+builds them on threads. ``call.forward`` / ``call.backward`` launch them and map the state
+and its cotangents between the kernel's layout (``layout``) and the spec's canonical one;
+``hopper`` lowers them for sm_90a on any machine. Registered for CUDA (its first GPU run,
+on an H200, matched the float64 oracle in bf16 and fp16: ``docs/results/h200-s7/``); on the
+CPU the tests check its numerics through the C target and lower it to Hopper CUDA
+(``tests/test_tilelang.py``).
 Nothing here imports TileLang until a kernel is built.
 """
 
@@ -27,12 +32,12 @@ import torch
 from rebased_kernels.backend import Backend, Inputs, Outputs, Problem, register
 from rebased_kernels.spec import LinearAttention
 
-from . import call
+from . import build, call
 
 
 class TileLangBackend(Backend):
     name = "tilelang"
-    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(call.DTYPES)
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(build.DTYPES)
     device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
     max_degree: ClassVar[int | None] = 2
     max_D: ClassVar[int | None] = 16
@@ -43,7 +48,8 @@ class TileLangBackend(Backend):
         "threads": (128, 256),
     }
     """Compile-time, each: a configuration compiles the forward and both backward sweeps
-    once per (H, D, Dv, dtype, feature map); B and T stay symbolic. Some do not build
+    once per (BV, dtype, powers present, LayerNorm or not, normalize, state given or not);
+    B, T, H, D, the coefficients, scale and eps are runtime values. Some do not build
     (chunk 32 at 256 threads does not lower in TileLang 0.1.15; fp32 at chunk 64 needs more
     shared memory than Hopper has): the tuner records those as failed."""
     default_config: ClassVar[dict[str, Any]] = {
@@ -51,7 +57,7 @@ class TileLangBackend(Backend):
         "num_stages": None,
         "threads": None,
     }
-    """None: the dtype's default (``call.DEFAULT_CONFIG``; ``call.FP32_CONFIG`` for fp32)."""
+    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32)."""
     compiles: ClassVar[bool] = True
     state_cotangents_optional: ClassVar[bool] = True
 
@@ -63,7 +69,7 @@ class TileLangBackend(Backend):
         return None
 
     def unsupported_reason(self, problem: Problem) -> str | None:
-        reason = call.unsupported_reason(problem.attention, problem.D, problem.Dv, problem.dtype)
+        reason = build.unsupported_reason(problem.attention, problem.D, problem.Dv, problem.dtype)
         return reason or super().unsupported_reason(problem)
 
     def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:

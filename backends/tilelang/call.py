@@ -1,15 +1,22 @@
-"""Host side of the TileLang kernels: compile once per shape class, launch, map the state.
+"""Host side of the TileLang kernels: pad the operands, pass the runtime scalars, launch,
+map the state.
 
 ``forward`` runs ``kernels.forward_kernel`` and ``backward`` the two sweeps of ``backward``
 (``dq_kernel``, then ``dkv_kernel``) on CUDA tensors through TileLang's CUDA target and on
-CPU tensors through its C target (the tests' path on a machine without a GPU). The
-kernel's state (``layout``: one unscaled, unpacked block per power, stacked into
-``S [B, H, R, Dv]`` and ``z [B, H, R]``) and the spec's canonical layout are mapped into
-each other here: ``kernel_state`` (canonical -> kernel, for an initial state) and
-``canonical_state`` (kernel -> canonical, for the final state), exact inverses on the
-canonical space. Their adjoints carry the state's cotangents: the final state's cotangent
-enters the dk/dv sweep through ``kernel_state`` itself (in the sweep's ``dS_p / w_p``
-convention) and the initial state's gradient leaves it through ``state_gradient``.
+CPU tensors through its C target (the tests' path on a machine without a GPU), each
+compiled once per ``build.CompileKey`` (kind, BV, ``options.KernelOptions``). What the key
+leaves out is given at launch: B, T and H as the tensors' sizes, and ``scalars`` (``w_p =
+c_p scale^p``, eps and D) as scalar arguments. The kernels take 16 feature columns and BV
+value columns (16, 32, 48 or 64): ``_operands`` pads q, k (D < 16) and v, dO (Dv not a
+multiple of 16) with zero columns, copying nothing at D = 16 and Dv = 16, 32, 48 or 64, and
+the outputs are cut back. The kernel's state (``layout``: one unscaled, unpacked block per
+power, stacked into ``S [B, H, R, BV]`` and ``z [B, H, R]``) and the spec's canonical
+layout are mapped into each other here: ``kernel_state`` (canonical -> kernel, for an
+initial state) and ``canonical_state`` (kernel -> canonical, for the final state), exact
+inverses on the canonical space. Their adjoints carry the state's cotangents: the final
+state's cotangent enters the dk/dv sweep through ``kernel_state`` itself (in the sweep's
+``dS_p / w_p`` convention) and the initial state's gradient leaves it through
+``state_gradient``.
 """
 
 from __future__ import annotations
@@ -19,89 +26,12 @@ from typing import Any
 
 import torch
 
-from rebased_kernels.backend import Inputs, Outputs
+from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
+from .build import compile_key, compiled
 from .layout import DK, block_offsets, block_row, padded_value_dim
-from .options import KernelOptions, Scalars
-
-DTYPES: dict[torch.dtype, str] = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-}
-DEFAULT_CONFIG: dict[str, Any] = {"chunk_size": 64, "num_stages": 2, "threads": 256}
-"""Every kernel's defaults (forward and both backward sweeps). BC = 64 with 256 compute
-threads: 168 registers a thread and no spills for sm_90a at Dv = 64 (nvcc 13.0), for the
-forward of ``rebased`` and of ``based`` with an initial state alike (its c1 and c0 blocks
-live in shared memory); 128 threads spill, the fp32 S_2 alone being 128 registers a thread.
-The backward sweeps: 168 registers and no spills for ``rebased``, 8-12 bytes spilled for
-``based`` with its states; 160 KiB of shared memory (bf16). Not yet timed on a GPU.
-Float32 halves that: see ``FP32_CONFIG``."""
-FP32_CONFIG: dict[str, Any] = {"chunk_size": 32, "num_stages": 2, "threads": 128}
-"""Float32's defaults: at BC = 64 its fp32 chunk tiles took the backward sweeps to 298 KB of
-shared memory (the H200 refused them: 227 KB at most), BC = 32 at 256 threads does not lower
-(TileLang 0.1.15), BC = 32 at 128 threads needs 187 KB (dq), 186 KB (dk/dv), 137 KB
-(forward); ``tests/test_tilelang.py`` reads each kernel's size from its sm_90a lowering."""
-MAX_SHARED_BYTES = 232_448
-"""Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
-
-
-def default_config(dtype: str) -> dict[str, Any]:
-    """``DEFAULT_CONFIG``, or ``FP32_CONFIG`` for ``"float32"`` (``DTYPES``' names)."""
-    return dict(FP32_CONFIG if dtype == "float32" else DEFAULT_CONFIG)
-
-
-def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtype) -> str | None:
-    """Why ``forward`` / ``backward`` cannot compute this problem (None when they can)."""
-    fm = attn.feature_map
-    if fm.degree > 2:
-        return f"computes kernels c0 + c1 s + c2 s^2 (degree <= 2), not degree {fm.degree}"
-    if D > DK or Dv > 64:
-        return f"keeps the whole state on chip for D <= 16 and Dv <= 64, not D={D}, Dv={Dv}"
-    if dtype not in DTYPES:
-        return f"supports dtypes {sorted(str(d) for d in DTYPES)}, not {dtype}"
-    return None
-
-
-KINDS = ("forward", "dq", "dkv")
-"""The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
-
-
-def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
-    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
-    (``layout.padded_value_dim``), built with ``opt``."""
-    from .backward import dkv_kernel, dq_kernel
-    from .kernels import forward_kernel
-
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](BV, opt)
-
-
-@functools.cache
-def compiled(kind: str, BV: int, opt: KernelOptions) -> Any:
-    """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
-    class; B, T and H stay symbolic and D is a runtime scalar, so every batch size, length,
-    head count and D <= 16 reuses it, and every Dv that pads to BV."""
-    import tilelang
-
-    return tilelang.compile(prim_func(kind, BV, opt), target=opt.target)
-
-
-def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
-            config: dict | None) -> KernelOptions:  # fmt: skip
-    """The ``KernelOptions`` of a call: its attention, dtype and device, and ``config``
-    (``DEFAULT_CONFIG``'s keys; what it leaves out or sets to None comes from
-    ``default_config(dtype)``)."""
-    given = {key: value for key, value in (config or {}).items() if value is not None}
-    cfg = {**default_config(DTYPES[dtype]), **given}
-    fm = attn.feature_map
-    return KernelOptions(
-        norm=fm.pre.norm, powers=fm.powers, normalize=attn.normalize, state=state,
-        dtype=DTYPES[dtype], BC=cfg["chunk_size"], num_stages=cfg["num_stages"],
-        threads=cfg["threads"], target="cuda" if device.type == "cuda" else "c",
-    )  # fmt: skip
+from .options import Scalars
 
 
 def scalars(attn: LinearAttention, D: int) -> Scalars:
@@ -113,14 +43,10 @@ def scalars(attn: LinearAttention, D: int) -> Scalars:
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
-    """``compiled(kind, ...)`` for this call's shape class and configuration; raises
-    ``ValueError`` for what ``unsupported_reason`` names."""
-    D, Dv = x.q.shape[-1], x.v.shape[-1]
-    reason = unsupported_reason(attn, D, Dv, x.v.dtype)
-    if reason:
-        raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
-    opt = options(attn, x.v.dtype, x.q.device, state, config)
-    return compiled(kind, padded_value_dim(Dv), opt)
+    """``build.compiled`` for this call's ``build.compile_key``; raises ``ValueError`` for
+    what ``build.unsupported_reason`` names."""
+    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
+    return compiled(*compile_key(kind, problem, state, config))
 
 
 @functools.cache
@@ -258,7 +184,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     (canonical layout; rounded to float32 in the kernel's); returns ``o [B, T, H, Dv]`` in
     v's dtype and the final state ``S [B, H, F, Dv]``, ``z [B, H, F]`` (float32, canonical
     layout), for any ``sim = c0 + c1 s + c2 s^2`` and ``attn.normalize`` either way. Raises
-    ``ValueError`` for what ``unsupported_reason`` names. The kernel takes 16 feature
+    ``ValueError`` for what ``build.unsupported_reason`` names. The kernel takes 16 feature
     columns and a multiple of 16 value columns: q, k (D < 16) and v (Dv not a multiple of
     16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
     """

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .call import default_config, prim_func
+from .build import default_config, prim_func
 from .options import KernelOptions
 
 BASED = (0, 1, 2)
@@ -28,9 +28,10 @@ def hopper_lowering(
     based: bool = False,
     BV: int = 64,
 ) -> tuple[str, int]:
-    """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.default_config``,
-    lowered for sm_90a, and the dynamic shared memory its launch asks for (bytes; the
-    device function's ``dyn_shared_memory_buf``, what a GPU checks against its limit):
+    """The CUDA C++ of kernel ``kind`` (one of ``build.KINDS``) in ``build.default_config``
+    for BV value columns (any B, T, H and D <= 16), lowered for sm_90a, and the dynamic
+    shared memory its launch asks for (bytes; the device function's
+    ``dyn_shared_memory_buf``, what a GPU checks against its limit):
     ``rebased``'s kernel (``c2 s^2``, LayerNorm, no state), or with ``based`` the Based
     polynomial ``1 + s + s^2 / 2`` (the same pre-transform) with the kernel's state flag set
     (the forward and the dq sweep read an initial state, the dk/dv sweep a final-state

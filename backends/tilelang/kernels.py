@@ -3,16 +3,13 @@
 Legend (``spec`` names; per (batch, head) program)
 --------------------------------------------------
 ``BC``    chunk length (tokens per step of the walk); ``N = ceil(T / BC)`` chunks.
-``DK``    16: q, k and their gamma, beta come padded to 16 columns (by the host), q', k'
-          are exact zeros past the first D (a runtime value, D <= 16).
+``DK``    16: q, k and their gamma, beta arrive with 16 columns (the host pads D < 16 with
+          zeros), so q', k' are exact zeros past the first D.
 ``BV``    the value columns: 16, 32, 48 or 64 (the host pads Dv to the next of them with
           zero columns when Dv is not one itself, and drops them from o and S).
 ``p``     a power of ``sim = sum_p c_p s^p``, ``s = scale q' . k'``, p <= 2; only the
-          powers with ``c_p != 0`` are built (compile-time flags: an absent power costs
-          nothing).
-``w_p``   ``c_p scale^p``, so ``sim = sum_p w_p (q' . k')^p``: a scalar argument of the
-          kernel (``sc[p]``, ``options.Scalars``; ``eps`` too), so one compile serves every
-          scale and every polynomial with the same powers.
+          powers with ``c_p != 0`` are built (an absent power costs nothing).
+``w_p``   ``c_p scale^p``, so ``sim = sum_p w_p (q' . k')^p``.
 ``x^(p)`` the unscaled power-p features of a row (``layout``): ``x^(0) = 1``,
           ``x^(1) = x'`` [16], ``x^(2)[16 a + b] = x'_a x'_b`` [F = 256], so that
           ``(q' . k')^p = q^(p) . k^(p)``; ``ROWS[p]`` is their count (1, 16, 256).
@@ -22,8 +19,8 @@ Legend (``spec`` names; per (batch, head) program)
 ``b_``    on-chip tiles (shared memory or register fragments), as in fla.
 
 The pre-transform ``x' = gamma * LN(x) + beta`` (``LN(x) = (x - mean) / sqrt(var + 1e-5)``
-over the first D columns; ``norm=False`` leaves it out) runs on each chunk's rows in fp32 as they
-arrive. Then, per chunk ``n`` with rows ``Q = q'[nBC : nBC + BC]`` (likewise K, V)::
+over the first D columns; ``norm=False`` leaves it out) runs on each chunk's rows in fp32
+as they arrive. Then, per chunk ``n`` with rows ``Q = q'[nBC : nBC + BC]`` (likewise K, V)::
 
     A    = tril(sum_p w_p (Q K^T)^p)                   [BC, BC]  (Q K^T: T.gemm, fp32)
     num  = A V + sum_p Q^(p) (w_p S_p)                 [BC, BV]  (T.gemm for p = 2 and 1,
@@ -39,6 +36,12 @@ final state is written once at the end, in ``layout``'s stacked unscaled layout;
 ``call.canonical_state`` maps it to the spec's. Products on the tensor cores take operands
 in the input dtype (``A``, ``Q^(2)``, ``K^(2)`` and the fp32 ``w_p S_p`` are rounded to it);
 the normaliser never leaves fp32.
+
+Compile time and run time: a kernel is built for BV and an ``options.KernelOptions`` (the
+powers present, ``norm``, ``normalize``, whether a state is read, the dtype, the tunables,
+the target); B, T and H are symbolic sizes and ``w_0, w_1, w_2``, ``eps`` and D scalar
+arguments (``sc``, an ``options.Scalars``), so one compile serves every batch, length, head
+count, D <= 16, scale and polynomial with the same powers (``build.compile_classes``).
 
 ``target`` picks what differs between a GPU and TileLang's C backend (``"c"``, for tests on
 a machine without one): shared tiles are ``shared.dyn`` on CUDA and static ``shared`` in C
@@ -64,7 +67,8 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     every batch size, length and head count; the tail chunk is masked)::
 
         q, k:           [B, T, H, 16] dtype  (columns >= D: zeros)
-        qw, qb, kw, kb: [H, 16] float32  gamma, beta of q and k (ones / zeros when unused)
+        qw, qb, kw, kb: [H, 16] float32  gamma, beta of q and k (ones / zeros when unused;
+                                         zeros past D)
         v:              [B, T, H, BV] dtype
         w_0, w_1, w_2:  float32          w_p = c_p scale^p (0 for an absent power)
         eps:            float32          the normaliser's eps
