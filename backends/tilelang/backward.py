@@ -1,6 +1,6 @@
 """TileLang kernels of the ReBased backward: two chunk walks, one (batch, head) per program.
 
-Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p`` and ``eps``: the
+Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p``, eps and D: the
 kernel's scalar arguments ``sc``, the unscaled features ``x^(p)``, the state ``S_p, z_p``),
 and per token i::
 
@@ -236,15 +236,14 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
 
     @T.macro
     def pre_transform_backward(sc, t, gamma, dx, i_b, i_h, t0):
-        """``dx [B, T, H, 16]`` (this chunk's rows, the first ``sc.D`` columns) from
+        """``dx [B, T, H, 16]`` (this chunk's rows; its first ``sc.D`` columns are used) from
         ``dx' = t.dx`` through ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself
         without ``norm``), the means over the first D columns::
 
             dxhat = gamma dx',  dx = rstd (dxhat - mean_d(dxhat) - xhat mean_d(dxhat xhat))
 
         and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only; dx' is
-        exactly zero in the columns >= D, where x' is, and so are the sums; dx there is
-        written but not used)."""
+        exactly zero in the columns >= D, where x' is, and so are these sums)."""
         T.copy(t.dx, t.dxs)
         for i in T.Parallel(BC):
             t.sum1[i] = 0.0
@@ -303,7 +302,7 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
         S, z:           [B, H, R, BV], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
         dq:             [B, T, H, 16] dtype       dL/dq (columns >= D: not used)
-        dqw, dqb:       [B, H, 16] float32         this program's dL/d gamma_q, dL/d beta_q
+        dqw, dqb:       [B, H, 16] float32        this program's dL/d gamma_q, dL/d beta_q
         inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
                                                   ``normalize``: the dk/dv sweep reads them)
 
@@ -386,7 +385,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                                                   state's gradient in the same convention
         dk:             [B, T, H, 16] dtype       dL/dk (columns >= D: not used)
         dv:             [B, T, H, BV] dtype       dL/dv
-        dkw, dkb:       [B, H, 16] float32         this program's dL/d gamma_k, dL/d beta_k
+        dkw, dkb:       [B, H, 16] float32        this program's dL/d gamma_k, dL/d beta_k
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """

@@ -16,9 +16,9 @@ The forward runs them with x = q, y = k, W = v; the backward's dq sweep the same
 dk/dv sweep with x = k, y = q, W = g = dO / (den + eps), w = r, walking chunks in reverse.
 A state is a dict ``{p: Block}`` over the powers present, in ``layout``'s stacked
 unscaled layout (``load``: read from S, z; otherwise zero). Which powers are present is
-compile-time; their weights ``w_p`` (and ``eps``) are the kernel's scalar arguments,
-``sc[p]`` (and ``sc.eps``) of an ``options.Scalars``, which the macros that need them take
-as ``sc``.
+compile-time; their weights ``w_p``, ``eps`` and the feature dim D are the kernel's scalar
+arguments (``sc[p]``, ``sc.eps``, ``sc.D`` of an ``options.Scalars``), which the macros
+that need them take as ``sc``.
 """
 
 # no `from __future__ import annotations`: TileLang reads the macro annotations as values
@@ -47,12 +47,12 @@ class Block(NamedTuple):
 def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
-    Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared
-    scope), ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0,
-    has1, has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes
-    ``B, T, H``. Raises ``ValueError`` for value columns BV that are not a multiple
-    of 16 up to 64 (``call`` pads v to them), a chunk length that is not a multiple of 16,
-    or powers that are not a sorted non-empty subset of (0, 1, 2).
+    Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared scope),
+    ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0, has1,
+    has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes ``B, T, H``.
+    Raises ``ValueError`` for value columns BV other than 16, 32, 48, 64 (``call`` pads v
+    to them), a chunk length that is not a multiple of 16, or powers that are not a sorted
+    non-empty subset of (0, 1, 2).
     """
     norm, powers, normalize = opt.norm, opt.powers, opt.normalize
     dtype, BC, target = opt.dtype, opt.BC, opt.target
