@@ -1,3 +1,3 @@
 """Built-in backends: importing this package registers each one (a folder per backend)."""
 
-from . import fla, numba, reference, torch, torch_compile, triton  # noqa: F401
+from . import fla, numba, reference, tilelang, torch, torch_compile, triton  # noqa: F401

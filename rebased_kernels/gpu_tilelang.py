@@ -4,18 +4,21 @@ For each dtype (bf16, fp16; fp32, which TileLang runs as TF32 on the tensor core
 map (``rebased``, ``based``), length and with or without an initial state: the forward's
 o, S and z (and, where ``call.backward`` exists, every gradient) against the float64
 oracle on the same rounded inputs; then forward times at B=4, H=16, D=16, Dv=64 beside the
-triton backend's default. Rows go to ``log["tilelang"]``; a case that raises is recorded.
+triton backend's default. The kernels those cases need are built first, in parallel
+(``build.precompile``; its time and any key that fails go to ``log["tilelang"]["precompile"]``).
+Rows go to ``log["tilelang"]``; a case that raises is recorded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from . import reference
 from ._validate import PARAM_NAMES
-from .backend import Inputs, Outputs, get_backend
+from .backend import Inputs, Outputs, Problem, get_backend
 from .spec import PRESETS, LinearAttention
 from .testing import random_inputs, rel_err
 
@@ -55,6 +58,21 @@ def _case(call, name: str, dtype: torch.dtype, T: int, state: bool, device: str)
     return row
 
 
+def _precompile(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
+    """Build every kernel that ``_case`` and the timings launch in ``dtypes`` (each kind with
+    and without a state) on all cores; returns the key count, the seconds and the keys that
+    failed."""
+    from rebased_kernels.backends.tilelang import build
+
+    problems = [Problem(LinearAttention(PRESETS[name], 0.25), 16, 64, dtype, device.split(":")[0])
+                for dtype in dtypes for name in ("rebased", "based")]  # fmt: skip
+    keys = build.compile_classes(problems)
+    start = time.perf_counter()
+    failed = build.precompile(keys)
+    return dict(keys=len(keys), seconds=round(time.perf_counter() - start, 1),
+                failed={f"{k.kind} {k.opt}": repr(e)[:300] for k, e in failed.items()})  # fmt: skip
+
+
 def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                    dtypes: tuple[torch.dtype, ...] | None = None,
                    triton_config: dict | None = None, timings: bool = True) -> None:  # fmt: skip
@@ -66,6 +84,9 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
     log["tilelang"] = dict(oracle=rows, timings=[])  # filled in place (a cut call keeps rows)
     if dtypes is None:
         dtypes = (torch.float32,) if small else (torch.bfloat16, torch.float16, torch.float32)
+    timed = torch.float32 if small else torch.bfloat16  # the timings' dtype
+    log["tilelang"]["precompile"] = _precompile(device, (*dtypes, *([timed] if timings else [])))
+    print("tilelang precompile", log["tilelang"]["precompile"], flush=True)
     for dtype in dtypes:
         for name in ("rebased", "based"):
             for T in (37,) if small else (100, 3000):
@@ -81,11 +102,10 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
     fm = PRESETS["rebased"]
     attn = LinearAttention(fm, 0.25)
     triton = get_backend("triton")
-    dtype = torch.float32 if small else torch.bfloat16
     cfg = {**triton.default_config, **(triton_config or {})}
     for T in (64,) if small else (2048, 8192, 16384):
-        B, H = (1, 3) if small else (4, 16)  # a dry run reuses the oracle rows' compiles
-        x = random_inputs(B, T, H, 16, 64, dtype, device, fm, requires_grad=False)
+        B, H = (1, 2) if small else (4, 16)
+        x = random_inputs(B, T, H, 16, 64, timed, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
         row = dict(

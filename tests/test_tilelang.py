@@ -11,6 +11,12 @@ machine without a GPU.
   ``reference.quadratic``) for LayerNorm with gamma and beta and no state, Based with an
   initial state and final-state cotangents, normalize=False, D < 16 and tail chunks. The
   maps that carry state cotangents are checked to be the state maps' adjoints.
+* Compile classes: two problems that differ in H, D, Dv (within one BV), the scale, the
+  coefficients of the same powers, eps and the affine need one kernel per kind
+  (``build.compile_classes``), built up front on two threads (``build.precompile``) and then
+  reused by both with no compile, each matching the oracle; that kernel handed a wrong
+  runtime scalar (w_0, w_2, eps or D) fails the oracle comparison; the operands are padded
+  (q, k to 16 columns, v, dO to BV) by a copy only when they are short.
 * Lowering: ``forward_kernel``, ``dq_kernel`` and ``dkv_kernel`` lower to CUDA C++ for
   Hopper (``sm_90a``) with no GPU present (``hopper.hopper_source``); each ``T.gemm`` is one
   ``tl::wgmma_ss`` call site (forward: four for ``c2 s^2``, a fifth with ``c1 s``; each
@@ -18,7 +24,7 @@ machine without a GPU.
   sources also compile to sm_90a cubins: ``wgmma.mma_async`` and bulk-tensor copies in the
   PTX and no spills, for the forward of ``rebased`` and of ``based`` with an initial state
   and for ``rebased``'s two backward sweeps. The sources are lowered in a second process
-  while the C-target tests run here (each lowering holds the GIL for 5-10 s), which keeps
+  while the C-target tests run here (each lowering takes 5-10 s), which keeps
   this file near a minute on two cores.
 
 What the C target cannot cover: the CUDA-only code paths, i.e. the ``T.reduce_sum`` warp
@@ -42,10 +48,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import pytest
 import torch
-from rebased_kernels.backends.tilelang import call
+from rebased_kernels.backends.tilelang import build, call
 
 from rebased_kernels import reference
-from rebased_kernels.backend import Inputs, Outputs
+from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import PRESETS, FeatureMap, LinearAttention, PreTransform
 from rebased_kernels.testing import assert_close, random_inputs
 
@@ -124,18 +130,80 @@ def test_state_cotangent_maps_are_adjoint(name: str, D: int, Dv: int) -> None:
     assert torch.allclose(lhs, rhs, rtol=1e-6), (lhs, rhs)
 
 
-def _state(fm: FeatureMap, B: int, H: int, D: int, Dv: int, seed: int, normalize: bool):
+def _state(attn: LinearAttention, B: int, H: int, D: int, Dv: int, seed: int):
     """A fresh canonical float32 initial state: the oracle's final state after a random
     19-token prefix when normalised (so ``den`` stays a sum of similarities), else randn."""
-    if normalize:
+    fm = attn.feature_map
+    if attn.normalize:
         x = random_inputs(B, 19, H, D, Dv, torch.float64, "cpu", fm, seed, requires_grad=False)
-        attn = LinearAttention(fm, D**-0.5)
         _, S0, z0 = reference.quadratic(x["q"], x["k"], x["v"], attn,
                                         tuple(x.get(n) for n in PARAMS))  # fmt: skip
         return S0.float(), z0.float()
     g = torch.Generator().manual_seed(seed)
     F = fm.num_features(D)
     return torch.randn(B, H, F, Dv, generator=g), torch.randn(B, H, F, generator=g)
+
+
+def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
+                   init: bool, seed: int) -> None:  # fmt: skip
+    """o, S, z of ``call.forward`` (C target, float32) on random inputs (and a random
+    initial state when ``init``) against ``reference.quadratic`` on the same float32-rounded
+    inputs, at the float32 tolerance."""
+    fm, label = attn.feature_map, f"{attn.feature_map.name} B={B} T={T} H={H} D={D} Dv={Dv}"
+    x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=seed, requires_grad=False)
+    params = tuple(x.get(n) for n in PARAMS)
+    S0, z0 = _state(attn, B, H, D, Dv, seed + 1) if init else (None, None)
+    ours = call.forward(
+        Inputs(x["q"].float(), x["k"].float(), x["v"].float(),
+               *(None if p is None else p.float() for p in params), S0, z0),
+        attn, {"chunk_size": BC},
+    )  # fmt: skip
+    x32 = {n: t.float().double() for n, t in x.items()}
+    state = None if S0 is None else (S0.double(), z0.double())
+    ref = reference.quadratic(x32["q"], x32["k"], x32["v"], attn,
+                              tuple(x32.get(n) for n in PARAMS), state)  # fmt: skip
+    for out, want, what in zip(ours, ref, "oSz"):
+        assert_close(out, want, torch.float32, f"{label} BC={BC} {what}")
+
+
+def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
+                    init: bool, cot: bool, seed: int) -> None:  # fmt: skip
+    """``call.backward`` (both sweeps on the C target, float32) against torch.autograd
+    through ``reference.quadratic`` in float64 on the same float32-rounded inputs, with
+    random cotangents for o (and for the final S, z when ``cot``; None otherwise: the state
+    not in the loss): dq, dk, dv, d gamma / d beta of q and k, dS0, dz0 (with ``init``) at
+    the float32 tolerance (1e-4 in relative norm); a gradient is None exactly where the
+    input is."""
+    fm, label = attn.feature_map, f"{attn.feature_map.name} B={B} T={T} H={H} D={D} Dv={Dv}"
+    x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=seed, requires_grad=False)
+    leaves = {n: t.float().double().requires_grad_() for n, t in x.items()}
+    if init:
+        S0, z0 = _state(attn, B, H, D, Dv, seed + 1)
+        leaves["S0"], leaves["z0"] = S0.double().requires_grad_(), z0.double().requires_grad_()
+    state = (leaves["S0"], leaves["z0"]) if init else None
+    o, S, z = reference.quadratic(leaves["q"], leaves["k"], leaves["v"], attn,
+                                  tuple(leaves.get(n) for n in PARAMS), state)  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 2)
+    do, dS, dz = (torch.randn(t.shape, generator=g, dtype=torch.float64).float()
+                  for t in (o, S, z))  # fmt: skip
+    loss = (o * do.double()).sum()
+    if cot:
+        loss = loss + (S * dS.double()).sum() + (z * dz.double()).sum()
+    loss.backward()
+
+    inputs = Inputs(*(None if leaves.get(n) is None else leaves[n].detach().float()
+                      for n in Inputs._fields))  # fmt: skip
+    grads = Outputs(do, dS if cot else None, dz if cot else None)
+    ours = call.backward(inputs, attn, {"chunk_size": BC}, grads)
+    # as in the property suite: a gradient 100x smaller than the largest one is
+    # cancellation (dq at T = 1 normalised is O(eps)), checked against 1% of the largest
+    floor = 1e-2 * max(t.grad.norm().item() for t in leaves.values())
+    for n, got in zip(Inputs._fields, ours):
+        want = leaves.get(n)
+        assert (got is None) == (want is None), f"{label} d{n}: {got is None=}"
+        if want is not None:
+            assert got.dtype == torch.float32 and got.shape == want.shape, n
+            assert_close(got, want.grad, torch.float32, f"{label} BC={BC} d{n}", floor=floor)
 
 
 CASES = [
@@ -157,24 +225,9 @@ def test_c_target_matches_the_oracle(
     """o, S, z of the C-compiled forward (float32) against ``reference.quadratic``: masked
     tail chunks, D < 16 and Dv < BV padding, LayerNorm with gamma and beta, the power sets
     {2}, {0, 2}, {0, 1, 2} and {0, 1}, normalize=False, initial states."""
-    fm = MAPS[name]
-    attn = LinearAttention(fm, D**-0.5, normalize=normalize)
+    attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
     for T in lengths:
-        x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=T, requires_grad=False)
-        params = tuple(x.get(n) for n in PARAMS)
-        S0, z0 = _state(fm, B, H, D, Dv, T + 1, normalize) if init else (None, None)
-        ours = call.forward(
-            Inputs(x["q"].float(), x["k"].float(), x["v"].float(),
-                   *(None if p is None else p.float() for p in params), S0, z0),
-            attn, {"chunk_size": BC},
-        )  # fmt: skip
-        # the oracle on the same float32-rounded inputs
-        x32 = {n: t.float().double() for n, t in x.items()}
-        state = None if S0 is None else (S0.double(), z0.double())
-        ref = reference.quadratic(x32["q"], x32["k"], x32["v"], attn,
-                                  tuple(x32.get(n) for n in PARAMS), state)  # fmt: skip
-        for out, want, what in zip(ours, ref, "oSz"):
-            assert_close(out, want, torch.float32, f"{name} B={B} T={T} BC={BC} {what}")
+        _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T)
 
 
 BACKWARD_CASES = [
@@ -193,44 +246,77 @@ def test_c_target_gradients_match_the_oracle(
     name: str, normalize: bool, init: bool, cot: bool, B: int, H: int, D: int, Dv: int,
     BC: int, lengths: tuple[int, ...],
 ) -> None:  # fmt: skip
-    """``call.backward`` (both sweeps C-compiled, float32) against torch.autograd through
-    ``reference.quadratic`` in float64 on the same float32-rounded inputs, with random
-    cotangents for o (and for the final S, z when ``cot``; None otherwise: the state not in
-    the loss): dq, dk, dv, d gamma / d beta of q and k, dS0, dz0, at the float32 tolerance
-    (1e-4 in relative norm); a gradient is None exactly where the input is."""
-    fm = MAPS[name]
-    attn = LinearAttention(fm, D**-0.5, normalize=normalize)
+    """Every gradient of the C-compiled sweeps against the float64 oracle's
+    (``_check_backward``): LayerNorm with gamma and beta, Based with an initial state and
+    final-state cotangents, normalize=False, D < 16, Dv < BV and tail chunks."""
+    attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
     for T in lengths:
-        x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=T, requires_grad=False)
-        leaves = {n: t.float().double().requires_grad_() for n, t in x.items()}
-        if init:
-            S0, z0 = _state(fm, B, H, D, Dv, T + 1, normalize)
-            leaves["S0"], leaves["z0"] = S0.double().requires_grad_(), z0.double().requires_grad_()
-        state = (leaves["S0"], leaves["z0"]) if init else None
-        o, S, z = reference.quadratic(leaves["q"], leaves["k"], leaves["v"], attn,
-                                      tuple(leaves.get(n) for n in PARAMS), state)  # fmt: skip
-        g = torch.Generator().manual_seed(T + 2)
-        do, dS, dz = (torch.randn(t.shape, generator=g, dtype=torch.float64).float()
-                      for t in (o, S, z))  # fmt: skip
-        loss = (o * do.double()).sum()
-        if cot:
-            loss = loss + (S * dS.double()).sum() + (z * dz.double()).sum()
-        loss.backward()
+        _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T)
 
-        inputs = Inputs(*(None if leaves.get(n) is None else leaves[n].detach().float()
-                          for n in Inputs._fields))  # fmt: skip
-        grads = Outputs(do, dS if cot else None, dz if cot else None)
-        ours = call.backward(inputs, attn, {"chunk_size": BC}, grads)
-        # as in the property suite: a gradient 100x smaller than the largest one is
-        # cancellation (dq at T = 1 normalised is O(eps)), checked against 1% of the largest
-        floor = 1e-2 * max(t.grad.norm().item() for t in leaves.values())
-        for n, got in zip(Inputs._fields, ours):
-            want = leaves.get(n)
-            assert (got is None) == (want is None), f"{name} T={T} d{n}: {got is None=}"
-            if want is not None:
-                assert got.dtype == torch.float32 and got.shape == want.shape, n
-                assert_close(got, want.grad, torch.float32, f"{name} B={B} T={T} BC={BC} d{n}",
-                             floor=floor)  # fmt: skip
+
+# Two problems of one compile class: the same powers present ({0, 2}), LayerNorm, normalised,
+# no state, BV = 16, BC = 16, float32; H, D, Dv, the scale, the coefficients, eps and the
+# affine differ (the second eps is large, so that it shows in o)
+SHARED_CLASS = [
+    (LinearAttention(FeatureMap("ln_lifted", PreTransform(True, "gamma_beta"), (0.25, 0.0, 0.5)),
+                     5**-0.5, eps=1e-5), 1, 5, 3),
+    (LinearAttention(FeatureMap("ln_lifted_b", PreTransform(True, "gamma"), (2.0, 0.0, 0.125)),
+                     0.7, eps=0.5), 3, 12, 14),
+]  # fmt: skip
+"""``(attention, H, D, Dv)``."""
+
+
+def test_runtime_values_share_one_compile() -> None:
+    """Problems differing only in what the kernels read at launch (H, D, Dv within its BV,
+    the scale, the coefficients of the present powers, eps, the affine) need one compile
+    key per kernel kind (``build.compile_classes``); ``build.precompile`` builds those on
+    two threads, after which both problems run forward and backward with no compile and
+    each matches the float64 oracle."""
+    problems = [Problem(attn, D, Dv, torch.float32, "cpu") for attn, _, D, Dv in SHARED_CLASS]
+    keys = build.compile_classes(problems, [{"chunk_size": 16}], states=(False,))
+    assert [key.kind for key in keys] == list(build.KINDS) and {key.BV for key in keys} == {16}
+    assert build.precompile(keys, workers=2) == {}
+    misses = build.compiled.cache_info().misses
+    for i, (attn, H, D, Dv) in enumerate(SHARED_CLASS):
+        _check_forward(attn, 2, 37, H, D, Dv, 16, init=False, seed=10 + i)
+        _check_backward(attn, 2, 37, H, D, Dv, 16, init=False, cot=False, seed=20 + i)
+    assert build.compiled.cache_info().misses == misses, "a runtime value recompiled"
+    # another power set, normaliser or state flag is another key
+    other = [Problem(LinearAttention(PRESETS["based"], 0.25), 16, 64, torch.float32, "cpu")]
+    assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 12
+
+
+@pytest.mark.parametrize(
+    ("field", "wrong"),
+    [("w_0", lambda w: 1.05 * w), ("w_2", lambda w: 0.95 * w), ("eps", lambda e: e / 2),
+     ("D", lambda D: D - 1)],
+)  # fmt: skip
+def test_wrong_runtime_scalars_fail_the_oracle(monkeypatch, field: str, wrong) -> None:
+    """The scalars are the kernel's, not baked in: the same compiled forward handed one of
+    them wrong (w_0 5% high, w_2 5% low, eps halved, the LayerNorm over D - 1 columns) no
+    longer matches the oracle (the check above can fail)."""
+    right = call.scalars
+    monkeypatch.setattr(call, "scalars", lambda attn, D: right(attn, D)._replace(
+        **{field: wrong(getattr(right(attn, D), field))}))  # fmt: skip
+    attn, H, D, Dv = SHARED_CLASS[1]
+    with pytest.raises(AssertionError):
+        _check_forward(attn, 2, 37, H, D, Dv, 16, init=False, seed=30)
+
+
+def test_padding_copies_only_short_rows() -> None:
+    """q, k reach the kernels with 16 columns and v, dO with BV: at D = 16 and Dv = 64 they
+    are the callers' tensors themselves (no copy on the main shape); at D = 5, Dv = 3 copies
+    with zero columns added."""
+    for D, Dv in ((16, 64), (5, 3)):
+        x = random_inputs(1, 9, 2, D, Dv, torch.float32, "cpu", "based", requires_grad=False)
+        do = torch.randn(1, 9, 2, Dv)
+        given = (x["q"], x["k"], x["v"], do)
+        rows = call._operands(Inputs(x["q"], x["k"], x["v"]), do)
+        assert [t.shape[-1] for t in rows] == ([16, 16, 64, 64] if D == 16 else [16] * 4)
+        for t, mine in zip(given, rows):
+            n = t.shape[-1]
+            assert (mine.data_ptr() == t.data_ptr()) == (n in (16, 64))
+            assert torch.equal(mine[..., :n], t) and not mine[..., n:].any()
 
 
 def test_unsupported_problems_raise() -> None:
@@ -246,12 +332,15 @@ def test_unsupported_problems_raise() -> None:
     x64 = Inputs(*(t.double() for t in inputs[:3]))
     with pytest.raises(ValueError, match="float64"):
         call.forward(x64, LinearAttention(PRESETS["x2"], 0.25))
+    wide = random_inputs(1, 8, 1, 32, 8, torch.float32, "cpu", "x2", requires_grad=False)
     with pytest.raises(ValueError, match="D <= 16"):
-        forward_kernel(1, 32, 8)
+        call.forward(Inputs(wide["q"], wide["k"], wide["v"]), LinearAttention(PRESETS["x2"], 0.2))
+    with pytest.raises(ValueError, match="16, 32, 48 or 64"):
+        forward_kernel(24)
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(1, 16, 8, KernelOptions(BC=24))
-    with pytest.raises(ValueError, match="c0, c1, c2 >= 0"):
-        forward_kernel(1, 16, 8, KernelOptions(coeffs=(1.0, -1.0)))
+        forward_kernel(16, KernelOptions(BC=24))
+    with pytest.raises(ValueError, match=r"subset of \(0, 1, 2\)"):
+        forward_kernel(16, KernelOptions(powers=(1, 3)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's
@@ -301,7 +390,7 @@ def _lower_in_background(request):
 
 def _sm90a(kind: str, dtype: str = "bfloat16", based: bool = False):
     """``hopper.sm90a(kind, dtype, based, nvcc)``: the CUDA C++ of the default configuration
-    at H=4, D=16, Dv=64 for sm_90a (and its nvcc build), from the worker, or lowered here
+    at D=16, Dv=64 (H symbolic) for sm_90a (and its nvcc build), from the worker, or lowered here
     when the worker has not started it yet (the C-target kernels came from TileLang's disk
     cache, say)."""
     from rebased_kernels.backends.tilelang.hopper import sm90a
@@ -327,7 +416,7 @@ def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
     """Each kernel's launch in its dtype's default configuration asks for no more dynamic
     shared memory than a Hopper block may have (an H200 refused fp32's backward sweeps at
     BC = 64: 298 KB); fp16 tiles are bf16's size, fp32's forward is below its sweeps."""
-    from rebased_kernels.backends.tilelang.call import MAX_SHARED_BYTES
+    from rebased_kernels.backends.tilelang.build import MAX_SHARED_BYTES
 
     shared = _sm90a(kind, dtype).shared_bytes
     assert 16_384 < shared <= MAX_SHARED_BYTES, shared

@@ -1,4 +1,4 @@
-"""``tilelang``: the ReBased spec lowered to TileLang (issue 4; not registered yet).
+"""``tilelang``: the ReBased spec lowered to TileLang.
 
 ``kernels.forward_kernel`` returns the forward of any ``sim = c0 + c1 s + c2 s^2`` (every
 preset: ``rebased`` and its ablations, ``based``) as a ``T.prim_func``: pre-transform, chunk
@@ -8,10 +8,79 @@ one program per (batch, head), D <= 16, Dv <= 64. ``backward.dq_kernel`` and
 ``backward.dkv_kernel`` are its backward as two more walks (dq, d gamma_q, d beta_q and the
 per-token 1 / (den + eps) and r in order; dk, dv, d gamma_k, d beta_k and the initial
 state's gradient in reverse, from the final state's cotangent); the pieces of a walk live
-once, in ``tiles``. ``call.forward`` / ``call.backward`` compile them (CUDA on a GPU,
-TileLang's C target on the CPU), launch them and map the state and its cotangents between
-the kernel's layout (``layout``) and the spec's canonical one; ``hopper`` lowers them for
-sm_90a on any machine. It is not registered as a backend until it has run on a GPU: the
-tests lower it to Hopper CUDA and check its numerics through the C target
-(``tests/test_tilelang.py``). Nothing here imports TileLang until a kernel is built.
+once, in ``tiles``. ``build`` compiles them (CUDA on a GPU, TileLang's C target on the
+CPU) once per compile key (kind, BV = Dv rounded up to a multiple of 16, and
+``options.KernelOptions``: the powers present, LayerNorm, normaliser, state, dtype,
+tunables), B, T, H, D, the coefficients, scale and eps being read at launch;
+``build.compile_classes`` lists the keys a set of problems needs and ``build.precompile``
+builds them on threads. ``call.forward`` / ``call.backward`` launch them and map the state
+and its cotangents between the kernel's layout (``layout``) and the spec's canonical one;
+``hopper`` lowers them for sm_90a on any machine. Registered for CUDA, after
+triton in ``backend="auto"``'s static order; the tuner times it beside triton. Its kernels with
+compile-time scale, coefficients, H and D matched the float64 oracle on an H200 in bf16, fp16
+(``docs/results/h200-s7/``) and fp32 (``h200-s8/``); the run-time version here has not run on
+a GPU yet, nor has its GPU property suite. On the CPU the tests check its numerics through
+the C target and lower it to Hopper CUDA (``tests/test_tilelang.py``).
+Nothing here imports TileLang until a kernel is built.
 """
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar
+
+import torch
+
+from rebased_kernels.backend import Backend, Inputs, Outputs, Problem, register
+from rebased_kernels.spec import LinearAttention
+
+from . import build, call
+
+
+class TileLangBackend(Backend):
+    name = "tilelang"
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(build.DTYPES)
+    device_types: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    max_degree: ClassVar[int | None] = 2
+    max_D: ClassVar[int | None] = 16
+    max_Dv: ClassVar[int | None] = 64
+    tuning_space: ClassVar[dict[str, tuple]] = {
+        "chunk_size": (32, 64),
+        "num_stages": (1, 2),
+        "threads": (128, 256),
+    }
+    """Compile-time, each: a configuration compiles the forward and both backward sweeps
+    once per (BV, dtype, powers present, LayerNorm or not, normalize, state given or not);
+    B, T, H, D, the coefficients, scale and eps are runtime values. Some do not build
+    (chunk 32 at 256 threads does not lower in TileLang 0.1.15; fp32 at chunk 64 needs more
+    shared memory than Hopper has): the tuner records those as failed."""
+    default_config: ClassVar[dict[str, Any]] = {
+        "chunk_size": None,
+        "num_stages": None,
+        "threads": None,
+    }
+    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32)."""
+    compiles: ClassVar[bool] = True
+    state_cotangents_optional: ClassVar[bool] = True
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("tilelang") is None:
+            return "tilelang is not installed (pip install 'rebased-kernels[tilelang]')"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU (the tests run these kernels through TileLang's C target)"
+        return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        reason = build.unsupported_reason(problem.attention, problem.D, problem.Dv, problem.dtype)
+        return reason or super().unsupported_reason(problem)
+
+    def forward_dense(self, x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
+        return call.forward(x, attn, config)
+
+    def backward_dense(
+        self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
+    ) -> Inputs:
+        return call.backward(x, attn, config, grads)
+
+
+register(TileLangBackend())

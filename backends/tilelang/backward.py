@@ -1,9 +1,10 @@
 """TileLang kernels of the ReBased backward: two chunk walks, one (batch, head) per program.
 
-Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p``, the unscaled
-features ``x^(p)``, the state ``S_p, z_p``), and per token i::
+Legend: ``kernels``' (``BC, DK, BV``, a power ``p``, ``w_p = c_p scale^p``, eps and D: the
+kernel's scalar arguments ``sc``, the unscaled features ``x^(p)``, the state ``S_p, z_p``),
+and per token i::
 
-    g_i   = dO_i / (den_i + eps)             [Dv]   (dO_i without normalize)
+    g_i   = dO_i / (den_i + eps)             [BV]   (dO_i without normalize)
     r_i   = -(dO_i . num_i) / (den_i + eps)^2       (dL / d den_i; 0 without normalize)
     P_ij  = g_i . v_j + r_i                         (dL / dA_ij)
     sim'  = w_1 + 2 w_2 (q' . k')                   (d sim / d (q' . k'))
@@ -36,7 +37,7 @@ The state part of power 2: with ``U = G (w_2 S_2)^T + r (w_2 z_2)^T`` ([BC, 256]
 ``dx'_a = 2 sum_b U[16 a + b] x'_b`` (S_2 and z_2 are symmetric in a, b), formed as the
 T.gemm ``(2 U o x'_b) E`` with the one-hot ``E [256, 16]``, ``E[16 a + b, a] = 1``; power 1
 adds ``G (w_1 S_1)^T + w_1 r z_1^T``. The per-program sums of d gamma, d beta are written
-to ``[B, H, D]`` and reduced over B on the host. Operands of the T.gemm are in the input
+to ``[B, H, 16]`` and reduced over B on the host. Operands of the T.gemm are in the input
 dtype (g, P o sim', U o x' rounded to it); the accumulators, statistics, 1 / (den + eps)
 and r are fp32. ``target="c"`` as for the forward.
 """
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 import tilelang.language as T
 
 from .layout import DK
-from .options import DEFAULT_OPTIONS, KernelOptions
+from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
@@ -56,8 +57,8 @@ class Tiles(NamedTuple):
     """The on-chip tiles of one sweep (x: the rows whose gradient it computes, y: the rows
     they attend to; None where the kernel has no use for them)."""
 
-    xr: Any  # [BC, D] x rows as loaded
-    yr: Any  # [BC, D] y rows as loaded
+    xr: Any  # [BC, 16] x rows as loaded
+    yr: Any  # [BC, 16] y rows as loaded
     x: Any  # [BC, 16] x'
     y: Any  # [BC, 16] y'
     yt: Any  # [16, BC] y'^T, the K-major operand of (P o sim') Y' (see pair_grad)
@@ -65,7 +66,6 @@ class Tiles(NamedTuple):
     rstd: Any  # [BC] LayerNorm 1 / sqrt(var + eps) of x (fp32)
     ymean: Any  # [BC] the same of y (scratch)
     yrstd: Any  # [BC]
-    vr: Any  # [BC, Dv] staging of v and dO rows when Dv < BV
     v: Any  # [BC, BV]
     do: Any  # [BC, BV] dO
     g: Any  # [BC, BV] g = dO / (den + eps) (dO itself without normalize)
@@ -93,7 +93,7 @@ class Tiles(NamedTuple):
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     """The backward's macros on top of ``tiles.walk``'s (``m``)."""
-    BC, BV, D, Dv, dtype, smem, w, Tn = m.BC, m.BV, m.D, m.Dv, m.dtype, m.smem, m.w, m.T
+    BC, BV, dtype, smem, Tn = m.BC, m.BV, m.dtype, m.smem, m.T
 
     def one(b, i):
         """``b[i]``, or 1 for ``b = None``."""
@@ -108,8 +108,8 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         b_x = T.alloc_shared((BC, DK), dtype, scope=smem)
         b_y = T.alloc_shared((BC, DK), dtype, scope=smem)
         if m.uses_x:
-            b_xr = T.alloc_shared((BC, D), dtype, scope=smem)
-            b_yr = T.alloc_shared((BC, D), dtype, scope=smem)
+            b_xr = T.alloc_shared((BC, DK), dtype, scope=smem)
+            b_yr = T.alloc_shared((BC, DK), dtype, scope=smem)
             b_yt = T.alloc_shared((DK, BC), dtype, scope=smem)
             b_mean = T.alloc_fragment((BC,), ACC)
             b_rstd = T.alloc_fragment((BC,), ACC)
@@ -126,7 +126,6 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             for i, d in T.Parallel(BC, DK):
                 b_dg[i, d] = 0.0
                 b_db[i, d] = 0.0
-        b_vr = T.alloc_shared((BC, Dv), dtype, scope=smem)
         b_v = T.alloc_shared((BC, BV), dtype, scope=smem)
         b_do = T.alloc_shared((BC, BV), dtype, scope=smem)
         b_g = T.alloc_shared((BC, BV), dtype, scope=smem) if m.normalize else None
@@ -146,20 +145,20 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             for a, f in T.Parallel(DK, F):
                 b_E[a, f] = T.if_then_else(f // DK == a, T.cast(1.0, dtype), T.cast(0.0, dtype))
         return Tiles(
-            b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_vr, b_v, b_do,
+            b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_v, b_do,
             b_g if m.normalize else b_do, b_inv, b_r, b_s, b_ds, b_P, b_A, b_o, b_den, b_red,
             b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E,
         )  # fmt: skip
 
     @T.macro
-    def scores(t, reverse):
+    def scores(sc, t, reverse):
         """``t.ds = sim'(x' y'^T)``, then ``t.s = A`` and its operand ``t.A`` (causal pairs
         ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order."""
         m.scores(t.x, t.y, t.s)
         if m.uses_x:
             for i, j in T.Parallel(BC, BC):
-                t.ds[i, j] = m.derivative(t.s[i, j])
-        m.similarities(t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
+                t.ds[i, j] = m.derivative(sc, t.s[i, j])
+        m.similarities(sc, t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
 
     @T.macro
     def scale_rows(t):
@@ -168,7 +167,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.g[i, e] = T.cast(T.cast(t.do[i, e], ACC) * t.inv[i], dtype)
 
     @T.macro
-    def rows_done(t, inv, r, i_b, i_h, t0):
+    def rows_done(sc, t, inv, r, i_b, i_h, t0):
         """From ``t.o = num`` and ``t.den``: ``1 / (den + eps)`` and
         ``r = -(dO . num) / (den + eps)^2`` into ``t.inv, t.r`` and ``inv, r [B, T, H]``;
         then ``t.g``."""
@@ -176,7 +175,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.o[i, e] = t.o[i, e] * T.cast(t.do[i, e], ACC)
         m.row_sum(t.o, t.red, 1, True)
         for i in T.Parallel(BC):  # (reads registers only: no shared-memory hazard inside)
-            inv_i = 1.0 / (t.den[i] + m.eps)
+            inv_i = 1.0 / (t.den[i] + sc.eps)
             t.inv[i] = inv_i
             t.r[i] = -t.red[i] * inv_i * inv_i
             if t0 + i < Tn:
@@ -218,7 +217,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         T.gemm(t.A, t.yt, t.dx, transpose_B=True)
 
     @T.macro
-    def state_grad(t, st, b_U, b_u, with_z):
+    def state_grad(sc, t, st, b_U, b_u, with_z):
         """``t.dx += sum_p w_p d x^(p)/dx' . (S_p U_i + z_p u_i)`` for the rows ``b_U``
         (``z_p u_i`` only ``with_z``; u = None is 1)."""
         if m.has2:
@@ -226,56 +225,57 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
                 t.U[i, f] = 0.0
             T.gemm(b_U, st[2].op, t.U, transpose_B=True)
             for i, f in T.Parallel(BC, F):
-                Uz = t.U[i, f] + one(b_u, i) * w[2] * st[2].z[f] if with_z else t.U[i, f]
+                Uz = t.U[i, f] + one(b_u, i) * sc[2] * st[2].z[f] if with_z else t.U[i, f]
                 t.phi[i, f] = T.cast(2.0 * Uz * T.cast(t.x[i, f % DK], ACC), dtype)
             T.gemm(t.phi, t.E, t.dx, transpose_B=True)
         if m.has1:
             T.gemm(b_U, st[1].op, t.dx, transpose_B=True)
             if with_z:
                 for i, a in T.Parallel(BC, DK):
-                    t.dx[i, a] += one(b_u, i) * w[1] * st[1].z[a]
+                    t.dx[i, a] += one(b_u, i) * sc[1] * st[1].z[a]
 
     @T.macro
-    def pre_transform_backward(t, gamma, dx, i_b, i_h, t0):
-        """``dx [B, T, H, D]`` (this chunk's rows) from ``dx' = t.dx`` through
-        ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself without ``norm``)::
+    def pre_transform_backward(sc, t, gamma, dx, i_b, i_h, t0):
+        """``dx [B, T, H, 16]`` (this chunk's rows; its first ``sc.D`` columns are used) from
+        ``dx' = t.dx`` through ``x' = gamma * xhat + beta``, ``xhat = LN(x)`` (x itself
+        without ``norm``), the means over the first D columns::
 
             dxhat = gamma dx',  dx = rstd (dxhat - mean_d(dxhat) - xhat mean_d(dxhat xhat))
 
-        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only)."""
+        and the per-row sums ``t.dg += dx' xhat``, ``t.db += dx'`` (valid rows only; dx' is
+        exactly zero in the columns >= D, where x' is, and so are these sums)."""
         T.copy(t.dx, t.dxs)
         for i in T.Parallel(BC):
             t.sum1[i] = 0.0
             t.sum2[i] = 0.0
             if m.norm:
-                for d in T.serial(D):
+                for d in T.serial(sc.D):
                     dxhat = gamma[i_h, d] * t.dxs[i, d]
                     t.sum1[i] += dxhat
                     t.sum2[i] += dxhat * (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
         for i, d in T.Parallel(BC, DK):
-            dc = T.min(d, D - 1)
-            keep = (t0 + i < Tn) & (d < D)
-            xhat = (T.cast(t.xr[i, dc], ACC) - t.mean[i]) * t.rstd[i]
+            keep = t0 + i < Tn
+            xhat = (T.cast(t.xr[i, d], ACC) - t.mean[i]) * t.rstd[i]
             dxp = T.if_then_else(keep, t.dxs[i, d], 0.0)
             t.dg[i, d] += dxp * xhat
             t.db[i, d] += dxp
             if keep:
-                dxhat = gamma[i_h, dc] * dxp
+                dxhat = gamma[i_h, d] * dxp
                 if m.norm:
-                    total = dxhat - (t.sum1[i] + xhat * t.sum2[i]) / D
+                    total = dxhat - (t.sum1[i] + xhat * t.sum2[i]) / T.cast(sc.D, ACC)
                     dx[i_b, t0 + i, i_h, d] = T.cast(t.rstd[i] * total, dtype)
                 else:
                     dx[i_b, t0 + i, i_h, d] = T.cast(dxhat, dtype)
 
     @T.macro
     def store_params(t, dgamma, dbeta, i_b, i_h):
-        """The program's d gamma, d beta ``[B, H, D]``: the per-row sums summed."""
+        """The program's d gamma, d beta ``[B, H, 16]``: the per-row sums summed (zero in
+        the columns >= D)."""
         m.row_sum(t.dg, t.dgs, 0, False)
         m.row_sum(t.db, t.dbs, 0, False)
         for d in T.Parallel(DK):
-            if d < D:
-                dgamma[i_b, i_h, d] = t.dgs[d]
-                dbeta[i_b, i_h, d] = t.dbs[d]
+            dgamma[i_b, i_h, d] = t.dgs[d]
+            dbeta[i_b, i_h, d] = t.dbs[d]
 
     return SimpleNamespace(
         tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done,
@@ -284,81 +284,88 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     )  # fmt: skip
 
 
-def _state(m: SimpleNamespace, S, z, i_b, i_h, load: bool) -> dict:
+def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
     """The ``{p: Block}`` state of a sweep, loaded from S, z (``load``) or zero."""
     st = {}
-    for p in sorted(m.w, reverse=True):
-        st[p] = Block(*m.state_block(S, z, p, i_b, i_h, load))
+    for p in sorted(m.powers, reverse=True):
+        st[p] = Block(*m.state_block(sc, S, z, p, i_b, i_h, load))
     return st
 
 
-def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """The dq sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
-        q, k:           [B, T, H, D] dtype
-        v, dO:          [B, T, H, Dv] dtype       dO = dL/do
-        qw, qb, kw, kb: [H, D] float32            gamma, beta of q and k
-        S, z:           [B, H, R, Dv], [B, H, R] float32  the initial state (kernel layout;
+        q, k:           [B, T, H, 16] dtype       (columns >= D: zeros)
+        v, dO:          [B, T, H, BV] dtype       dO = dL/do
+        qw, qb, kw, kb: [H, 16] float32           gamma, beta of q and k (zeros past D)
+        w_0, w_1, w_2, eps: float32, D: int32     ``options.Scalars``: w_p, eps, D
+        S, z:           [B, H, R, BV], [B, H, R] float32  the initial state (kernel layout;
                                                   read only with ``opt.state``)
-        dq:             [B, T, H, D] dtype        dL/dq
-        dqw, dqb:       [B, H, D] float32         this program's dL/d gamma_q, dL/d beta_q
+        dq:             [B, T, H, 16] dtype       dL/dq (columns >= D: not used)
+        dqw, dqb:       [B, H, 16] float32        this program's dL/d gamma_q, dL/d beta_q
         inv, r:         [B, T, H] float32         1 / (den + eps) and r (written only when
                                                   ``normalize``: the dk/dv sweep reads them)
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(H, D, Dv, opt)
+    m = walk(BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
-    B, Tn, R = m.B, m.T, m.R
+    B, Tn, H, R = m.B, m.T, m.H, m.R
 
     @T.prim_func
     def rebased_dq(
-        q: T.Tensor((B, Tn, H, D), dtype),
-        k: T.Tensor((B, Tn, H, D), dtype),
-        v: T.Tensor((B, Tn, H, Dv), dtype),
-        dO: T.Tensor((B, Tn, H, Dv), dtype),
-        qw: T.Tensor((H, D), ACC),
-        qb: T.Tensor((H, D), ACC),
-        kw: T.Tensor((H, D), ACC),
-        kb: T.Tensor((H, D), ACC),
-        S: T.Tensor((B, H, R, Dv), ACC),
+        q: T.Tensor((B, Tn, H, DK), dtype),
+        k: T.Tensor((B, Tn, H, DK), dtype),
+        v: T.Tensor((B, Tn, H, BV), dtype),
+        dO: T.Tensor((B, Tn, H, BV), dtype),
+        qw: T.Tensor((H, DK), ACC),
+        qb: T.Tensor((H, DK), ACC),
+        kw: T.Tensor((H, DK), ACC),
+        kb: T.Tensor((H, DK), ACC),
+        w_0: T.float32,
+        w_1: T.float32,
+        w_2: T.float32,
+        eps: T.float32,
+        D: T.int32,
+        S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
-        dq: T.Tensor((B, Tn, H, D), dtype),
-        dqw: T.Tensor((B, H, D), ACC),
-        dqb: T.Tensor((B, H, D), ACC),
+        dq: T.Tensor((B, Tn, H, DK), dtype),
+        dqw: T.Tensor((B, H, DK), ACC),
+        dqb: T.Tensor((B, H, DK), ACC),
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
+            sc = Scalars(w_0, w_1, w_2, eps, D)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, opt.state)
+            st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = n * BC
                 if m.uses_x:
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.yr)
-                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
-                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
+                T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if m.uses_x:
-                    m.pre_transform(t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
-                    m.pre_transform(t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
+                    m.pre_transform(sc, t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(sc, t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # the forward's num and den, then 1 / (den + eps), r and g
-                bw.scores(t, False)
-                m.attend(t.A, t.v, t.x, t.phi, st, t.o)
+                bw.scores(sc, t, False)
+                m.attend(sc, t.A, t.v, t.x, t.phi, st, t.o)
                 if normalize:
-                    m.inter_den(t.den, st, t.x, t0)
-                    bw.rows_done(t, inv, r, i_b, i_h, t0)
+                    m.inter_den(sc, t.den, st, t.x, t0)
+                    bw.rows_done(sc, t, inv, r, i_b, i_h, t0)
 
                 # dq' = (P o sim') K' + the state part; then the pre-transform's backward
                 if m.uses_x:
                     bw.pair_grad(t, t.g, t.v, t.r, None, False)
-                    bw.state_grad(t, st, t.g, t.r, normalize)
-                    bw.pre_transform_backward(t, qw, dq, i_b, i_h, t0)
+                    bw.state_grad(sc, t, st, t.g, t.r, normalize)
+                    bw.pre_transform_backward(sc, t, qw, dq, i_b, i_h, t0)
 
-                m.update(st, t.y, t.v, None, t.phi, t0, normalize)
+                m.update(sc, st, t.y, t.v, None, t.phi, t0, normalize)
 
             if m.uses_x:
                 bw.store_params(t, dqw, dqb, i_b, i_h)
@@ -366,78 +373,84 @@ def dq_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> 
     return rebased_dq
 
 
-def dkv_kernel(H: int, D: int, Dv: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T::
+def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
 
-        q, k, v, dO, qw, qb, kw, kb   as ``dq_kernel``'s
+        q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps, D   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
-        S, z:           [B, H, R, Dv], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
+        S, z:           [B, H, R, BV], [B, H, R] float32  in: ``(dS_p / w_p, dz_p / w_p)``, the
                                                   final state's cotangent (read only with
                                                   ``opt.state``, else zero); out: ``(Sg_p,
                                                   zr_p)`` over every token, the initial
                                                   state's gradient in the same convention
-        dk:             [B, T, H, D] dtype        dL/dk
-        dv:             [B, T, H, Dv] dtype       dL/dv
-        dkw, dkb:       [B, H, D] float32         this program's dL/d gamma_k, dL/d beta_k
+        dk:             [B, T, H, 16] dtype       dL/dk (columns >= D: not used)
+        dv:             [B, T, H, BV] dtype       dL/dv
+        dkw, dkb:       [B, H, 16] float32        this program's dL/d gamma_k, dL/d beta_k
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(H, D, Dv, opt)
+    m = walk(BV, opt)
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
-    B, Tn, BV, R = m.B, m.T, m.BV, m.R
+    B, Tn, H, R = m.B, m.T, m.H, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
 
     @T.prim_func
     def rebased_dkv(
-        q: T.Tensor((B, Tn, H, D), dtype),
-        k: T.Tensor((B, Tn, H, D), dtype),
-        v: T.Tensor((B, Tn, H, Dv), dtype),
-        dO: T.Tensor((B, Tn, H, Dv), dtype),
-        qw: T.Tensor((H, D), ACC),
-        qb: T.Tensor((H, D), ACC),
-        kw: T.Tensor((H, D), ACC),
-        kb: T.Tensor((H, D), ACC),
+        q: T.Tensor((B, Tn, H, DK), dtype),
+        k: T.Tensor((B, Tn, H, DK), dtype),
+        v: T.Tensor((B, Tn, H, BV), dtype),
+        dO: T.Tensor((B, Tn, H, BV), dtype),
+        qw: T.Tensor((H, DK), ACC),
+        qb: T.Tensor((H, DK), ACC),
+        kw: T.Tensor((H, DK), ACC),
+        kb: T.Tensor((H, DK), ACC),
+        w_0: T.float32,
+        w_1: T.float32,
+        w_2: T.float32,
+        eps: T.float32,
+        D: T.int32,
         inv: T.Tensor((B, Tn, H), ACC),
         r: T.Tensor((B, Tn, H), ACC),
-        S: T.Tensor((B, H, R, Dv), ACC),
+        S: T.Tensor((B, H, R, BV), ACC),
         z: T.Tensor((B, H, R), ACC),
-        dk: T.Tensor((B, Tn, H, D), dtype),
-        dv: T.Tensor((B, Tn, H, Dv), dtype),
-        dkw: T.Tensor((B, H, D), ACC),
-        dkb: T.Tensor((B, H, D), ACC),
+        dk: T.Tensor((B, Tn, H, DK), dtype),
+        dv: T.Tensor((B, Tn, H, BV), dtype),
+        dkw: T.Tensor((B, H, DK), ACC),
+        dkb: T.Tensor((B, H, DK), ACC),
     ):
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
+            sc = Scalars(w_0, w_1, w_2, eps, D)
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = _state(m, S, z, i_b, i_h, opt.state)
+            st = _state(m, sc, S, z, i_b, i_h, opt.state)
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = (T.ceildiv(Tn, BC) - 1 - n) * BC  # the last chunk first
                 if m.uses_x:
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.yr)
-                m.load_rows(v, t.vr, t.v, i_b, i_h, t0)
-                m.load_rows(dO, t.vr, t.do, i_b, i_h, t0)
+                T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
+                T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if normalize:
                     bw.load_scalars(t, inv, r, i_b, i_h, t0)
                     bw.scale_rows(t)
                 if m.uses_x:
-                    m.pre_transform(t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
-                    m.pre_transform(t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
+                    m.pre_transform(sc, t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
+                    m.pre_transform(sc, t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
 
                 # dv = A^T g + sum_p K^(p) (w_p Sg_p)
-                bw.scores(t, True)
-                m.attend(t.A, t.g, t.x, t.phi, st, t.o)
+                bw.scores(sc, t, True)
+                m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
                 for i, e in T.Parallel(BC, BV):
-                    if (t0 + i < Tn) & (e < Dv):
+                    if t0 + i < Tn:
                         dv[i_b, t0 + i, i_h, e] = t.o[i, e]
 
                 # dk' = (P^T o sim') Q' + the state part; then the pre-transform's backward
                 if m.uses_x:
                     bw.pair_grad(t, t.v, t.g, None, t.r, True)
-                    bw.state_grad(t, st, t.v, None, with_z)
-                    bw.pre_transform_backward(t, kw, dk, i_b, i_h, t0)
+                    bw.state_grad(sc, t, st, t.v, None, with_z)
+                    bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
 
-                m.update(st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
+                m.update(sc, st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
 
             m.store_state(S, z, st, i_b, i_h)
             if m.uses_x:

@@ -1,15 +1,22 @@
-"""Host side of the TileLang kernels: compile once per shape class, launch, map the state.
+"""Host side of the TileLang kernels: pad the operands, pass the runtime scalars, launch,
+map the state.
 
 ``forward`` runs ``kernels.forward_kernel`` and ``backward`` the two sweeps of ``backward``
 (``dq_kernel``, then ``dkv_kernel``) on CUDA tensors through TileLang's CUDA target and on
-CPU tensors through its C target (the tests' path on a machine without a GPU). The
-kernel's state (``layout``: one unscaled, unpacked block per power, stacked into
-``S [B, H, R, Dv]`` and ``z [B, H, R]``) and the spec's canonical layout are mapped into
-each other here: ``kernel_state`` (canonical -> kernel, for an initial state) and
-``canonical_state`` (kernel -> canonical, for the final state), exact inverses on the
-canonical space. Their adjoints carry the state's cotangents: the final state's cotangent
-enters the dk/dv sweep through ``kernel_state`` itself (in the sweep's ``dS_p / w_p``
-convention) and the initial state's gradient leaves it through ``state_gradient``.
+CPU tensors through its C target (the tests' path on a machine without a GPU), each
+compiled once per ``build.CompileKey`` (kind, BV, ``options.KernelOptions``). What the key
+leaves out is given at launch: B, T and H as the tensors' sizes, and ``scalars`` (``w_p =
+c_p scale^p``, eps and D) as scalar arguments. The kernels take 16 feature columns and BV
+value columns (16, 32, 48 or 64): ``_operands`` pads q, k (D < 16) and v, dO (Dv not a
+multiple of 16) with zero columns, copying nothing at D = 16 and Dv = 16, 32, 48 or 64, and
+the outputs are cut back. The kernel's state (``layout``: one unscaled, unpacked block per
+power, stacked into ``S [B, H, R, BV]`` and ``z [B, H, R]``) and the spec's canonical
+layout are mapped into each other here: ``kernel_state`` (canonical -> kernel, for an
+initial state) and ``canonical_state`` (kernel -> canonical, for the final state), exact
+inverses on the canonical space. Their adjoints carry the state's cotangents: the final
+state's cotangent enters the dk/dv sweep through ``kernel_state`` itself (in the sweep's
+``dS_p / w_p`` convention) and the initial state's gradient leaves it through
+``state_gradient``.
 """
 
 from __future__ import annotations
@@ -19,97 +26,27 @@ from typing import Any
 
 import torch
 
-from rebased_kernels.backend import Inputs, Outputs
+from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .layout import DK, block_offsets, block_row
-from .options import KernelOptions
-
-DTYPES: dict[torch.dtype, str] = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-}
-DEFAULT_CONFIG: dict[str, Any] = {"chunk_size": 64, "num_stages": 2, "threads": 256}
-"""Every kernel's defaults (forward and both backward sweeps). BC = 64 with 256 compute
-threads: 168 registers a thread and no spills for sm_90a at Dv = 64 (nvcc 13.0), for the
-forward of ``rebased`` and of ``based`` with an initial state alike (its c1 and c0 blocks
-live in shared memory); 128 threads spill, the fp32 S_2 alone being 128 registers a thread.
-The backward sweeps: 168 registers and no spills for ``rebased``, 8-12 bytes spilled for
-``based`` with its states; 160 KiB of shared memory (bf16). Not yet timed on a GPU.
-Float32 halves that: see ``FP32_CONFIG``."""
-FP32_CONFIG: dict[str, Any] = {"chunk_size": 32, "num_stages": 2, "threads": 128}
-"""Float32's defaults: at BC = 64 its fp32 chunk tiles took the backward sweeps to 298 KB of
-shared memory (the H200 refused them: 227 KB at most), BC = 32 at 256 threads does not lower
-(TileLang 0.1.15), BC = 32 at 128 threads needs 187 KB (dq), 186 KB (dk/dv), 137 KB
-(forward); ``tests/test_tilelang.py`` reads each kernel's size from its sm_90a lowering."""
-MAX_SHARED_BYTES = 232_448
-"""Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
+from .build import compile_key, compiled
+from .layout import DK, block_offsets, block_row, padded_value_dim
+from .options import Scalars
 
 
-def default_config(dtype: str) -> dict[str, Any]:
-    """``DEFAULT_CONFIG``, or ``FP32_CONFIG`` for ``"float32"`` (``DTYPES``' names)."""
-    return dict(FP32_CONFIG if dtype == "float32" else DEFAULT_CONFIG)
-
-
-def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtype) -> str | None:
-    """Why ``forward`` / ``backward`` cannot compute this problem (None when they can)."""
-    fm = attn.feature_map
-    if fm.degree > 2:
-        return f"computes kernels c0 + c1 s + c2 s^2 (degree <= 2), not degree {fm.degree}"
-    if D > DK or Dv > 64:
-        return f"keeps the whole state on chip for D <= 16 and Dv <= 64, not D={D}, Dv={Dv}"
-    if dtype not in DTYPES:
-        return f"supports dtypes {sorted(str(d) for d in DTYPES)}, not {dtype}"
-    return None
-
-
-KINDS = ("forward", "dq", "dkv")
-"""The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
-
-
-def prim_func(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
-    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) built with ``opt``."""
-    from .backward import dkv_kernel, dq_kernel
-    from .kernels import forward_kernel
-
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](H, D, Dv, opt)
-
-
-@functools.cache
-def compiled(kind: str, H: int, D: int, Dv: int, opt: KernelOptions) -> Any:
-    """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) for one shape
-    class; B and T stay symbolic, so every batch size and length reuses it."""
-    import tilelang
-
-    return tilelang.compile(prim_func(kind, H, D, Dv, opt), target=opt.target)
-
-
-def options(attn: LinearAttention, dtype: torch.dtype, device: torch.device, state: bool,
-            config: dict | None) -> KernelOptions:  # fmt: skip
-    """The ``KernelOptions`` of a call: its attention, dtype and device, and ``config``
-    (``DEFAULT_CONFIG``'s keys; what it leaves out comes from ``default_config(dtype)``)."""
-    cfg = {**default_config(DTYPES[dtype]), **(config or {})}
-    fm = attn.feature_map
-    return KernelOptions(
-        norm=fm.pre.norm, scale=attn.scale, coeffs=fm.coeffs[:3], normalize=attn.normalize,
-        state=state, eps=attn.eps, dtype=DTYPES[dtype], BC=cfg["chunk_size"],
-        num_stages=cfg["num_stages"], threads=cfg["threads"],
-        target="cuda" if device.type == "cuda" else "c",
-    )  # fmt: skip
+def scalars(attn: LinearAttention, D: int) -> Scalars:
+    """The kernels' runtime scalars (``options.Scalars``): ``w_p = c_p scale^p`` in float64
+    (0 for an absent power; the launch rounds them to float32 once), ``attn.eps`` and D."""
+    coeffs = attn.feature_map.coeffs
+    w = [coeffs[p] * attn.scale**p if p < len(coeffs) else 0.0 for p in range(3)]
+    return Scalars(*w, attn.eps, D)
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
-    """``compiled(kind, ...)`` for this call's shape class and configuration; raises
-    ``ValueError`` for what ``unsupported_reason`` names."""
-    D, Dv = x.q.shape[-1], x.v.shape[-1]
-    reason = unsupported_reason(attn, D, Dv, x.v.dtype)
-    if reason:
-        raise ValueError(f"the tilelang {'forward' if kind == 'forward' else 'backward'} {reason}")
-    opt = options(attn, x.v.dtype, x.q.device, state, config)
-    return compiled(kind, x.q.shape[2], D, Dv, opt)
+    """``build.compiled`` for this call's ``build.compile_key``; raises ``ValueError`` for
+    what ``build.unsupported_reason`` names."""
+    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
+    return compiled(*compile_key(kind, problem, state, config))
 
 
 @functools.cache
@@ -188,14 +125,14 @@ def state_gradient(
 
 
 def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
-    """``qw, qb, kw, kb`` as the kernels take them: ``[H, D]`` float32, gamma 1 and beta 0
-    where the feature map does not use them."""
+    """``qw, qb, kw, kb`` as the kernels take them: ``[H, 16]`` float32 (zero past D), gamma 1
+    and beta 0 where the feature map does not use them."""
     pre, (_, _, H, D), dev = attn.feature_map.pre, x.q.shape, x.q.device
 
     def param(t: torch.Tensor | None, used: bool, fill: float) -> torch.Tensor:
         if t is None or not used:
-            return torch.full((H, D), fill, dtype=torch.float32, device=dev)
-        return t.to(torch.float32).expand(H, D).contiguous()
+            t = torch.full((H, D), fill, dtype=torch.float32, device=dev)
+        return _pad(t.to(torch.float32).expand(H, D), DK).contiguous()
 
     return [
         param(x.q_weight, pre.uses_gamma, 1.0),
@@ -205,17 +142,38 @@ def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
     ]
 
 
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with its last dim zero-padded to ``n`` columns (``t`` itself when it has n)."""
+    return t if t.shape[-1] == n else torch.nn.functional.pad(t, (0, n - t.shape[-1]))
+
+
+def _cut(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t[..., :n]``, contiguous (``t`` itself when it has n columns)."""
+    return t if t.shape[-1] == n else t[..., :n].contiguous()
+
+
 def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, device):
-    """A canonical state (either part may be None: zeros) in the kernel's layout, float32,
-    contiguous; empty buffers (to be written) when both are None."""
+    """A canonical state (either part may be None: zeros) in the kernel's layout
+    ``[B, H, R, BV]``, ``[B, H, R]``, float32, contiguous, its columns >= Dv zero; empty
+    buffers (to be written) when both are None."""
     _, R = block_offsets(attn.feature_map.powers)
     if S is None and z is None:
-        return (torch.empty(B, H, R, Dv, dtype=torch.float32, device=device),
+        return (torch.empty(B, H, R, padded_value_dim(Dv), dtype=torch.float32, device=device),
                 torch.empty(B, H, R, dtype=torch.float32, device=device))  # fmt: skip
     F = attn.feature_map.num_features(D)
     S = torch.zeros(B, H, F, Dv, device=device) if S is None else S
     z = torch.zeros(B, H, F, device=device) if z is None else z
-    return tuple(t.float().contiguous() for t in kernel_state(S, z, attn, D))
+    S_k, z_k = kernel_state(S, z, attn, D)
+    return _pad(S_k.float(), padded_value_dim(Dv)).contiguous(), z_k.float().contiguous()
+
+
+def _operands(x: Inputs, *extra: torch.Tensor) -> list[torch.Tensor]:
+    """q, k ``[B, T, H, 16]`` and v (then each of ``extra``, shaped like v) ``[B, T, H, BV]``
+    as the kernels take them: in v's dtype, contiguous, zero in the columns past D and Dv (a
+    copy only where a column is padded or a dtype converted)."""
+    BV = padded_value_dim(x.v.shape[-1])
+    qk = [_pad(t.to(x.v.dtype), DK).contiguous() for t in (x.q, x.k)]
+    return qk + [_pad(t.to(x.v.dtype), BV).contiguous() for t in (x.v, *extra)]
 
 
 def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = None) -> Outputs:
@@ -226,23 +184,26 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     (canonical layout; rounded to float32 in the kernel's); returns ``o [B, T, H, Dv]`` in
     v's dtype and the final state ``S [B, H, F, Dv]``, ``z [B, H, F]`` (float32, canonical
     layout), for any ``sim = c0 + c1 s + c2 s^2`` and ``attn.normalize`` either way. Raises
-    ``ValueError`` for what ``unsupported_reason`` names.
+    ``ValueError`` for what ``build.unsupported_reason`` names. The kernel takes 16 feature
+    columns and a multiple of 16 value columns: q, k (D < 16) and v (Dv not a multiple of
+    16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
     """
-    B, _, H, D = x.q.shape
+    (B, _, H, D), Dv = x.q.shape, x.v.shape[-1]
     kernel = _kernel("forward", x, attn, config, x.S0 is not None)
-    q, k, v = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v))
+    q, k, v = _operands(x)  # [B, T, H, 16] twice, [B, T, H, BV]
     o = torch.empty_like(v)
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, v.shape[-1], v.device)
-    kernel(q, k, v, *_params(x, attn), o, S, z)  # reads the initial state from S, z if any
-    return Outputs(o, *canonical_state(S, z, attn, D))
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v.device)
+    sc = scalars(attn, D)
+    kernel(q, k, v, *_params(x, attn), *sc, o, S, z)  # reads the initial S, z if any
+    return Outputs(_cut(o, Dv), *canonical_state(S[..., :Dv], z, attn, D))
 
 
 def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
-    """A per-program ``[B, H, D]`` parameter gradient summed to ``like``'s shape ([H, D] or
+    """A per-program ``[B, H, 16]`` parameter gradient summed to ``like``'s shape ([H, D] or
     [D]) and dtype; None for an absent parameter or one the feature map does not use."""
     if like is None or not used:
         return None
-    return g.reshape(-1, *like.shape).sum(0).to(like.dtype)
+    return g[..., : like.shape[-1]].reshape(-1, *like.shape).sum(0).to(like.dtype)
 
 
 def backward(
@@ -257,35 +218,36 @@ def backward(
     and k in their parameters' shapes ([H, D] or [D]; None when absent or unused by the
     feature map); dS0, dz0 in S0's dtype (None without an initial state). Two launches:
     ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``; the
-    per-program d gamma / d beta are summed here. Raises ``ValueError`` as ``forward``.
+    per-program d gamma / d beta are summed here. Raises ``ValueError`` and pads q, k, v
+    and dO as ``forward``.
     """
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     final = grads.S is not None or grads.z is not None
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
-    q, k, v, do = (t.to(x.v.dtype).contiguous() for t in (x.q, x.k, x.v, grads.o))
-    params = _params(x, attn)
+    q, k, v, do = _operands(x, grads.o)  # [B, T, H, 16] twice, [B, T, H, BV] twice
+    params, sc = _params(x, attn), scalars(attn, D)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (
         new(q.shape, dtype=q.dtype, device=dev),
         new(q.shape, dtype=q.dtype, device=dev),
         torch.empty_like(v),
     )
-    dqw, dqb, dkw, dkb = (new(B, H, D, dtype=torch.float32, device=dev) for _ in range(4))
+    dqw, dqb, dkw, dkb = (new(B, H, DK, dtype=torch.float32, device=dev) for _ in range(4))
     inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
 
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, dev)
-    dq_kernel(q, k, v, do, *params, S, z, dq, dqw, dqb, inv, r)
+    dq_kernel(q, k, v, do, *params, *sc, S, z, dq, dqw, dqb, inv, r)
     Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, dev)
-    dkv_kernel(q, k, v, do, *params, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
+    dkv_kernel(q, k, v, do, *params, *sc, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
 
     dS0 = dz0 = None
     if x.S0 is not None:
-        dS0, dz0 = state_gradient(Sg, zr, attn, D)
+        dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
         dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
     return Inputs(
-        dq.to(x.q.dtype), dk.to(x.k.dtype), dv,
+        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv),
         _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
         _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
         dS0, dz0,

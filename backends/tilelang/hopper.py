@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .call import default_config, prim_func
+from .build import default_config, prim_func
 from .options import KernelOptions
 
-BASED = (1.0, 1.0, 0.5)
-"""The Based kernel's ``c0, c1, c2``: every power block present."""
+BASED = (0, 1, 2)
+"""The Based kernel's powers (``1 + s + s^2 / 2``): every power block present."""
 
 
 @functools.cache
@@ -26,13 +26,12 @@ def hopper_lowering(
     kind: str = "forward",
     dtype: str = "bfloat16",
     based: bool = False,
-    H: int = 4,
-    D: int = 16,
-    Dv: int = 64,
+    BV: int = 64,
 ) -> tuple[str, int]:
-    """The CUDA C++ of kernel ``kind`` (one of ``call.KINDS``) in ``call.default_config``,
-    lowered for sm_90a, and the dynamic shared memory its launch asks for (bytes; the
-    device function's ``dyn_shared_memory_buf``, what a GPU checks against its limit):
+    """The CUDA C++ of kernel ``kind`` (one of ``build.KINDS``) in ``build.default_config``
+    for BV value columns (any B, T, H and D <= 16), lowered for sm_90a, and the dynamic
+    shared memory its launch asks for (bytes; the device function's
+    ``dyn_shared_memory_buf``, what a GPU checks against its limit):
     ``rebased``'s kernel (``c2 s^2``, LayerNorm, no state), or with ``based`` the Based
     polynomial ``1 + s + s^2 / 2`` (the same pre-transform) with the kernel's state flag set
     (the forward and the dq sweep read an initial state, the dk/dv sweep a final-state
@@ -43,8 +42,8 @@ def hopper_lowering(
     cfg = default_config(dtype)
     opt = KernelOptions(state=based, dtype=dtype, BC=cfg["chunk_size"],
                         num_stages=cfg["num_stages"], threads=cfg["threads"],
-                        **({"coeffs": BASED} if based else {}))  # fmt: skip
-    func = prim_func(kind, H, D, Dv, opt)
+                        **({"powers": BASED} if based else {}))  # fmt: skip
+    func = prim_func(kind, BV, opt)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         lowered = tilelang.lower(func, target=target)

@@ -15,7 +15,10 @@ legend; ``x`` is the side whose rows a chunk outputs, ``y`` the side it attends 
 The forward runs them with x = q, y = k, W = v; the backward's dq sweep the same, and its
 dk/dv sweep with x = k, y = q, W = g = dO / (den + eps), w = r, walking chunks in reverse.
 A state is a dict ``{p: Block}`` over the powers present, in ``layout``'s stacked
-unscaled layout (``load``: read from S, z; otherwise zero).
+unscaled layout (``load``: read from S, z; otherwise zero). Which powers are present is
+compile-time; their weights ``w_p``, ``eps`` and the feature dim D are the kernel's scalar
+arguments (``sc[p]``, ``sc.eps``, ``sc.D`` of an ``options.Scalars``), which the macros
+that need them take as ``sc``.
 """
 
 # no `from __future__ import annotations`: TileLang reads the macro annotations as values
@@ -26,7 +29,7 @@ import tilelang.language as T
 
 from rebased_kernels.spec import LAYER_NORM_EPS
 
-from .layout import DK, ROWS, block_offsets, padded_value_dim
+from .layout import DK, ROWS, block_offsets
 from .options import KernelOptions
 
 F = ROWS[2]
@@ -41,33 +44,29 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
+def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
-    Constants: ``H, D, Dv, BC, BV, R, dtype, norm, normalize, eps, target, smem`` (the shared
-    scope), ``w = {p: c_p scale^p}`` over the present powers, ``offsets`` (each block's first
-    row in the stacked state), ``has0, has1, has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0)
-    and the symbolic sizes ``B, T``. Raises ``ValueError`` for D > 16, Dv > 64, a chunk
-    length that is not a multiple of 16, or coefficients that are not ``c0, c1, c2 >= 0``
-    with one of them non-zero.
+    Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared scope),
+    ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0, has1,
+    has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes ``B, T, H``.
+    Raises ``ValueError`` for value columns BV other than 16, 32, 48, 64 (``call`` pads v
+    to them), a chunk length that is not a multiple of 16, or powers that are not a sorted
+    non-empty subset of (0, 1, 2).
     """
-    norm, scale, coeffs, normalize = opt.norm, opt.scale, opt.coeffs, opt.normalize
-    eps, dtype, BC, target = opt.eps, opt.dtype, opt.BC, opt.target
-    if not 1 <= D <= DK:
-        raise ValueError(f"D={D}: this kernel keeps phi(x) = x (x) x on chip for D <= 16 only")
-    if not 1 <= Dv <= 64:
-        raise ValueError(f"Dv={Dv}: this kernel supports 1 <= Dv <= 64")
+    norm, powers, normalize = opt.norm, opt.powers, opt.normalize
+    dtype, BC, target = opt.dtype, opt.BC, opt.target
+    if BV not in (16, 32, 48, 64):
+        raise ValueError(f"BV={BV}: the value columns must be 16, 32, 48 or 64 (Dv padded)")
     if BC % 16 or BC <= 0:
         raise ValueError(f"BC={BC}: the chunk length must be a positive multiple of 16")
-    if len(coeffs) > 3 or not any(coeffs) or min(coeffs) < 0.0:
-        raise ValueError(f"coeffs={coeffs}: this kernel takes c0, c1, c2 >= 0, not all zero")
-    scale = D**-0.5 if scale is None else scale
-    w = {p: c * scale**p for p, c in enumerate(coeffs) if c != 0.0}  # w_p, present powers
-    has0, has1, has2 = (p in w for p in range(3))
-    offsets, R = block_offsets(tuple(w))
-    BV = padded_value_dim(Dv)
+    if not powers or tuple(sorted(set(powers) & {0, 1, 2})) != tuple(powers):
+        raise ValueError(f"powers={powers}: this kernel takes a sorted non-empty subset of "
+                         "(0, 1, 2), the p with c_p != 0")  # fmt: skip
+    has0, has1, has2 = (p in powers for p in range(3))
+    offsets, R = block_offsets(powers)
     smem = "shared.dyn" if target == "cuda" else "shared"
-    B, Tn = T.dynamic("B, T")
+    B, Tn, H = T.dynamic("B, T, H")
 
     def feature(p, b_x, j, r, t0):
         """``x^(p)_r`` of chunk row j in fp32 (x' is zero past T; ``x^(0)`` is masked)."""
@@ -77,18 +76,20 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             return T.cast(b_x[j, r], ACC)
         return T.cast(b_x[j, r // DK], ACC) * T.cast(b_x[j, r % DK], ACC)
 
-    def similarity(g):
+    def similarity(sc, g):
         """``sim = sum_p w_p g^p`` for ``g = x' . y'`` (absent powers left out)."""
-        terms = [w[0]] if has0 else []
+        terms = [sc[0]] if has0 else []
         if has1:
-            terms.append(w[1] * g)
+            terms.append(sc[1] * g)
         if has2:
-            terms.append(w[2] * g * g)
+            terms.append(sc[2] * g * g)
         return sum(terms[1:], terms[0])
 
-    def derivative(g):
-        """``d sim / dg = w_1 + 2 w_2 g``."""
-        return w.get(1, 0.0) + 2.0 * w.get(2, 0.0) * g
+    def derivative(sc, g):
+        """``d sim / dg = w_1 + 2 w_2 g`` (absent powers left out)."""
+        if has1 and has2:
+            return sc[1] + 2.0 * sc[2] * g
+        return sc[1] if has1 else 2.0 * sc[2] * g
 
     def causal(i, j, reverse):
         """Whether column j of chunk row i is a causal pair (``j >= i`` in a reverse walk)."""
@@ -114,36 +115,26 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
                         b_dst[a] += b_src[a, b]
 
     @T.macro
-    def pre_transform(b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
-        """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, D]``
-        (0 past T and in the padding columns); ``b_mean, b_rstd [BC]`` keep the statistics
-        (0 and 1 without ``norm``)."""
+    def pre_transform(sc, b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
+        """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, 16]``,
+        the statistics over their first ``sc.D`` columns; ``b_mean, b_rstd [BC]`` keep them
+        (0 and 1 without ``norm``). x' is 0 past T (masked) and in the columns >= D, where
+        x, gamma and beta are zero (the host pads them so; a mask on the runtime D there
+        doubles TileLang's lowering time)."""
         for i in T.Parallel(BC):
             b_mean[i] = 0.0
             b_rstd[i] = 0.0
             if norm:
-                for d in T.serial(D):
-                    b_mean[i] += T.cast(b_xr[i, d], ACC) / D
-                for d in T.serial(D):
+                for d in T.serial(sc.D):
+                    b_mean[i] += T.cast(b_xr[i, d], ACC) / T.cast(sc.D, ACC)
+                for d in T.serial(sc.D):
                     centred = T.cast(b_xr[i, d], ACC) - b_mean[i]
-                    b_rstd[i] += centred * centred / D
+                    b_rstd[i] += centred * centred / T.cast(sc.D, ACC)
             b_rstd[i] = T.rsqrt(b_rstd[i] + LAYER_NORM_EPS) if norm else 1.0
         for i, d in T.Parallel(BC, DK):
-            dc = T.min(d, D - 1)
-            xn = (T.cast(b_xr[i, dc], ACC) - b_mean[i]) * b_rstd[i]
-            xp = T.cast(gamma[i_h, dc] * xn + beta[i_h, dc], dtype)
-            b_x[i, d] = T.if_then_else((t0 + i < Tn) & (d < D), xp, 0)
-
-    @T.macro
-    def load_rows(src, b_raw, b_rows, i_b, i_h, t0):
-        """``b_rows [BC, BV]``: rows t0 .. t0 + BC of ``src [B, T, H, Dv]`` (zero past T and
-        in the columns >= Dv), through ``b_raw [BC, Dv]`` when Dv < BV."""
-        if Dv == BV:
-            T.copy(src[i_b, t0 : t0 + BC, i_h, :], b_rows)
-        else:
-            T.copy(src[i_b, t0 : t0 + BC, i_h, :], b_raw)
-            for i, e in T.Parallel(BC, BV):
-                b_rows[i, e] = T.if_then_else(e < Dv, b_raw[i, T.min(e, Dv - 1)], 0)
+            xn = (T.cast(b_xr[i, d], ACC) - b_mean[i]) * b_rstd[i]
+            xp = T.cast(gamma[i_h, d] * xn + beta[i_h, d], dtype)
+            b_x[i, d] = T.if_then_else(t0 + i < Tn, xp, 0)
 
     @T.macro
     def features(b_x, b_phi):
@@ -152,14 +143,14 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             b_phi[i, f] = T.cast(feature(2, b_x, i, f, 0), dtype)
 
     @T.macro
-    def operand(b_Sp, b_Sop, p):
+    def operand(sc, b_Sp, b_Sop, p):
         """``b_Sop = w_p S_p`` rounded to dtype: the state as a ``T.gemm`` operand."""
         for r, e in T.Parallel(ROWS[p], BV):
-            b_Sop[r, e] = T.cast(w[p] * b_Sp[r, e], dtype)
+            b_Sop[r, e] = T.cast(sc[p] * b_Sp[r, e], dtype)
 
     @T.macro
-    def state_block(S, z, p, i_b, i_h, load):
-        """Allocate block p of a state (``Block``'s tiles) and fill it from ``S [B, H, R, Dv]``,
+    def state_block(sc, S, z, p, i_b, i_h, load):
+        """Allocate block p of a state (``Block``'s tiles) and fill it from ``S [B, H, R, BV]``,
         ``z [B, H, R]`` (``load``) or with zeros; returns ``(S_p, z_p, w_p S_p operand)``."""
         if p == 2:
             b_Sp = T.alloc_fragment((F, BV), ACC)  # [256, BV]
@@ -168,8 +159,7 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
         b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
         for r, e in T.Parallel(ROWS[p], BV):
             if load:
-                value = S[i_b, i_h, offsets[p] + r, T.min(e, Dv - 1)]
-                b_Sp[r, e] = T.if_then_else(e < Dv, value, 0.0)
+                b_Sp[r, e] = S[i_b, i_h, offsets[p] + r, e]
             else:
                 b_Sp[r, e] = 0.0
         for r in T.Parallel(ROWS[p]):
@@ -180,16 +170,15 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
         b_Sop = None
         if p != 0:
             b_Sop = T.alloc_shared((ROWS[p], BV), dtype, scope=smem)  # [ROWS[p], BV]
-            operand(b_Sp, b_Sop, p)
+            operand(sc, b_Sp, b_Sop, p)
         return b_Sp, b_zp, b_Sop
 
     @T.macro
     def store_state(S, z, st, i_b, i_h):
-        """Every block of the state ``st`` into ``S [B, H, R, Dv]``, ``z [B, H, R]``."""
+        """Every block of the state ``st`` into ``S [B, H, R, BV]``, ``z [B, H, R]``."""
         for p in st:
             for r, e in T.Parallel(ROWS[p], BV):
-                if e < Dv:
-                    S[i_b, i_h, offsets[p] + r, e] = st[p].S[r, e]
+                S[i_b, i_h, offsets[p] + r, e] = st[p].S[r, e]
             for r in T.Parallel(ROWS[p]):
                 z[i_b, i_h, offsets[p] + r] = st[p].z[r]
 
@@ -202,17 +191,17 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             T.gemm(b_x, b_y, b_s, transpose_B=True)
 
     @T.macro
-    def similarities(b_s, b_A, b_den, reverse):
+    def similarities(sc, b_s, b_A, b_den, reverse):
         """``b_s = A`` in place (``sim`` on the causal pairs, 0 elsewhere), ``b_den = A 1``
         (unless None) and ``b_A = A`` rounded to dtype, a ``T.gemm`` operand."""
         for i, j in T.Parallel(BC, BC):
-            b_s[i, j] = T.if_then_else(causal(i, j, reverse), similarity(b_s[i, j]), 0.0)
+            b_s[i, j] = T.if_then_else(causal(i, j, reverse), similarity(sc, b_s[i, j]), 0.0)
         if b_den is not None:
             row_sum(b_s, b_den, 1, has1 or has2)
         T.copy(b_s, b_A)
 
     @T.macro
-    def attend(b_A, b_W, b_x, b_phi, st, b_o):
+    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o):
         """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator)."""
         for i, e in T.Parallel(BC, BV):
             b_o[i, e] = 0.0
@@ -224,15 +213,15 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             T.gemm(b_x, st[1].op, b_o)
         if has0:
             for i, e in T.Parallel(BC, BV):
-                b_o[i, e] += w[0] * st[0].S[0, e]
+                b_o[i, e] += sc[0] * st[0].S[0, e]
 
     @T.macro
-    def inter_den(b_den, st, b_x, t0):
+    def inter_den(sc, b_den, st, b_x, t0):
         """``b_den += sum_p w_p X^(p) z_p`` in fp32."""
         for p in st:
             for i in T.Parallel(BC):
                 for r in T.serial(ROWS[p]):
-                    b_den[i] += w[p] * feature(p, b_x, i, r, t0) * st[p].z[r]
+                    b_den[i] += sc[p] * feature(p, b_x, i, r, t0) * st[p].z[r]
 
     @T.macro
     def accumulate(b_Sp, b_zp, p, b_y, b_W, b_w, t0):
@@ -252,7 +241,7 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
                         b_zp[r] += feature(p, b_y, j, r, t0) * b_w[j]
 
     @T.macro
-    def update(st, b_y, b_W, b_w, b_phi, t0, with_z):
+    def update(sc, st, b_y, b_W, b_w, b_phi, t0, with_z):
         """The state after this chunk: ``S_p += Y^(p)T W`` (``S_2`` on the tensor cores),
         ``z_p += Y^(p)T w`` when ``with_z``, and the operands ``w_p S_p`` refreshed."""
         for p in st:  # (binding a tile to a new name inside a macro would rename it)
@@ -263,14 +252,14 @@ def walk(H: int, D: int, Dv: int, opt: KernelOptions) -> SimpleNamespace:
             else:
                 accumulate(st[p].S, st[p].z if with_z else None, p, b_y, b_W, b_w, t0)
             if p != 0:
-                operand(st[p].S, st[p].op, p)
+                operand(sc, st[p].S, st[p].op, p)
 
     return SimpleNamespace(
-        H=H, D=D, Dv=Dv, BC=BC, BV=BV, R=R, dtype=dtype, norm=norm, normalize=normalize,
-        eps=eps, target=target, smem=smem, w=w, offsets=offsets, has0=has0, has1=has1,
-        has2=has2, uses_x=has1 or has2, B=B, T=Tn, feature=feature, similarity=similarity,
+        BV=BV, BC=BC, R=R, dtype=dtype, norm=norm, normalize=normalize,
+        target=target, smem=smem, powers=powers, offsets=offsets, has0=has0, has1=has1,
+        has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
-        load_rows=load_rows, features=features, operand=operand, state_block=state_block,
+        features=features, operand=operand, state_block=state_block,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
         inter_den=inter_den, update=update,
     )  # fmt: skip

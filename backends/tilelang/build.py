@@ -1,0 +1,165 @@
+"""Compile side of the TileLang kernels: what a problem compiles, the compile cache, the
+parallel precompile (TileLang is imported only when a kernel is built).
+
+One compiled kernel serves every problem with its ``CompileKey``: the kind (``KINDS``), BV
+(the value columns: Dv rounded up to 16, 32, 48 or 64) and the ``options.KernelOptions``
+(which powers of sim are present, the LayerNorm, the normaliser, whether a state is read,
+the dtype, the tunables, the target). Everything else is read at launch: B, T and H are
+symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``eps`` are scalar arguments
+(``options.Scalars``), so problems that differ in them share a kernel. ``compile_classes``
+lists the keys a set of problems needs and ``precompile`` builds them in parallel (nvcc and
+gcc are subprocesses and TileLang's lowering releases the GIL, so threads suffice).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import torch
+
+from rebased_kernels.backend import Problem
+from rebased_kernels.spec import LinearAttention
+
+from .layout import DK, padded_value_dim
+from .options import KernelOptions
+
+DTYPES: dict[torch.dtype, str] = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+DEFAULT_CONFIG: dict[str, Any] = {"chunk_size": 64, "num_stages": 2, "threads": 256}
+"""Every kernel's defaults (forward and both backward sweeps). BC = 64 with 256 compute
+threads: 168 registers a thread and no spills for sm_90a at Dv = 64 (nvcc 13.0), for the
+forward of ``rebased`` and of ``based`` with an initial state alike (its c1 and c0 blocks
+live in shared memory); 128 threads spill, the fp32 S_2 alone being 128 registers a thread.
+The backward sweeps: 168 registers and no spills for ``rebased``, none (dq) and 44 bytes
+(dk/dv) spilled for ``based`` with its states; 160 KiB of shared memory (bf16). Float32
+halves that: see ``FP32_CONFIG``."""
+FP32_CONFIG: dict[str, Any] = {"chunk_size": 32, "num_stages": 2, "threads": 128}
+"""Float32's defaults: at BC = 64 its fp32 chunk tiles took the backward sweeps to 298 KB of
+shared memory (the H200 refused them: 227 KB at most), BC = 32 at 256 threads does not lower
+(TileLang 0.1.15), BC = 32 at 128 threads needs 187 KB (dq), 186 KB (dk/dv), 137 KB
+(forward); ``tests/test_tilelang.py`` reads each kernel's size from its sm_90a lowering."""
+MAX_SHARED_BYTES = 232_448
+"""Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
+KINDS = ("forward", "dq", "dkv")
+"""The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
+
+
+def default_config(dtype: str) -> dict[str, Any]:
+    """``DEFAULT_CONFIG``, or ``FP32_CONFIG`` for ``"float32"`` (``DTYPES``' names)."""
+    return dict(FP32_CONFIG if dtype == "float32" else DEFAULT_CONFIG)
+
+
+def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot compute this problem (None when they can)."""
+    fm = attn.feature_map
+    if fm.degree > 2:
+        return f"computes kernels c0 + c1 s + c2 s^2 (degree <= 2), not degree {fm.degree}"
+    if D > DK or Dv > 64:
+        return f"keeps the whole state on chip for D <= 16 and Dv <= 64, not D={D}, Dv={Dv}"
+    if dtype not in DTYPES:
+        return f"supports dtypes {sorted(str(d) for d in DTYPES)}, not {dtype}"
+    return None
+
+
+def options(attn: LinearAttention, dtype: torch.dtype, device_type: str, state: bool,
+            config: dict | None) -> KernelOptions:  # fmt: skip
+    """The ``KernelOptions`` of a call: its attention, dtype and device type (``"cuda"``, or
+    the C target for any other), and ``config`` (``DEFAULT_CONFIG``'s keys; what it leaves
+    out or sets to None comes from ``default_config(dtype)``)."""
+    given = {key: value for key, value in (config or {}).items() if value is not None}
+    cfg = {**default_config(DTYPES[dtype]), **given}
+    fm = attn.feature_map
+    return KernelOptions(
+        norm=fm.pre.norm, powers=fm.powers, normalize=attn.normalize, state=state,
+        dtype=DTYPES[dtype], BC=cfg["chunk_size"], num_stages=cfg["num_stages"],
+        threads=cfg["threads"], target="cuda" if device_type == "cuda" else "c",
+    )  # fmt: skip
+
+
+class CompileKey(NamedTuple):
+    """What one compiled kernel is built for: ``compiled(*key)``."""
+
+    kind: str  # one of KINDS
+    BV: int  # the value columns, 16, 32, 48 or 64
+    opt: KernelOptions
+
+
+def compile_key(kind: str, problem: Problem, state: bool, config: dict | None) -> CompileKey:
+    """The ``CompileKey`` of kernel ``kind`` for ``problem`` in ``config``, ``state`` as in
+    ``KernelOptions`` (the forward and the dq sweep: an initial state is given; the dk/dv
+    sweep: a final-state cotangent is). Raises ``ValueError`` for what
+    ``unsupported_reason`` names."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    attn, D, Dv, dtype = problem.attention, problem.D, problem.Dv, problem.dtype
+    reason = unsupported_reason(attn, D, Dv, dtype)
+    if reason:
+        raise ValueError(f"the tilelang {kind} kernel {reason}")
+    opt = options(attn, dtype, problem.device_type, state, config)
+    return CompileKey(kind, padded_value_dim(Dv), opt)
+
+
+def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] = (None,),
+                    states: Iterable[bool] = (False, True),
+                    kinds: Iterable[str] = KINDS) -> list[CompileKey]:  # fmt: skip
+    """The distinct ``CompileKey`` that running ``problems`` needs, in first-seen order: each
+    of ``kinds`` (forward and both backward sweeps by default) in each of ``configs``, with
+    and without a state (``states``). Raises ``ValueError`` as ``compile_key``."""
+    configs, states, kinds = list(configs), list(states), list(kinds)
+    keys: dict[CompileKey, None] = {}
+    for problem in problems:
+        for config in configs:
+            for state in states:
+                for kind in kinds:
+                    keys[compile_key(kind, problem, state, config)] = None
+    return list(keys)
+
+
+def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
+    """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
+    (``layout.padded_value_dim``), built with ``opt``."""
+    from .backward import dkv_kernel, dq_kernel
+    from .kernels import forward_kernel
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](BV, opt)
+
+
+@functools.cache
+def compiled(kind: str, BV: int, opt: KernelOptions) -> Any:
+    """The compiled kernel ``kind`` (``prim_func``; a ``tilelang.JITKernel``) of one
+    ``CompileKey``: every batch size, length, head count, D <= 16 and polynomial with these
+    powers reuses it, and every Dv that pads to BV."""
+    import tilelang
+
+    return tilelang.compile(prim_func(kind, BV, opt), target=opt.target)
+
+
+def precompile(
+    keys: Iterable[CompileKey], workers: int | None = None
+) -> dict[CompileKey, Exception]:
+    """Build ``compiled(*key)`` for every key on ``workers`` threads (default: one per key,
+    at most one per CPU core), so that later calls find them in its cache. Returns the keys
+    that did not build, with the exception each raised (empty when all did); some
+    configurations do not lower (``DEFAULT_CONFIG``'s notes)."""
+    keys = list(dict.fromkeys(keys))
+    workers = workers or max(1, min(len(keys), os.cpu_count() or 1))
+
+    def build(key: CompileKey) -> Exception | None:
+        try:
+            compiled(*key)
+        except Exception as error:  # recorded for the caller, the other keys still build
+            return error
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        errors = list(pool.map(build, keys))
+    return {key: error for key, error in zip(keys, errors) if error is not None}
