@@ -13,6 +13,7 @@ If ``event_ms`` is near ``host_ms`` and far above ``graph_ms``, the call is host
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from functools import partial
@@ -89,11 +90,26 @@ def profile(log: dict, calls: dict[str, Callable[[], object]], T: int, device: s
     return row
 
 
+def _by_decode_bv(step: Callable, median: Callable, BVs: tuple[int, ...] = (4, 8, 16, 32)):
+    """``step``'s graph replay (us) with each number of value columns per decode program
+    (``backends.triton.DECODE_BV``, restored after)."""
+    tri = importlib.import_module("rebased_kernels.backends.triton")
+
+    kept, out = tri.DECODE_BV, {}
+    try:
+        for BV in BVs:
+            tri.DECODE_BV = BV
+            out[BV] = graph_ms(step, median) * 1e3
+    finally:
+        tri.DECODE_BV = kept
+    return out
+
+
 def decode(log: dict, device: str, median: Callable, dtype: torch.dtype,
            contexts: tuple[int, ...] = (2048, 16384, 65536)) -> dict:  # fmt: skip
     """One triton ``decode_step`` (state updated in place) at B=4, H=16, D=16, Dv=64, as
-    event median, host time and CUDA-graph replay, next to SDPA decoding one query against
-    KV caches of ``contexts`` tokens (head dim 64, graph replay)."""
+    event median, host time and CUDA-graph replay (also per ``DECODE_BV``), next to SDPA
+    decoding one query against KV caches of ``contexts`` tokens (head dim 64, graph replay)."""
     from rebased_kernels.backend import Inputs, get_backend
     from rebased_kernels.spec import PRESETS, LinearAttention
 
@@ -116,6 +132,7 @@ def decode(log: dict, device: str, median: Callable, dtype: torch.dtype,
                      host_us=host_ms(step, device) * 1e3)  # fmt: skip
     if device == "cuda":
         row["graph_us"] = graph_ms(step, median) * 1e3
+        row["graph_us_by_BV"] = _by_decode_bv(step, median)
         sdpa = {}
         for n in contexts:
             qd = torch.randn(B, H, 1, Dv, device=device, dtype=dtype)

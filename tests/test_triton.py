@@ -4,6 +4,8 @@ REBASED_KERNELS_TEST_DEVICE=cuda)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from strategies import DEVICE
@@ -227,12 +229,16 @@ def test_exact_x3_moves_the_gradient_products_to_the_tensor_cores() -> None:
     assert x3["wgmma"] > fma["wgmma"] > 0, (fma, x3)
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_decode_splits_the_values_across_programs(inplace: bool) -> None:
-    """Dv = 40: three decode programs of 16 value columns per (b, h), which all read z and
-    the last of which writes z'. Three steps from a random state (in place or not) against
-    the float64 oracle over the same tokens; the reader counts are zero again afterwards."""
+@pytest.mark.parametrize("inplace, BV", [(False, 16), (True, 16), (True, 8), (True, 32)])
+def test_decode_splits_the_values_across_programs(inplace: bool, BV: int, monkeypatch) -> None:
+    """Dv = 40: ceil(40 / BV) decode programs of BV value columns per (b, h) (``DECODE_BV``,
+    which the GPU profile sweeps), which all read z and the last of which writes z'. Three
+    steps from a random state (in place or not) against the float64 oracle over the same
+    tokens; the reader counts are zero again afterwards."""
+    tri = importlib.import_module("rebased_kernels.backends.triton")
     from rebased_kernels.backends.triton import _READERS
+
+    monkeypatch.setattr(tri, "DECODE_BV", BV)
 
     fm = PRESETS["rebased"]
     x = random_inputs(2, 3, 3, 16, 40, torch.float64, DEVICE, fm, seed=5, requires_grad=False)
