@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -46,6 +47,26 @@ def backends_under_test() -> list[str]:
         if be.unavailable_reason() is None and DEVICE.split(":")[0] in be.device_types:
             names.append(name)
     return names
+
+
+@functools.cache
+def build_tilelang_kernels() -> dict:
+    """On a GPU, every TileLang kernel the draws need (each map x normalize x state in each
+    dtype under test, in its test configurations; B, T, H, D and the coefficients are read at
+    launch), built once per process on every core (``build.precompile``) before its first
+    property test; a lazy build per draw would compile one at a time. Run the TileLang suite
+    in one process (``PROPS_N=0``): the builds live in its memory. Returns the failures."""
+    from rebased_kernels.backends.tilelang import build
+
+    be = registered()["tilelang"]
+    problems = [Problem(LinearAttention(fm, 0.25, normalize), 16, 16, dtype, "cuda")
+                for dtype in dtypes_under_test("tilelang") for fm in FEATURE_MAPS
+                for normalize in (False, True)]  # fmt: skip
+    problems = [p for p in problems if be.unsupported_reason(p) is None]
+    keys = build.compile_classes(problems, be.test_configs())
+    failed = build.precompile(keys)
+    print(f"tilelang: {len(keys)} kernels built, {len(failed)} failed", flush=True)
+    return failed
 
 
 GPU_EXAMPLES = 200

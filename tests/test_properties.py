@@ -9,9 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import (
+    DEVICE,
     PARAM_NAMES,
     Case,
     backends_under_test,
+    build_tilelang_kernels,
     cases,
     dtypes_under_test,
     examples,
@@ -54,6 +56,9 @@ def property_test(default_examples: int = 25, **case_kwargs):
     def wrap(check):
         @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
         def test(backend, dtype):
+            if backend == "tilelang" and DEVICE.startswith("cuda"):
+                build_tilelang_kernels()
+
             @settings(max_examples=examples(backend, default_examples))
             @given(case=cases(backend, dtype, **case_kwargs), data=st.data())
             def inner(case: Case, data):
