@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import NamedTuple
 
 import torch
 
@@ -125,9 +126,17 @@ def stress(log: dict, config: dict) -> None:
     print("stress:", log["stress"], flush=True)
 
 
-def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64, final_state: bool = False):
-    """Timed closures: the backend's dense forward, forward+backward, and the public API.
-    The dense calls are training's (no final state) unless ``final_state``."""
+class _Calls(NamedTuple):
+    """``_ours``' timed closures."""
+
+    fwd: Callable  # the dense forward, training's (no final state)
+    fwd_bwd: Callable  # it and the dense backward
+    api_fwd: Callable  # the public API's forward
+    fwd_final_state: Callable  # the dense forward with the final state
+
+
+def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64) -> _Calls:
+    """Timed closures on one set of inputs (``_Calls``)."""
     from rebased_kernels.backend import Inputs, Outputs
 
     fm = PRESETS["rebased"]
@@ -139,17 +148,17 @@ def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64, final_state: bool 
     grads = Outputs(torch.randn_like(out.o), None, None)  # training: no final state
 
     def fwd():
-        return be.forward_dense(inp, attn, config, final_state)
+        return be.forward_dense(inp, attn, config, False)
 
     def fwd_bwd():
-        be.forward_dense(inp, attn, config, final_state)
+        be.forward_dense(inp, attn, config, False)
         return be.backward_dense(inp, attn, config, grads)
 
     def api_fwd():
         with torch.no_grad():
             return rk.linear_attention(**x, backend="triton", config=config)
 
-    return fwd, fwd_bwd, api_fwd
+    return _Calls(fwd, fwd_bwd, api_fwd, lambda: be.forward_dense(inp, attn, config))
 
 
 def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: int = 64,
@@ -158,7 +167,7 @@ def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: i
     results = []
     for cfg in configs:
         try:
-            fwd, fwd_bwd, _ = _ours(B, T, H, cfg, Dv)
+            fwd, fwd_bwd, *_ = _ours(B, T, H, cfg, Dv)
             results.append(dict(config=cfg, fwd_ms=ms(fwd, 2, 10), fwd_bwd_ms=ms(fwd_bwd, 2, 5)))
         except Exception as exc:  # a config that does not compile (registers, smem)
             results.append(dict(config=cfg, error=f"{type(exc).__name__}: {exc}"[:300]))
@@ -225,7 +234,7 @@ def precision(log: dict, config: dict) -> None:
                 for dtype in ((torch.float16,) if SMALL else (torch.bfloat16, torch.float16))
                 for T in ((37,) if SMALL else (100, 3000))
             ]
-            _, fwd_bwd, _ = _ours(*((1, 200, 2) if SMALL else (4, 16384, 16)), cfg)
+            fwd_bwd = _ours(*((1, 200, 2) if SMALL else (4, 16384, 16)), cfg).fwd_bwd
             rows.append(dict(config=cfg, bwd_sp=sp, fwd_bwd_ms=ms(fwd_bwd, 2, 10),
                              worst_forward=max(r.forward_err for r in errs),
                              worst_backward=max(r.backward_err for r in errs),
@@ -241,14 +250,10 @@ def timings(log: dict, config: dict, Ts: tuple[int, ...]) -> None:
     B, H = (1, 2) if SMALL else (4, 16)
     dt = bench_dtype()
     for T in Ts:
-        fwd, fwd_bwd, api_fwd = _ours(B, T, H, config)
-        row = dict(
-            T=T,
-            ours_fwd=ms(fwd),
-            ours_fwd_bwd=ms(fwd_bwd),
-            ours_api_fwd=ms(api_fwd),
-            ours_fwd_final_state=ms(_ours(B, T, H, config, final_state=True)[0]),
-        )
+        calls = _ours(B, T, H, config)
+        row = dict(T=T, ours_fwd=ms(calls.fwd), ours_fwd_bwd=ms(calls.fwd_bwd),
+                   ours_api_fwd=ms(calls.api_fwd),
+                   ours_fwd_final_state=ms(calls.fwd_final_state))  # fmt: skip
         if not SMALL and T <= 16384:
             from fla.ops.rebased import parallel_rebased
 
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for cfg in configs:
                 for T in (64, 200) if SMALL else (2048, 16384):
-                    fwd, fwd_bwd, api_fwd = _ours(*((1, T, 2) if SMALL else (4, T, 16)), cfg)
+                    fwd, fwd_bwd, api_fwd, _ = _ours(*((1, T, 2) if SMALL else (4, T, 16)), cfg)
                     row = profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T,
                                   DEVICE, ms)  # fmt: skip
                     row["config"] = cfg
