@@ -11,7 +11,6 @@ Rows go to ``log["tilelang"]``; a case that raises is recorded.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -60,17 +59,12 @@ def _case(call, name: str, dtype: torch.dtype, T: int, state: bool, device: str)
 
 def _precompile(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
     """Build every kernel that ``_case`` and the timings launch in ``dtypes`` (each kind with
-    and without a state) on all cores; returns the key count, the seconds and the keys that
-    failed."""
+    and without a state) on all cores: ``build.precompile_problems``' report."""
     from rebased_kernels.backends.tilelang import build
 
     problems = [Problem(LinearAttention(PRESETS[name], 0.25), 16, 64, dtype, device.split(":")[0])
                 for dtype in dtypes for name in ("rebased", "based")]  # fmt: skip
-    keys = build.compile_classes(problems)
-    start = time.perf_counter()
-    failed = build.precompile(keys)
-    return dict(keys=len(keys), seconds=round(time.perf_counter() - start, 1),
-                failed={f"{k.kind} {k.opt}": repr(e)[:300] for k, e in failed.items()})  # fmt: skip
+    return build.precompile_problems(problems)
 
 
 def check_and_time(log: dict, device: str, small: bool, ms: Callable,

@@ -53,9 +53,10 @@ def backends_under_test() -> list[str]:
 def build_tilelang_kernels() -> dict:
     """On a GPU, every TileLang kernel the draws need (each map x normalize x state in each
     dtype under test, in its test configurations; B, T, H, D and the coefficients are read at
-    launch), built once per process on every core (``build.precompile``) before its first
-    property test; a lazy build per draw would compile one at a time. Run the TileLang suite
-    in one process (``PROPS_N=0``): the builds live in its memory. Returns the failures."""
+    launch), built once per process on every core (``build.precompile_problems``) before
+    its first property test; a lazy build per draw would compile one at a time. Run the
+    TileLang suite in one process (``PROPS_N=0``): the builds live in its memory. Returns the
+    failures of its report."""
     from rebased_kernels.backends.tilelang import build
 
     be = registered()["tilelang"]
@@ -63,10 +64,9 @@ def build_tilelang_kernels() -> dict:
                 for dtype in dtypes_under_test("tilelang") for fm in FEATURE_MAPS
                 for normalize in (False, True)]  # fmt: skip
     problems = [p for p in problems if be.unsupported_reason(p) is None]
-    keys = build.compile_classes(problems, be.test_configs())
-    failed = build.precompile(keys)
-    print(f"tilelang: {len(keys)} kernels built, {len(failed)} failed", flush=True)
-    return failed
+    report = build.precompile_problems(problems, be.test_configs())
+    print(f"tilelang: {report}", flush=True)
+    return report["failed"]
 
 
 GPU_EXAMPLES = 200

@@ -7,7 +7,8 @@ One compiled kernel serves every problem with its ``CompileKey``: the kind (``KI
 the dtype, the tunables, the target). Everything else is read at launch: B, T and H are
 symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``eps`` are scalar arguments
 (``options.Scalars``), so problems that differ in them share a kernel. ``compile_classes``
-lists the keys a set of problems needs and ``precompile`` builds them in parallel (nvcc and
+lists the keys a set of problems needs and ``precompile`` builds them in parallel
+(``precompile_problems``: both, with a report) (nvcc and
 gcc are subprocesses and TileLang's lowering releases the GIL, so threads suffice).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -163,3 +165,15 @@ def precompile(
     with ThreadPoolExecutor(workers) as pool:
         errors = list(pool.map(build, keys))
     return {key: error for key, error in zip(keys, errors) if error is not None}
+
+
+def precompile_problems(problems: Iterable[Problem], configs: Iterable[dict | None] = (None,),
+                        workers: int | None = None) -> dict:  # fmt: skip
+    """``precompile`` of ``compile_classes(problems, configs)`` (each kind, with and without
+    a state): ``{"keys": how many, "seconds": wall, "failed": {key: error}}`` (the key as
+    ``"kind opt"``, the error's repr, both cut to 300 characters)."""
+    keys = compile_classes(problems, configs)
+    start = time.perf_counter()
+    failed = precompile(keys, workers)
+    return dict(keys=len(keys), seconds=round(time.perf_counter() - start, 1),
+                failed={f"{k.kind} {k.opt}": repr(e)[:300] for k, e in failed.items()})  # fmt: skip
