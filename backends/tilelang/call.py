@@ -131,7 +131,7 @@ def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
 
     def param(t: torch.Tensor | None, used: bool, fill: float) -> torch.Tensor:
         if t is None or not used:
-            t = torch.full((H, D), fill, dtype=torch.float32, device=dev)
+            return _identity_param(fill, H, D, str(dev))
         return _pad(t.to(torch.float32).expand(H, D), DK).contiguous()
 
     return [
@@ -140,6 +140,14 @@ def _params(x: Inputs, attn: LinearAttention) -> list[torch.Tensor]:
         param(x.k_weight, pre.uses_gamma, 1.0),
         param(x.k_bias, pre.uses_beta, 0.0),
     ]
+
+
+@functools.lru_cache(maxsize=32)
+def _identity_param(fill: float, H: int, D: int, device: str) -> torch.Tensor:
+    """``[H, 16]`` float32, ``fill`` in the first D columns and 0 past them: an unused gamma
+    (1) or beta (0), made once per shape and device instead of on every call (the kernels
+    only read it)."""
+    return _pad(torch.full((H, D), fill, dtype=torch.float32, device=device), DK).contiguous()
 
 
 def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
