@@ -236,10 +236,7 @@ def test_decode_splits_the_values_across_programs(inplace: bool, BV: int, monkey
     steps from a random state (in place or not) against the float64 oracle over the same
     tokens; the reader counts are zero again afterwards."""
     tri = importlib.import_module("rebased_kernels.backends.triton")
-    from rebased_kernels.backends.triton import _READERS
-
     monkeypatch.setattr(tri, "DECODE_BV", BV)
-
     fm = PRESETS["rebased"]
     x = random_inputs(2, 3, 3, 16, 40, torch.float64, DEVICE, fm, seed=5, requires_grad=False)
     F = fm.num_features(16)
@@ -261,7 +258,7 @@ def test_decode_splits_the_values_across_programs(inplace: bool, BV: int, monkey
     assert_close(torch.stack(outs, 1), o_ref, torch.float32, "decoded o")
     assert_close(state.S, S_ref, torch.float32, "S")
     assert_close(state.z, z_ref, torch.float32, "z")
-    assert all(int(buf.abs().sum()) == 0 for buf in _READERS.values())
+    assert all(int(buf.abs().sum()) == 0 for buf in tri._READERS.values())
 
 
 @pytest.mark.parametrize("variant, warps", [("walk", 8), ("packed", 4), ("tiles", 4)])
