@@ -278,14 +278,20 @@ def test_each_variant_keeps_its_own_warps_under_the_default_config(variant: str,
     assert make(inputs, attn, {**config, "num_warps": 2}, False).num_warps == 2
 
 
-def test_walk_refuses_a_float32_backward_triton_cannot_compile() -> None:
-    """Below 8 warps, triton < 3.9's sm_90 compile of the walk's float32 dq sweep fails
-    (``walk.MIN_FP32_DQ_WARPS``): a clear error instead of an MLIR dump; half inputs and
-    newer triton pass."""
-    from rebased_kernels.backends.triton.walk import check_warps
+@pytest.mark.parametrize("variant", ["walk", "packed"])
+def test_float32_backward_takes_the_warps_triton_can_compile(variant: str) -> None:
+    """Below 8 warps, triton < 3.9's sm_90 compile of the walk's and packed's float32 dq
+    sweeps fails (``launch.MIN_FP32_DQ_WARPS``): an unset ``num_warps`` takes 8, a named 4
+    raises a clear error instead of an MLIR dump; half inputs, tiles, forwards and newer
+    triton keep theirs."""
+    from rebased_kernels.backends.triton.launch import call_warps
 
-    with pytest.raises(ValueError, match="num_warps >= 8"):
-        check_warps(torch.float32, 4, (3, 6))
-    check_warps(torch.float32, 8, (3, 6))
-    check_warps(torch.bfloat16, 4, (3, 6))
-    check_warps(torch.float32, 4, (3, 9))
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert call_warps({}, 4, variant, f32, True, (3, 6)) == 8
+    assert call_warps({"num_warps": None}, 4, variant, f32, True, (3, 6)) == 8
+    with pytest.raises(ValueError, match=f"triton {variant}: .*num_warps >= 8"):
+        call_warps({"num_warps": 4}, 8, variant, f32, True, (3, 6))
+    assert call_warps({"num_warps": 4}, 8, variant, bf16, True, (3, 6)) == 4
+    assert call_warps({"num_warps": 4}, 8, variant, f32, False, (3, 6)) == 4
+    assert call_warps({"num_warps": 4}, 8, variant, f32, True, (3, 9)) == 4
+    assert call_warps({}, 4, "tiles", f32, True, (3, 6)) == 4

@@ -38,6 +38,35 @@ def warps(config: dict, default: int) -> int:
     return default if n is None else int(n)
 
 
+MIN_FP32_DQ_WARPS = 8
+"""Triton < 3.9 fails to compile the fp32 dq sweep of ``walk`` and ``packed`` below 8 warps
+for sm_90 (its RemoveLayoutConversions pass: "operand #0 does not dominate this use"; walk:
+H200 session 9, packed with a c_0 or c_1 term: session 10; both reproduced on the CPU by
+compiling for sm_90 with triton 3.6, which `resources` does; 3.9 compiles both). ``tiles``
+compiles at 4."""
+FP32_DQ_VARIANTS = ("walk", "packed")
+
+
+def call_warps(config: dict, default: int, variant: str, dtype: torch.dtype, gpu_backward: bool,
+               version: tuple[int, int] | None = None) -> int:  # fmt: skip
+    """The warps of one call: ``warps(config, default)``, except a GPU float32 backward of a
+    ``FP32_DQ_VARIANTS`` variant on triton < 3.9, which takes ``MIN_FP32_DQ_WARPS`` when the
+    configuration names none and raises ``ValueError`` when it names fewer."""
+    n = warps(config, default)
+    if not (gpu_backward and dtype == torch.float32 and variant in FP32_DQ_VARIANTS):
+        return n
+    version = triton_version() if version is None else version
+    if version >= (3, 9) or n >= MIN_FP32_DQ_WARPS:
+        return n
+    if config.get("num_warps") is None:
+        return MIN_FP32_DQ_WARPS
+    raise ValueError(
+        f"triton {variant}: the float32 backward needs num_warps >= {MIN_FP32_DQ_WARPS} with "
+        f"triton {'.'.join(map(str, version))} (its dq sweep does not compile at {n}); leave "
+        f"num_warps unset, use {MIN_FP32_DQ_WARPS}, or the tiles variant"
+    )
+
+
 def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma") -> str:
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding

@@ -19,12 +19,12 @@ from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, fe
 
 from .launch import (
     INTERPRET,
+    call_warps,
     dot_precision,
     params,
     scan,
     triton_cdiv,
     triton_next_pow2,
-    warps,
 )
 
 RS, RZ = 161, 273  # state rows (S0 | S1 | SA | SB) and normaliser numbers (z0 | z1 | Z2)
@@ -106,7 +106,8 @@ class PackedCall:
         self.NCH = triton_cdiv(self.T, self.BC)
         self.NSEG = triton_cdiv(self.NCH, self.NCS)
         self.BV = max(16, triton_next_pow2(self.Dv))
-        self.num_warps = warps(config, NUM_WARPS)
+        variant = "tiles" if self.tiles else "packed"
+        self.num_warps = call_warps(config, NUM_WARPS, variant, x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm, self.backward = attn, fm, backward
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))

@@ -17,13 +17,12 @@ from rebased_kernels.backend import Inputs, Outputs
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 from .launch import (
+    call_warps,
     dot_precision,
     params,
     scan,
     triton_cdiv,
     triton_next_pow2,
-    triton_version,
-    warps,
 )
 
 
@@ -43,10 +42,6 @@ def block_rows(BD: int) -> int:
 
 
 NUM_WARPS = 8  # 4 spills the state tiles (ptxas report with triton 3.6, sm_90a)
-MIN_FP32_DQ_WARPS = 8
-"""Triton 3.6 fails to compile the fp32 dq sweep below 8 warps for sm_90 (its
-RemoveLayoutConversions pass: "operand #0 does not dominate this use", H200 session 9;
-reproduced on the CPU by compiling for sm_90 with triton 3.6; 3.9 compiles it)."""
 BWD_CHUNK = 32  # the backward sweeps hold more tiles: 64 spills ~2.5 KB per thread
 BLOCK_V = 32
 
@@ -79,17 +74,6 @@ def _maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[torch.Tens
     return unpack.to(device, torch.float32), pack.to(device, torch.float32)
 
 
-def check_warps(dtype: torch.dtype, num_warps: int, version: tuple[int, int]) -> None:
-    """Raise ``ValueError`` for a GPU backward that triton ``version`` cannot compile
-    (``MIN_FP32_DQ_WARPS``)."""
-    if dtype == torch.float32 and num_warps < MIN_FP32_DQ_WARPS and version < (3, 9):
-        raise ValueError(
-            f"triton walk: the float32 backward needs num_warps >= {MIN_FP32_DQ_WARPS} with "
-            f"triton {'.'.join(map(str, version))} (its dq sweep does not compile at "
-            f"{num_warps}); use num_warps {NUM_WARPS} or another variant"
-        )
-
-
 class _Call:
     """Launch arguments shared by the forward and both backward sweeps of one call."""
 
@@ -105,9 +89,7 @@ class _Call:
         if self.BD > 16:  # 64-row chunks need > 227 KB of shared memory at BD = 64
             self.BC = min(self.BC, 32)
         self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
-        self.num_warps = warps(config, NUM_WARPS)
-        if backward and x.q.is_cuda:
-            check_warps(x.v.dtype, self.num_warps, triton_version())
+        self.num_warps = call_warps(config, NUM_WARPS, "walk", x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
