@@ -163,12 +163,16 @@ def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64) -> _Calls:
 
 def sweep(log: dict, T: int, configs: list[dict], B: int = 4, H: int = 16, Dv: int = 64,
           key: str | None = None) -> dict:  # fmt: skip
-    """Time each configuration at (B, T, H, D=16, Dv); returns the fastest forward's."""
-    results = []
+    """Time each configuration at (B, T, H, D=16, Dv); returns the fastest forward's. Each
+    row also has ``o_vs_first``: its forward's relative error against the first one's."""
+    results, first = [], None
     for cfg in configs:
         try:
             fwd, fwd_bwd, *_ = _ours(B, T, H, cfg, Dv)
-            results.append(dict(config=cfg, fwd_ms=ms(fwd, 2, 10), fwd_bwd_ms=ms(fwd_bwd, 2, 5)))
+            o = fwd().o.float()  # the same seeded inputs for every configuration
+            first = o if first is None else first
+            results.append(dict(config=cfg, fwd_ms=ms(fwd, 2, 10), fwd_bwd_ms=ms(fwd_bwd, 2, 5),
+                                o_vs_first=rel_err(o, first)))  # fmt: skip
         except Exception as exc:  # a config that does not compile (registers, smem)
             results.append(dict(config=cfg, error=f"{type(exc).__name__}: {exc}"[:300]))
         print("sweep", T, results[-1], flush=True)
@@ -198,6 +202,26 @@ def variant_configs(be) -> list[dict]:
     x3 = [{**packed[0], "exact": "x3"}, {**tiles[4], "exact": "x3"}]
     walk = {"chunk_size": 32, "chunks_per_segment": 32, "variant": "walk", "num_warps": 8}
     return packed + tiles + gather + x3 + [walk]
+
+
+def state_configs() -> list[dict]:
+    """The ``sweep-state`` stage's configurations: the default ``packed`` and session 9's
+    fastest ``tiles`` (64 x 2 forward, 64 x 4 x3 forward+backward) with the state kernel's
+    rows per program and chunk (``state_rows``, ``state_chunk``) and a tile program's rows
+    per product (``tile_rows``) widened."""
+    packed = {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16}
+    rows = [packed] + [{**packed, "state_rows": r, "state_chunk": c, "state_warps": w}
+                       for r, c, w in ((128, None, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4),
+                                       (32, 128, 4))]  # fmt: skip
+    wide = {"state_rows": 128, "state_chunk": 128, "state_warps": 8}
+    for base in (
+        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2},
+        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
+    ):
+        rows += [base] + [{**base, **wide, "tile_rows": t} for t in (32, 64, 128)]  # fmt: skip
+    rows.append({"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **wide,
+                 "tile_rows": 128})  # fmt: skip
+    return rows
 
 
 def mqar_configs() -> list[dict]:
@@ -304,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
-                    "counted), oracle, fla, sweep, sweep-mqar, precision, tilelang, timings, "
-                    "stress, profile, tune, asv")  # fmt: skip
+                    "counted), oracle, fla, sweep, sweep-state, sweep-mqar, precision, "
+                    "tilelang, timings, stress, profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument(
         "--tilelang-dtypes",
@@ -353,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             configs = variant_configs(be)
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
+        elif name == "sweep-state":
+            for T in (128, 256) if SMALL else (2048, 16384):
+                sweep(log, T, state_configs(), key=f"state-{T}")
         elif name == "sweep-mqar":  # a Table 1 cell's mixer call: 9 models x 12 heads, Dv 4
             B, T, H = (4, 64, 12) if SMALL else (256, 256, 108)
             sweep(log, T, mqar_configs(), B, H, 4, key="mqar")

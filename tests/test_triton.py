@@ -95,6 +95,31 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
     torch.testing.assert_close(total, incl[:, -1] + init, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "variant, rows, state_chunk, tile_rows",
+    [("packed", 128, 128, 32), ("packed", 64, 256, 32), ("tiles", 128, 64, 128),
+     ("tiles", 32, 128, 64)],
+)  # fmt: skip
+def test_state_block_sizes_match_the_oracle(variant, rows, state_chunk, tile_rows) -> None:
+    """The state kernel's rows per program, chunk and warps (``state_rows``, ``state_chunk``, which
+    takes the gcd with the segment: 256 -> 128 here) and a tile program's rows per product
+    (``tile_rows``), across segment and chunk edges (T = 300: segments of 4 chunks of 32)."""
+    config = {"chunk_size": 32, "chunks_per_segment": 4, "variant": variant,
+              "state_rows": rows, "state_chunk": state_chunk, "tile_rows": tile_rows,
+              "state_warps": 8 if rows == 128 else None}  # fmt: skip
+    _check_against_the_oracle(16, "rebased", True, 300, 24, config, seed=11)
+
+
+@pytest.mark.parametrize("key, value", [("state_rows", 48), ("tile_rows", 256),
+                                        ("state_chunk", 96)])  # fmt: skip
+def test_state_block_sizes_reject_bad_values(key: str, value: int) -> None:
+    fm = PRESETS["rebased"]
+    x = random_inputs(1, 40, 1, 16, 8, torch.float32, DEVICE, fm, requires_grad=False)
+    with pytest.raises(ValueError, match=f"triton {key} {value}"):
+        rk.linear_attention(**x, feature_map=fm, backend="triton",
+                            config={"variant": "tiles", key: value})  # fmt: skip
+
+
 @pytest.mark.parametrize("variant", ["walk", "packed", "tiles"])
 @pytest.mark.parametrize("name, normalize", [("rebased", True), ("x2", False), ("based", True)])
 def test_every_variant_matches_the_oracle(variant: str, name: str, normalize: bool) -> None:

@@ -75,6 +75,13 @@ def _readers(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+WIDE = {"state_rows": 128, "state_chunk": 128, "state_warps": 8}
+"""Named configurations' wide state kernel: one program per segment for the quadratic block,
+128 tokens per product, 8 warps (4 spill 1.1 KB per thread: ptxas, triton 3.6, sm_90a;
+8 spill 8 B) (session 9's profile: the 32-row programs of 32 tokens spent 600 us
+of a 1.5 ms forward at 16k on the state sums)."""
+
+
 class TritonBackend(Backend):
     name = "triton"
     dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(
@@ -97,7 +104,11 @@ class TritonBackend(Backend):
     (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
     fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
     ``docs/results/h200-s9/``). A configuration may also name ``num_warps`` and, for
-    ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``); ``walk`` is a named
+    ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and
+    ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
+    program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
+    per product; it takes the gcd with the segment length) and ``state_warps`` (the state
+    kernel's, None: the call's); ``walk`` is a named
     configuration only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
@@ -108,14 +119,18 @@ class TritonBackend(Backend):
         "num_warps": None,
         "features": "onehot",
         "exact": "fma",
+        "state_rows": 32,
+        "state_chunk": None,
+        "tile_rows": 32,
+        "state_warps": None,
     }
-    """``packed``; ``num_warps`` None is each variant's own (4 for ``packed`` and ``tiles``,
-    8 for ``walk``, which spills at 4). ``packed``'s forward was 2.4x ``walk``'s at 16k on an
-    H200 with forward+backward no slower (``docs/results/h200-s6/``), 1.8x faster
-    forward+backward at MQAR's T = 256 (``docs/results/h200-s7/``); its GPU property run
-    passed there (session 7). The tuner searches ``tiles`` beside it; ``walk`` and the
-    ``features`` variants are named configurations: drawn by the property tests, timed by
-    the sweeps."""
+    """``packed``; ``state_chunk`` None is the chunk; ``num_warps`` None is each variant's own (4
+    for ``packed`` and ``tiles``, 8 for ``walk``, which spills at 4). ``packed``'s forward was
+    2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
+    (``docs/results/h200-s6/``), 1.8x faster forward+backward at MQAR's T = 256
+    (``docs/results/h200-s7/``); its GPU property run passed there (session 7). The tuner
+    searches ``tiles`` beside it; ``walk`` and the ``features`` variants are named
+    configurations: drawn by the property tests, timed by the sweeps."""
     named_configs: ClassVar[tuple[dict[str, Any], ...]] = (
         {"variant": "walk", "chunk_size": 32, "chunks_per_segment": 4, "num_warps": 8},
         {"variant": "walk", "chunk_size": 64, "chunks_per_segment": 2, "num_warps": 8},
@@ -127,6 +142,8 @@ class TritonBackend(Backend):
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3"},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
+        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
+        {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **WIDE, "tile_rows": 128},
         {
             "variant": "walk",
             "chunk_size": 32,

@@ -49,7 +49,10 @@ from .kernels import (
 RS = tl.constexpr(161)  # state rows: S0 | S1 (16) | SA (128) | SB (16)
 RZ = tl.constexpr(273)  # normaliser numbers: z0 | z1 (16) | Z2 (256)
 FB_ROWS = 32
-FB = tl.constexpr(FB_ROWS)  # rows of block A taken at a time (tiles, the state kernel)
+"""Rows of block A one product takes (``FB``): the state kernel's programs each sum FB rows
+(``config["state_rows"]``), a tile program reads the state FB rows at a time
+(``config["tile_rows"]``); 32 keeps the tiles small, 128 takes block A in one product."""
+FB_CHOICES = (32, 64, 128)
 
 
 @triton.jit
@@ -264,6 +267,7 @@ def packed_state_kernel(
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
     HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
+    FB: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
     Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
@@ -378,8 +382,8 @@ def packed_sweep_kernel(
 @triton.jit
 def _state_out_at(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Sst, Zst, base,
                   offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP: tl.constexpr,
-                  HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr,
-                  GATHER: tl.constexpr):  # fmt: skip
+                  HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, GATHER: tl.constexpr,
+                  FB: tl.constexpr):  # fmt: skip
     """``(phi(x) . S, phi(x) . z)`` of the stored state at ``base``, block A by FB rows (a
     tile program keeps no state tile live); ``X .. NORM``: where x' came from (``_pairs``)."""
     S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
@@ -398,8 +402,8 @@ def _state_out_at(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Ss
 @triton.jit
 def _state_grad_at(Ut, u, x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Sst, Zst,
                    base, offs_v, vmask, Dv, P8, sc, C1, C2, SP: tl.constexpr,
-                   HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr,
-                   GATHER: tl.constexpr):  # fmt: skip
+                   HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, GATHER: tl.constexpr,
+                   FB: tl.constexpr):  # fmt: skip
     """``d/dx' [phi(x) . (S U_i + z u_i)]`` [BC, 16] of the stored state, block by block."""
     _, S1, SB, _, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
     dxp = _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
@@ -422,6 +426,7 @@ def packed_tile_kernel(
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
     SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr, STATE: tl.constexpr,
+    FB: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -463,7 +468,7 @@ def packed_tile_kernel(
     if STATE and has_state:
         out, den = _state_out_at(x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM, Sst,
                                  Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP, HAS_LIN,
-                                 HAS_C2, GATHER)  # fmt: skip
+                                 HAS_C2, GATHER, FB)  # fmt: skip
     if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
@@ -502,7 +507,7 @@ def packed_tile_kernel(
         if STATE and has_state:
             dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
                                   Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
-                                  HAS_C2, GATHER)  # [BC, 16]  # fmt: skip
+                                  HAS_C2, GATHER, FB)  # [BC, 16]  # fmt: skip
         dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
                            D, NORM)  # fmt: skip
         tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)

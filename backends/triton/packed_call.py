@@ -10,6 +10,7 @@ and the reverse dk/dv sweep. One program covers all of Dv (the gradient sweeps n
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -25,6 +26,7 @@ from .launch import (
     scan,
     triton_cdiv,
     triton_next_pow2,
+    warps,
 )
 
 RS, RZ = 161, 273  # state rows (S0 | S1 | SA | SB) and normaliser numbers (z0 | z1 | Z2)
@@ -92,6 +94,29 @@ def _packed_maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[tor
     return tuple(t.to(device, torch.float32) for t in (uS, pS, uZ, pZ))
 
 
+def _block_rows(config: dict, key: str) -> int:
+    """``config[key]`` (``state_rows`` / ``tile_rows``): rows of block A per product, one of
+    ``packed.FB_CHOICES`` (default ``FB_ROWS``)."""
+    from .packed import FB_CHOICES, FB_ROWS
+
+    n = config.get(key)
+    n = FB_ROWS if n is None else n
+    if n not in FB_CHOICES:
+        raise ValueError(f"triton {key} {n!r} is not one of {FB_CHOICES}")
+    return int(n)
+
+
+def _state_chunk(config: dict, chunk: int) -> int:
+    """``config["state_chunk"]``: the state kernel's chunk (rows per product), a power of two
+    in [16, 256]; the call's chunk when absent or None."""
+    n = config.get("state_chunk")
+    if n is None:
+        return chunk
+    if n not in (16, 32, 64, 128, 256):
+        raise ValueError(f"triton state_chunk {n!r} is not a power of two in [16, 256]")
+    return int(n)
+
+
 class PackedCall:
     """Launch arguments shared by the kernels of one call."""
 
@@ -122,6 +147,12 @@ class PackedCall:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
                           num_warps=self.num_warps)  # fmt: skip
+        self.state_rows, self.tile_rows = (
+            _block_rows(config, k) for k in ("state_rows", "tile_rows")
+        )
+        # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
+        self.BCS = math.gcd(_state_chunk(config, self.BC), self.NCS * self.BC)
+        self.state_warps = warps({"num_warps": config.get("state_warps")}, self.num_warps)
 
     def sp(self, carried: bool) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
@@ -157,15 +188,16 @@ class PackedCall:
         half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         BH, Dv, dev = self.B * self.H, self.Dv, y.device
-        from .packed import FB_ROWS, packed_state_kernel
+        from .packed import packed_state_kernel
 
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
-        packed_state_kernel[(self.NSEG, BH, 128 // FB_ROWS + 1)](
+        ncs = self.NCS * self.BC // self.BCS  # the state kernel's chunks per segment
+        packed_state_kernel[(self.NSEG, BH, 128 // self.state_rows + 1)](
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
-            self.T, self.H, self.D, Dv, ys, self.NSEG, self.NCS, int(self.fm.pre.norm),
-            BC=self.BC, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
-            **self.flags,
+            self.T, self.H, self.D, Dv, ys, self.NSEG, ncs, int(self.fm.pre.norm),
+            BC=self.BCS, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
+            FB=self.state_rows, **{**self.flags, "num_warps": self.state_warps},
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
@@ -187,7 +219,8 @@ class PackedCall:
         out = [t.get(n, dummy) for n in ("OUT", "INV", "ROUT", "DX", "DG", "DB")]
         if self.tiles:
             state = carried or self.NSEG > 1  # else every program skips the state
-            kernel, n, extra = packed_tile_kernel, self.NCH, dict(HAS_INIT=carried, STATE=state)
+            kernel, n = packed_tile_kernel, self.NCH
+            extra = dict(HAS_INIT=carried, STATE=state, FB=self.tile_rows)
         else:
             kernel, n, extra = packed_sweep_kernel, self.NSEG, dict(PREFIX=prefix)
         kernel[(n, self.B * self.H)](

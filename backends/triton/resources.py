@@ -101,7 +101,7 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
     c["GATHER"] = False
     if variant == "tiles":
-        c.update(HAS_INIT=False, STATE=True)
+        c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS)
     else:
         c["PREFIX"] = True
     return c
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for chunk in map(int, args.chunk.split(",")):
         for warps in map(int, args.warps.split(",")):
             c = dict(BC=chunk, BV=64, HAS_WS=False, HAS_WSC=False, HAS_LIN=False, HAS_C2=True,
-                     SP="ieee" if args.dot == "ieee" else "bf16")  # fmt: skip
+                     SP="ieee" if args.dot == "ieee" else "bf16", FB=packed.FB_ROWS)  # fmt: skip
             u = usage(packed.packed_state_kernel, c, warps)
             print(f"{'state':>7} {'':>5} {chunk:>5} {warps:>5} {u.registers:>5} {u.stack:>6}",
                   flush=True)  # fmt: skip
