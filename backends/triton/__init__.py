@@ -75,11 +75,10 @@ def _readers(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-WIDE = {"state_rows": 128, "state_chunk": 128, "state_warps": 8}
-"""Named configurations' wide state kernel: one program per segment for the quadratic block,
-128 tokens per product, 8 warps (4 spill 1.1 KB per thread: ptxas, triton 3.6, sm_90a;
-8 spill 8 B) (session 9's profile: the 32-row programs of 32 tokens spent 600 us
-of a 1.5 ms forward at 16k on the state sums)."""
+WIDE = packed_call.TILES_STATE
+"""A named ``packed`` configuration with ``tiles``' state kernel (``packed_call.TILES_STATE``)."""
+NARROW = {"state_rows": 32, "state_chunk": 32, "state_warps": 4}
+"""A named ``tiles`` configuration with ``packed``'s state kernel."""
 
 
 class TritonBackend(Backend):
@@ -119,14 +118,15 @@ class TritonBackend(Backend):
         "num_warps": None,
         "features": "onehot",
         "exact": "fma",
-        "state_rows": 32,
+        "state_rows": None,
         "state_chunk": None,
         "tile_rows": 32,
         "state_warps": None,
     }
-    """``packed``; ``state_chunk`` None is the chunk; ``num_warps`` None is each variant's own (4
-    for ``packed`` and ``tiles``, 8 for ``walk``, which spills at 4). ``packed``'s forward was
-    2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
+    """``packed``; the state kernel's keys None are the variant's own (``packed_call.TILES_STATE``
+    for tiles; 32 rows of the call's chunk at its warps for packed); ``num_warps`` None is each
+    variant's own (4 for ``packed`` and ``tiles``, 8 for ``walk``, which spills at 4).
+    ``packed``'s forward was 2.4x ``walk``'s at 16k on an H200 with forward+backward no slower
     (``docs/results/h200-s6/``), 1.8x faster forward+backward at MQAR's T = 256
     (``docs/results/h200-s7/``); its GPU property run passed there (session 7). The tuner
     searches ``tiles`` beside it; ``walk`` and the ``features`` variants are named
@@ -143,7 +143,7 @@ class TritonBackend(Backend):
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3"},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
-        {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **WIDE, "tile_rows": 128},
+        {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
         {
             "variant": "walk",
             "chunk_size": 32,

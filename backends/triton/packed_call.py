@@ -94,6 +94,16 @@ def _packed_maps(fm: FeatureMap, D: int, scale: float, device: str) -> tuple[tor
     return tuple(t.to(device, torch.float32) for t in (uS, pS, uZ, pZ))
 
 
+TILES_STATE = {"state_rows": 128, "state_chunk": 128, "state_warps": 8}
+"""``tiles``' own state kernel (where a configuration leaves these None): one program per
+segment for the quadratic block, 128 tokens per product, 8 warps (4 spill 1.1 KB per thread:
+ptxas, triton 3.6, sm_90a). On the H200 (session 10, ``docs/results/h200-s10/``) it took
+tiles 64 x 4 x3 from 1.52 to 1.29 ms forward and 11.66 to 10.58 ms forward+backward at
+T = 16384, 0.51 to 0.30 / 2.00 to 1.75 ms at 2048. ``packed`` keeps 32 rows of its chunk at
+the call's warps: the wide kernel was faster forward there too, slower forward+backward at
+2048."""
+
+
 def _block_rows(config: dict, key: str) -> int:
     """``config[key]`` (``state_rows`` / ``tile_rows``): rows of block A per product, one of
     ``packed.FB_CHOICES`` (default ``FB_ROWS``)."""
@@ -147,12 +157,14 @@ class PackedCall:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
                           num_warps=self.num_warps)  # fmt: skip
-        self.state_rows, self.tile_rows = (
-            _block_rows(config, k) for k in ("state_rows", "tile_rows")
-        )
+        own = {k: v for k, v in config.items() if k in TILES_STATE and v is not None}
+        if self.tiles:  # the variant's own state kernel where the configuration names none
+            own = {**TILES_STATE, **own}
+        self.state_rows = _block_rows(own, "state_rows")
+        self.tile_rows = _block_rows(config, "tile_rows")
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
-        self.BCS = math.gcd(_state_chunk(config, self.BC), self.NCS * self.BC)
-        self.state_warps = warps({"num_warps": config.get("state_warps")}, self.num_warps)
+        self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
+        self.state_warps = warps({"num_warps": own.get("state_warps")}, self.num_warps)
 
     def sp(self, carried: bool) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
