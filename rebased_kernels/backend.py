@@ -101,6 +101,10 @@ class Backend:
     """Whether ``forward_dense`` takes ``final_state=False`` (the caller drops S and z, as
     in training) and may return ``Outputs(o, None, None)`` for it, faster; the others
     compute the state, which ``forward`` then drops."""
+    float32_products: ClassVar[str] = "float32"
+    """What float32 inputs' matrix products run in on this backend's devices: "float32", or
+    "tf32" (10-bit mantissas on the tensor cores, float32 sums), which ``testing`` checks at
+    ``TF32_TOLERANCE``. A backend says so here and in its docs; nothing rounds silently."""
     tolerance_factor: ClassVar[float] = 1.0
     """How much looser than the tolerance rule (``testing``) this backend's results are
     checked; 1 for ours. Only a peer whose numerics we cannot change sets more, saying why."""

@@ -21,11 +21,24 @@ PRODUCT_ROUNDOFF: dict[torch.dtype, float] = {
 """The rounding a kernel may commit per term of a feature sum, per input dtype."""
 
 
-def feature_form_tolerance(dtype: torch.dtype, kappa: float) -> float:
+TF32_TOLERANCE = 5e-3
+"""``TOLERANCE`` of float32 inputs on a backend whose float32 products are tf32
+(``Backend.float32_products``): TileLang on an H200 measured 1.1e-3 on o and 2.7e-3 on the
+gradients (session 8)."""
+TF32_ROUNDOFF = 2.0**-11
+"""``PRODUCT_ROUNDOFF`` of tf32 products (10-bit mantissas)."""
+
+
+def feature_form_tolerance(dtype: torch.dtype, kappa: float, products: str = "float32") -> float:
     """The tolerance where the feature (state) form meets the score form or itself split
     differently: ``max(TOLERANCE, PRODUCT_ROUNDOFF * kappa)`` with ``kappa`` from
     ``reference.condition`` (~15-20 for well-spread inputs, where this is ``TOLERANCE``;
-    10^4 when q is nearly orthogonal to every k and the denominator is ~eps)."""
+    10^4 when q is nearly orthogonal to every k and the denominator is ~eps). ``products``
+    "tf32" (float32 inputs multiplied in tf32) takes ``TF32_TOLERANCE`` and ``TF32_ROUNDOFF``."""
+    if dtype == torch.float32 and products == "tf32":
+        return max(TF32_TOLERANCE, TF32_ROUNDOFF * kappa)
+    if products not in ("float32", "tf32"):
+        raise ValueError(f"products {products!r} is not float32 or tf32")
     return max(TOLERANCE[dtype], PRODUCT_ROUNDOFF[dtype] * kappa)
 
 

@@ -45,9 +45,12 @@ BACKEND_DTYPES = [
 
 def tolerance(case: Case, kw: dict) -> float:
     """The rule's tolerance for this draw (chunked kernels take o partly through the
-    features: rounding grows with kappa), times the backend's declared factor (1 for ours)."""
-    factor = get_backend(case.backend).tolerance_factor
-    return feature_form_tolerance(case.dtype, kappa(case, kw)) * factor
+    features: rounding grows with kappa) for the backend's declared float32 products, times
+    its declared factor (1 for ours)."""
+    be = get_backend(case.backend)
+    return feature_form_tolerance(case.dtype, kappa(case, kw), be.float32_products) * (
+        be.tolerance_factor
+    )
 
 
 def property_test(default_examples: int = 25, **case_kwargs):
@@ -163,8 +166,8 @@ def test_chunk_size_invariant(case: Case, data) -> None:
     held to the float64 oracle rather than to the other: H200 session 9 measured 2.5e-2
     between ``packed`` and ``walk`` on a T = 1 fp16 draw whose o cancels, kappa-sized)."""
     configs = registered()[case.backend].test_configs()
-    if len(configs) < 2:
-        return
+    if len(configs) < 2:  # a skip, not a pass: there is nothing to compare
+        pytest.skip(f"{case.backend} tests one configuration")
     other = data.draw(st.sampled_from(configs))
     kw = make_inputs(case)
     b = run(replace(case, config=tuple(sorted(other.items()))), kw)

@@ -337,10 +337,12 @@ def test_unsupported_problems_raise() -> None:
         call.forward(Inputs(wide["q"], wide["k"], wide["v"]), LinearAttention(PRESETS["x2"], 0.2))
     with pytest.raises(ValueError, match="16, 32, 48 or 64"):
         forward_kernel(24)
+    with pytest.raises(ValueError, match="32 or 64 in bfloat16"):
+        forward_kernel(16, KernelOptions(dtype="bfloat16"))
     with pytest.raises(ValueError, match="multiple of 16"):
-        forward_kernel(16, KernelOptions(BC=24))
+        forward_kernel(32, KernelOptions(BC=24))
     with pytest.raises(ValueError, match=r"subset of \(0, 1, 2\)"):
-        forward_kernel(16, KernelOptions(powers=(1, 3)))
+        forward_kernel(32, KernelOptions(powers=(1, 3)))
 
 
 # Hopper lowering: the sources come from a second process that starts with this module's
@@ -497,3 +499,23 @@ def test_hopper_source_compiles_for_sm90a(kind: str, based: bool) -> None:
     assert "wgmma.mma_async.sync.aligned" in built.ptx and ".f32.bf16.bf16" in built.ptx
     assert "cp.async.bulk.tensor" in built.ptx
     assert re.search(r"\b0 bytes spill stores", built.log), built.log[-2000:]
+
+
+def test_value_columns_round_up_to_64_bytes() -> None:
+    """BV: Dv padded to 64-byte rows, 16 columns in fp32 and 32 in bf16 / fp16 (Hopper's
+    MN-major wgmma operands; bf16 tiles of 16 or 48 columns fail the sm_90a lowering)."""
+    from rebased_kernels.backends.tilelang.layout import padded_value_dim
+
+    assert [padded_value_dim(d, 4) for d in (1, 16, 17, 40, 64)] == [16, 16, 32, 48, 64]
+    assert [padded_value_dim(d, 2) for d in (1, 16, 32, 33, 48, 64)] == [32, 32, 32, 64, 64, 64]
+
+
+@pytest.mark.parametrize("kind", ["forward", "dq", "dkv"])
+def test_half_value_bucket_lowers_for_hopper(kind: str) -> None:
+    """bf16 with BV = 32 (Dv <= 32: the property suite's draws) lowers to sm_90a wgmma; on an
+    H200, BV = 16 failed every half kernel ("Not a canonical GMMA_MN layout", session 10)."""
+    from rebased_kernels.backends.tilelang.hopper import hopper_lowering
+
+    src, shared = hopper_lowering(kind, "bfloat16", False, 32)
+    assert "tl::wgmma_ss<tl::DataType::kBFloat16" in src and "mma_sync" not in src
+    assert shared > 0

@@ -2,15 +2,14 @@
 parallel precompile (TileLang is imported only when a kernel is built).
 
 One compiled kernel serves every problem with its ``CompileKey``: the kind (``KINDS``), BV
-(the value columns: Dv rounded up to 16, 32, 48 or 64) and the ``options.KernelOptions``
-(which powers of sim are present, the LayerNorm, the normaliser, whether a state is read,
-the dtype, the tunables, the target). Everything else is read at launch: B, T and H are
-symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``eps`` are scalar arguments
-(``options.Scalars``), so problems that differ in them share a kernel. ``compile_classes``
-lists the keys a set of problems needs and ``precompile`` builds them in parallel
-(``precompile_problems``: both, with a report) (nvcc and
-gcc are subprocesses and TileLang's lowering releases the GIL, so threads suffice).
-"""
+(the value columns: Dv rounded up to 64 bytes, ``layout.padded_value_dim``) and the
+``options.KernelOptions`` (which powers of sim are present, the LayerNorm, the normaliser,
+whether a state is read, the dtype, the tunables, the target). Everything else is read at
+launch: B, T and H are symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``eps`` are
+scalar arguments (``options.Scalars``), so problems that differ in them share a kernel.
+``compile_classes`` lists the keys a set of problems needs and ``precompile`` builds them in
+parallel (``precompile_problems``: both, with a report) (nvcc and gcc are subprocesses and
+TileLang's lowering releases the GIL, so threads suffice)."""
 
 from __future__ import annotations
 
@@ -89,7 +88,7 @@ class CompileKey(NamedTuple):
     """What one compiled kernel is built for: ``compiled(*key)``."""
 
     kind: str  # one of KINDS
-    BV: int  # the value columns, 16, 32, 48 or 64
+    BV: int  # the value columns: 16, 32, 48 or 64 in fp32, 32 or 64 in bf16 / fp16
     opt: KernelOptions
 
 
@@ -105,7 +104,7 @@ def compile_key(kind: str, problem: Problem, state: bool, config: dict | None) -
     if reason:
         raise ValueError(f"the tilelang {kind} kernel {reason}")
     opt = options(attn, dtype, problem.device_type, state, config)
-    return CompileKey(kind, padded_value_dim(Dv), opt)
+    return CompileKey(kind, padded_value_dim(Dv, dtype.itemsize), opt)
 
 
 def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] = (None,),

@@ -7,8 +7,9 @@ CPU tensors through its C target (the tests' path on a machine without a GPU), e
 compiled once per ``build.CompileKey`` (kind, BV, ``options.KernelOptions``). What the key
 leaves out is given at launch: B, T and H as the tensors' sizes, and ``scalars`` (``w_p =
 c_p scale^p``, eps and D) as scalar arguments. The kernels take 16 feature columns and BV
-value columns (16, 32, 48 or 64): ``_operands`` pads q, k (D < 16) and v, dO (Dv not a
-multiple of 16) with zero columns, copying nothing at D = 16 and Dv = 16, 32, 48 or 64, and
+value columns (16, 32, 48 or 64 in fp32, 32 or 64 in bf16 / fp16: ``layout.padded_value_dim``):
+``_operands`` pads q, k (D < 16) and v, dO with zero columns, copying nothing where D = 16
+and Dv is a bucket, and
 the outputs are cut back. The kernel's state (``layout``: one unscaled, unpacked block per
 power, stacked into ``S [B, H, R, BV]`` and ``z [B, H, R]``) and the spec's canonical
 layout are mapped into each other here: ``kernel_state`` (canonical -> kernel, for an
@@ -160,26 +161,27 @@ def _cut(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.shape[-1] == n else t[..., :n].contiguous()
 
 
-def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, device):
+def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, v: torch.Tensor):
     """A canonical state (either part may be None: zeros) in the kernel's layout
     ``[B, H, R, BV]``, ``[B, H, R]``, float32, contiguous, its columns >= Dv zero; empty
-    buffers (to be written) when both are None."""
+    buffers (to be written) when both are None; BV and the device are the operand v's."""
     _, R = block_offsets(attn.feature_map.powers)
+    BV, device = v.shape[-1], v.device
     if S is None and z is None:
-        return (torch.empty(B, H, R, padded_value_dim(Dv), dtype=torch.float32, device=device),
+        return (torch.empty(B, H, R, BV, dtype=torch.float32, device=device),
                 torch.empty(B, H, R, dtype=torch.float32, device=device))  # fmt: skip
     F = attn.feature_map.num_features(D)
     S = torch.zeros(B, H, F, Dv, device=device) if S is None else S
     z = torch.zeros(B, H, F, device=device) if z is None else z
     S_k, z_k = kernel_state(S, z, attn, D)
-    return _pad(S_k.float(), padded_value_dim(Dv)).contiguous(), z_k.float().contiguous()
+    return _pad(S_k.float(), BV).contiguous(), z_k.float().contiguous()
 
 
 def _operands(x: Inputs, *extra: torch.Tensor) -> list[torch.Tensor]:
     """q, k ``[B, T, H, 16]`` and v (then each of ``extra``, shaped like v) ``[B, T, H, BV]``
     as the kernels take them: in v's dtype, contiguous, zero in the columns past D and Dv (a
     copy only where a column is padded or a dtype converted)."""
-    BV = padded_value_dim(x.v.shape[-1])
+    BV = padded_value_dim(x.v.shape[-1], x.v.element_size())
     qk = [_pad(t.to(x.v.dtype), DK).contiguous() for t in (x.q, x.k)]
     return qk + [_pad(t.to(x.v.dtype), BV).contiguous() for t in (x.v, *extra)]
 
@@ -200,7 +202,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     kernel = _kernel("forward", x, attn, config, x.S0 is not None)
     q, k, v = _operands(x)  # [B, T, H, 16] twice, [B, T, H, BV]
     o = torch.empty_like(v)
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v.device)
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)
     sc = scalars(attn, D)
     kernel(q, k, v, *_params(x, attn), *sc, o, S, z)  # reads the initial S, z if any
     return Outputs(_cut(o, Dv), *canonical_state(S[..., :Dv], z, attn, D))
@@ -245,9 +247,9 @@ def backward(
     dqw, dqb, dkw, dkb = (new(B, H, DK, dtype=torch.float32, device=dev) for _ in range(4))
     inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
 
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, dev)
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)
     dq_kernel(q, k, v, do, *params, *sc, S, z, dq, dqw, dqb, inv, r)
-    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, dev)
+    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)
     dkv_kernel(q, k, v, do, *params, *sc, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
 
     dS0 = dz0 = None

@@ -5,8 +5,9 @@ Legend (``spec`` names; per (batch, head) program)
 ``BC``    chunk length (tokens per step of the walk); ``N = ceil(T / BC)`` chunks.
 ``DK``    16: q, k and their gamma, beta arrive with 16 columns (the host pads D < 16 with
           zeros), so q', k' are exact zeros past the first D.
-``BV``    the value columns: 16, 32, 48 or 64 (the host pads Dv to the next of them with
-          zero columns when Dv is not one itself, and drops them from o and S).
+``BV``    the value columns: 16, 32, 48 or 64 in fp32, 32 or 64 in bf16 / fp16 (the host
+          pads Dv to the next of them with zero columns when Dv is not one itself, and
+          drops them from o and S).
 ``p``     a power of ``sim = sum_p c_p s^p``, ``s = scale q' . k'``, p <= 2; only the
           powers with ``c_p != 0`` are built (an absent power costs nothing).
 ``w_p``   ``c_p scale^p``, so ``sim = sum_p w_p (q' . k')^p``.

@@ -37,6 +37,11 @@ def block_row(idx: tuple[int, ...]) -> int:
     return row
 
 
-def padded_value_dim(Dv: int) -> int:
-    """``BV``: Dv rounded up to a multiple of 16 (a tensor-core N extent)."""
-    return max(16, -(-Dv // 16) * 16)
+def padded_value_dim(Dv: int, itemsize: int) -> int:
+    """``BV``: Dv rounded up to 64 bytes of elements of ``itemsize`` bytes: a multiple of 16
+    in fp32, of 32 in bf16 / fp16. Hopper's wgmma takes v (and g, dO) as an MN-major shared
+    operand, whose canonical layouts are 64-byte rows: bf16 tiles of 16 or 48 columns fail
+    TileLang's sm_90a lowering ("Not a canonical GMMA_MN layout", H200 session 10; the
+    lowering on the CPU fails the same way, ``tests/test_tilelang.py``)."""
+    step = 64 // itemsize
+    return max(step, -(-Dv // step) * step)

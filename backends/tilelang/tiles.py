@@ -50,14 +50,15 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared scope),
     ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0, has1,
     has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes ``B, T, H``.
-    Raises ``ValueError`` for value columns BV other than 16, 32, 48, 64 (``call`` pads v
-    to them), a chunk length that is not a multiple of 16, or powers that are not a sorted
-    non-empty subset of (0, 1, 2).
+    Raises ``ValueError`` for value columns BV other than 16, 32, 48, 64 in fp32 and 32, 64 in
+    bf16 / fp16 (``call`` pads v to them: ``layout.padded_value_dim``), a chunk length that is
+    not a multiple of 16, or powers that are not a sorted non-empty subset of (0, 1, 2).
     """
     norm, powers, normalize = opt.norm, opt.powers, opt.normalize
     dtype, BC, target = opt.dtype, opt.BC, opt.target
-    if BV not in (16, 32, 48, 64):
-        raise ValueError(f"BV={BV}: the value columns must be 16, 32, 48 or 64 (Dv padded)")
+    if BV not in (16, 32, 48, 64) or (dtype != "float32" and BV % 32):
+        raise ValueError(f"BV={BV}: the value columns must be 16, 32, 48 or 64 in float32, "
+                         f"32 or 64 in {dtype} (Dv padded: layout.padded_value_dim)")  # fmt: skip
     if BC % 16 or BC <= 0:
         raise ValueError(f"BC={BC}: the chunk length must be a positive multiple of 16")
     if not powers or tuple(sorted(set(powers) & {0, 1, 2})) != tuple(powers):
