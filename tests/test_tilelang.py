@@ -465,7 +465,9 @@ def _loads(name: str, src: str) -> bool:
 
 @pytest.mark.parametrize("kind", ["dq", "dkv"])
 def test_backward_lowers_to_hopper_wgmma(kind: str) -> None:
-    """Each sweep's eight T.gemm (dq: q'k'^T, A v, Q^(2) S_2, g v^T, (P o sim') k',
+    """The kernel builder's bf16 sweeps (the backend runs the fp32 ones for half inputs since
+    session 10, ``build.SWEEP_DTYPE``; ``test_half_backward_compiles_the_float32_sweeps``).
+    Each sweep's eight T.gemm (dq: q'k'^T, A v, Q^(2) S_2, g v^T, (P o sim') k',
     g (w_2 S_2)^T, (2 U o q') E, K^(2)T v; dk/dv the same with the roles swapped) are eight
     wgmma call sites with bf16 operands and fp32 accumulators; the q, k, v, dO chunks arrive
     by TMA; one producer warpgroup beside the 256 compute threads (384: the per-token
@@ -519,3 +521,19 @@ def test_half_value_bucket_lowers_for_hopper(kind: str) -> None:
     src, shared = hopper_lowering(kind, "bfloat16", False, 32)
     assert "tl::wgmma_ss<tl::DataType::kBFloat16" in src and "mma_sync" not in src
     assert shared > 0
+
+
+def test_half_backward_compiles_the_float32_sweeps() -> None:
+    """bf16 / fp16 problems compile their forward in their dtype and configuration and their
+    gradient sweeps as float32 problems in float32's defaults (``build.SWEEP_DTYPE``): the
+    keys are the float32 problem's, whatever the configuration."""
+    attn = LinearAttention(PRESETS["rebased"], 0.25)
+    f32 = Problem(attn, 16, 20, torch.float32, "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        half = Problem(attn, 16, 20, dtype, "cuda")
+        fwd = build.compile_key("forward", half, False, {"chunk_size": 64})
+        assert fwd.opt.dtype == build.DTYPES[dtype] and fwd.BV == 32 and fwd.opt.BC == 64
+        for kind in ("dq", "dkv"):
+            key = build.compile_key(kind, half, True, {"chunk_size": 64})
+            assert key == build.compile_key(kind, f32, True, None)
+            assert key.opt.dtype == "float32" and key.BV == 32 and key.opt.BC == 32

@@ -30,7 +30,7 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .build import compile_key, compiled
+from .build import SWEEP_DTYPE, compile_key, compiled
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
 
@@ -227,13 +227,17 @@ def backward(
     ``[B, T, H, D]`` and dv ``[B, T, H, Dv]`` in the inputs' dtypes; d gamma / d beta of q
     and k in their parameters' shapes ([H, D] or [D]; None when absent or unused by the
     feature map); dS0, dz0 in S0's dtype (None without an initial state). Two launches:
-    ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``; the
-    per-program d gamma / d beta are summed here. Raises ``ValueError`` and pads q, k, v
-    and dO as ``forward``.
+    ``dq_kernel`` (which stores 1 / (den + eps) and r per token) and ``dkv_kernel``, on
+    float32 operands for every input dtype (``build.SWEEP_DTYPE``: half inputs are widened
+    here, tf32 products); the per-program d gamma / d beta are summed here. Raises
+    ``ValueError`` and pads q, k, v and dO as ``forward``.
     """
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     final = grads.S is not None or grads.z is not None
+    dtypes = (x.q.dtype, x.k.dtype, x.v.dtype)
+    x = x._replace(**{n: getattr(x, n).to(SWEEP_DTYPE) for n in ("q", "k", "v")})
+    grads = grads._replace(o=grads.o.to(SWEEP_DTYPE))  # the sweeps' operands (build.SWEEP_DTYPE)
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
     q, k, v, do = _operands(x, grads.o)  # [B, T, H, 16] twice, [B, T, H, BV] twice
@@ -257,7 +261,7 @@ def backward(
         dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
         dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
     return Inputs(
-        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv),
+        _cut(dq, D).to(dtypes[0]), _cut(dk, D).to(dtypes[1]), _cut(dv, Dv).to(dtypes[2]),
         _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
         _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
         dS0, dz0,
