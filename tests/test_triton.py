@@ -103,11 +103,11 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
 def test_state_block_sizes_match_the_oracle(variant, rows, state_chunk, tile_rows) -> None:
     """The state kernel's rows per program, chunk and warps (``state_rows``, ``state_chunk``, which
     takes the gcd with the segment: 256 -> 128 here) and a tile program's rows per product
-    (``tile_rows``), across segment and chunk edges (T = 300: segments of 4 chunks of 32)."""
+    (``tile_rows``), across segment and chunk edges (T = 200: two segments of 4 chunks of 32)."""
     config = {"chunk_size": 32, "chunks_per_segment": 4, "variant": variant,
               "state_rows": rows, "state_chunk": state_chunk, "tile_rows": tile_rows,
               "state_warps": 8 if rows == 128 else None}  # fmt: skip
-    _check_against_the_oracle(16, "rebased", True, 300, 24, config, seed=11)
+    _check_against_the_oracle(16, "rebased", True, 200, 24, config, seed=11)
 
 
 @pytest.mark.parametrize("key, value", [("state_rows", 48), ("tile_rows", 256),
