@@ -213,7 +213,8 @@ def state_configs() -> list[dict]:
     rows = [packed] + [{**packed, "state_rows": r, "state_chunk": c, "state_warps": w}
                        for r, c, w in ((128, None, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4),
                                        (32, 128, 4))]  # fmt: skip
-    wide = {"state_rows": 128, "state_chunk": 128, "state_warps": 8}
+    from rebased_kernels.backends.triton.packed_call import TILES_STATE as wide
+
     for base in (
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},

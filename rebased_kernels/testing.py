@@ -21,14 +21,13 @@ PRODUCT_ROUNDOFF: dict[torch.dtype, float] = {
 """The rounding a kernel may commit per term of a feature sum, per input dtype."""
 
 
-TF32_TOLERANCE = TOLERANCE[torch.bfloat16]
-"""``TOLERANCE`` of float32 inputs on a backend whose float32 products are tf32
-(``Backend.float32_products``): the half inputs' 1e-2, whose ``PRODUCT_ROUNDOFF`` already is
-tf32's (2^-11): the products, not the inputs, set the gradients' error. TileLang on an H200
-measured 1.1e-3 on o (session 8) and 6.5e-3 on d gamma_q on the worst of 200 draws
-(session 10)."""
-TF32_ROUNDOFF = 2.0**-11
-"""``PRODUCT_ROUNDOFF`` of tf32 products (10-bit mantissas)."""
+TF32_RULE = torch.bfloat16
+"""The rule (``TOLERANCE``, ``PRODUCT_ROUNDOFF``) of float32 inputs on a backend whose float32
+products are tf32 (``Backend.float32_products``): the half inputs', whose product roundoff
+already is tf32's (2^-11): the products, not the inputs, set the gradients' error. TileLang
+on an H200 measured 1.1e-3 on o (session 8) and 6.5e-3 on d gamma_q on the worst of 200
+draws (session 10)."""
+TF32_TOLERANCE = TOLERANCE[TF32_RULE]
 
 
 def feature_form_tolerance(dtype: torch.dtype, kappa: float, products: str = "float32") -> float:
@@ -36,11 +35,11 @@ def feature_form_tolerance(dtype: torch.dtype, kappa: float, products: str = "fl
     differently: ``max(TOLERANCE, PRODUCT_ROUNDOFF * kappa)`` with ``kappa`` from
     ``reference.condition`` (~15-20 for well-spread inputs, where this is ``TOLERANCE``;
     10^4 when q is nearly orthogonal to every k and the denominator is ~eps). ``products``
-    "tf32" (float32 inputs multiplied in tf32) takes ``TF32_TOLERANCE`` and ``TF32_ROUNDOFF``."""
-    if dtype == torch.float32 and products == "tf32":
-        return max(TF32_TOLERANCE, TF32_ROUNDOFF * kappa)
+    "tf32" (float32 inputs multiplied in tf32) takes ``TF32_RULE``'s entries."""
     if products not in ("float32", "tf32"):
         raise ValueError(f"products {products!r} is not float32 or tf32")
+    if dtype == torch.float32 and products == "tf32":
+        dtype = TF32_RULE
     return max(TOLERANCE[dtype], PRODUCT_ROUNDOFF[dtype] * kappa)
 
 

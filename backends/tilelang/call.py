@@ -7,10 +7,10 @@ CPU tensors through its C target (the tests' path on a machine without a GPU), e
 compiled once per ``build.CompileKey`` (kind, BV, ``options.KernelOptions``). What the key
 leaves out is given at launch: B, T and H as the tensors' sizes, and ``scalars`` (``w_p =
 c_p scale^p``, eps and D) as scalar arguments. The kernels take 16 feature columns and BV
-value columns (16, 32, 48 or 64 in fp32, 32 or 64 in bf16 / fp16: ``layout.padded_value_dim``):
-``_operands`` pads q, k (D < 16) and v, dO with zero columns, copying nothing where D = 16
-and Dv is a bucket, and
-the outputs are cut back. The kernel's state (``layout``: one unscaled, unpacked block per
+value columns (16, 32, 48 or 64 in fp32, 32 or 64 in bf16 / fp16:
+``layout.padded_value_dim``): ``_operands`` pads q, k (D < 16) and v, dO with zero columns,
+copying nothing where D = 16 and Dv is a bucket, and the outputs are cut back. The kernel's
+state (``layout``: one unscaled, unpacked block per
 power, stacked into ``S [B, H, R, BV]`` and ``z [B, H, R]``) and the spec's canonical
 layout are mapped into each other here: ``kernel_state`` (canonical -> kernel, for an
 initial state) and ``canonical_state`` (kernel -> canonical, for the final state), exact
@@ -177,13 +177,16 @@ def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, v: t
     return _pad(S_k.float(), BV).contiguous(), z_k.float().contiguous()
 
 
-def _operands(x: Inputs, *extra: torch.Tensor) -> list[torch.Tensor]:
+def _operands(
+    x: Inputs, *extra: torch.Tensor, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
     """q, k ``[B, T, H, 16]`` and v (then each of ``extra``, shaped like v) ``[B, T, H, BV]``
-    as the kernels take them: in v's dtype, contiguous, zero in the columns past D and Dv (a
-    copy only where a column is padded or a dtype converted)."""
-    BV = padded_value_dim(x.v.shape[-1], x.v.element_size())
-    qk = [_pad(t.to(x.v.dtype), DK).contiguous() for t in (x.q, x.k)]
-    return qk + [_pad(t.to(x.v.dtype), BV).contiguous() for t in (x.v, *extra)]
+    as the kernels take them: in ``dtype`` (v's when None), contiguous, zero in the columns
+    past D and Dv (one copy where a column is padded or a dtype converted, none otherwise)."""
+    dtype = x.v.dtype if dtype is None else dtype
+    BV = padded_value_dim(x.v.shape[-1], dtype.itemsize)
+    qk = [_pad(t.to(dtype), DK).contiguous() for t in (x.q, x.k)]
+    return qk + [_pad(t.to(dtype), BV).contiguous() for t in (x.v, *extra)]
 
 
 def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = None) -> Outputs:
@@ -235,12 +238,10 @@ def backward(
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     final = grads.S is not None or grads.z is not None
-    dtypes = (x.q.dtype, x.k.dtype, x.v.dtype)
-    x = x._replace(**{n: getattr(x, n).to(SWEEP_DTYPE) for n in ("q", "k", "v")})
-    grads = grads._replace(o=grads.o.to(SWEEP_DTYPE))  # the sweeps' operands (build.SWEEP_DTYPE)
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
-    q, k, v, do = _operands(x, grads.o)  # [B, T, H, 16] twice, [B, T, H, BV] twice
+    # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.SWEEP_DTYPE)
+    q, k, v, do = _operands(x, grads.o, dtype=SWEEP_DTYPE)
     params, sc = _params(x, attn), scalars(attn, D)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (
@@ -261,7 +262,7 @@ def backward(
         dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
         dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
     return Inputs(
-        _cut(dq, D).to(dtypes[0]), _cut(dk, D).to(dtypes[1]), _cut(dv, Dv).to(dtypes[2]),
+        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv).to(x.v.dtype),
         _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
         _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
         dS0, dz0,

@@ -26,7 +26,6 @@ from .launch import (
     scan,
     triton_cdiv,
     triton_next_pow2,
-    warps,
 )
 
 RS, RZ = 161, 273  # state rows (S0 | S1 | SA | SB) and normaliser numbers (z0 | z1 | Z2)
@@ -164,7 +163,7 @@ class PackedCall:
         self.tile_rows = _block_rows(config, "tile_rows")
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
-        self.state_warps = warps({"num_warps": own.get("state_warps")}, self.num_warps)
+        self.state_warps = int(own.get("state_warps") or self.num_warps)
 
     def sp(self, carried: bool) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
