@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -43,6 +44,7 @@ def stage(name: str, log: dict, out: str) -> None:
     """Print the elapsed time and save what is known so far (a timeout keeps it)."""
     log.setdefault("stages", []).append((name, round(time.time() - T0, 1)))
     print(f"[{time.time() - T0:7.1f} s] {name}", flush=True)
+    os.makedirs(out, exist_ok=True)  # session 11 lost a profile to a missing --out folder
     with open(f"{out}/gpu-check.json", "w") as f:
         json.dump(log, f, indent=1, default=str)
 

@@ -320,3 +320,38 @@ def test_float32_backward_takes_the_warps_triton_can_compile(variant: str) -> No
     assert call_warps({"num_warps": 4}, 8, variant, f32, False, (3, 6)) == 4
     assert call_warps({"num_warps": 4}, 8, variant, f32, True, (3, 9)) == 4
     assert call_warps({}, 4, "tiles", f32, True, (3, 6)) == 4
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_float16_state_products_stay_as_exact_as_their_inputs(backward: bool) -> None:
+    """fp16 inputs' state products are tf32 (``packed_call.FP16_SP``), never bf16: bf16
+    operands rounded fp16's exact v and features to 8 bits, over the rule's 2^-11 (H200
+    session 11); bf16 inputs keep ``HALF_SP``; a carried state is tf32 in both."""
+    from rebased_kernels.backends.triton import packed_call
+
+    fm = PRESETS["rebased"]
+    for dtype, own in ((torch.float16, "tf32"), (torch.bfloat16, packed_call.HALF_SP)):
+        x = random_inputs(1, 40, 2, 16, 8, dtype, "cpu", fm, seed=5, requires_grad=False)
+        for variant in ("packed", "tiles"):
+            config = {**get_backend("triton").default_config, "variant": variant}
+            call = packed_call.PackedCall(Inputs(x["q"], x["k"], x["v"]),
+                                          LinearAttention(fm, 0.25), config, backward)  # fmt: skip
+            assert (call.sp(False), call.sp(True)) == (own, "tf32"), (dtype, variant)
+
+
+def test_float16_split_run_of_session_11_matches_the_oracle() -> None:
+    """The H200 draw (session 11) whose split run failed with bf16 state products: fp16,
+    B = 2, T = 2, D = 8, Dv = 1, rebased, unnormalised, split at t = 1, packed 32 x 2; o of
+    the carried half within the kappa-scaled rule (1.98e-2 against 1.49e-2 before)."""
+    from strategies import Case, kappa, make_inputs, oracle, run
+
+    config = {"chunk_size": 32, "chunks_per_segment": 2, "exact": "fma", "variant": "packed"}
+    case = Case("triton", 2, 2, 1, 8, 1, torch.float16, PRESETS["rebased"], False, False, "HD",
+                False, tuple(sorted(config.items())), 0)  # fmt: skip
+    kw = make_inputs(case)
+    first = run(case, {**kw, **{n: kw[n][:, :1] for n in "qkv"}})
+    second = run(case, {**kw, **{n: kw[n][:, 1:] for n in "qkv"},
+                        "initial_state": (first[1], first[2])})  # fmt: skip
+    tol = feature_form_tolerance(torch.float16, kappa(case, kw))
+    o = torch.cat([first[0], second[0]], dim=1)
+    assert_close(o, oracle(case, kw)[0], torch.float16, "o", tol)

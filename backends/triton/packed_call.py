@@ -34,13 +34,18 @@ NUM_WARPS = 4
 since session 7: packed at 4 warps was 1.8x faster forward+backward than walk at MQAR's T=256)."""
 BWD_CHUNK = 32
 HALF_SP = "fp16" if INTERPRET else "bf16"
-"""State products of a state built from the call's own tokens, for half inputs (fp16 under
-the interpreter, which has no bfloat16; bf16 on a GPU also for fp16 inputs: a long state
-outgrows fp16's range)."""
+"""State products of a state built from the call's own tokens, for bf16 inputs (fp16 under
+the interpreter, which has no bfloat16; fp16 inputs take ``FP16_SP``: fp16 operands would
+hold a long state out of range)."""
 CARRIED_SP = "tf32"
 """State products when the state carries the caller's state (an initial state, a
 final-state cotangent): an arbitrary state's entries need not average out as a sum of the
 call's own features does."""
+FP16_SP = "tf32"
+"""State products of float16 inputs: tf32, as exact as their inputs. bf16 operands rounded
+fp16's exact v and features to 8 bits (u = 2^-8 against the rule's 2^-11): on an H200
+(session 11, ``docs/results/h200-s11/``) a split run's o failed the kappa-scaled tolerance at
+1.98e-2 against 1.49e-2 (T = 2, kappa 30). bf16 inputs keep bf16 (``HALF_SP``)."""
 FEATURES = ("onehot", "gather")
 """How the kernels form the 144 feature rows (``config["features"]``): one-hot products on
 the tensor cores (measured on the H200), or loads of x gathered by column with the
@@ -143,6 +148,7 @@ class PackedCall:
         variant = "tiles" if self.tiles else "packed"
         self.num_warps = call_warps(config, NUM_WARPS, variant, x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm, self.backward = attn, fm, backward
+        self.fp16 = x.v.dtype == torch.float16
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
@@ -167,10 +173,15 @@ class PackedCall:
 
     def sp(self, carried: bool) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
-        starts from the caller's (``carried``), else ``BWD_SP`` / ``HALF_SP``."""
+        starts from the caller's (``carried``), ``FP16_SP`` for fp16 inputs, else ``BWD_SP`` /
+        ``HALF_SP``."""
         if self.dot == "ieee":
             return "ieee"
-        return CARRIED_SP if carried else (BWD_SP if self.backward else HALF_SP)
+        if carried:
+            return CARRIED_SP
+        if self.fp16:
+            return FP16_SP
+        return BWD_SP if self.backward else HALF_SP
 
     def kernel_state(self, S: torch.Tensor | None, z: torch.Tensor | None):
         """A canonical state ``(S [B, H, F, Dv], z [B, H, F])`` in the kernels' layout
