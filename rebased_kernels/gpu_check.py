@@ -227,6 +227,26 @@ def state_configs() -> list[dict]:
     return rows
 
 
+def outer_configs() -> list[dict]:
+    """The ``sweep-outer`` stage's configurations: session 10's fastest ``tiles`` (64 x 4 x3
+    forward+backward, 64 x 2 forward) and the default ``packed`` with the feature rows of
+    the state kernel and of the tiles' state reads as the full outer product
+    (``features="outer"``), its state kernel at 64 and 128 tokens per product, 8 and 16
+    warps."""
+    tiles4 = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"}
+    tiles2 = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2}
+    packed = {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16}
+    outer = {"features": "outer"}
+    rows = [tiles4, {**tiles4, "num_warps": 8}]
+    rows += [{**tiles4, **outer, "state_chunk": c, "state_warps": w}
+             for c, w in ((64, 8), (128, 8), (64, 16), (128, 16))]  # fmt: skip
+    rows += [{**tiles4, **outer, "state_chunk": 64, "state_warps": 8, "num_warps": 8}]
+    rows += [tiles2, {**tiles2, **outer, "state_chunk": 64, "state_warps": 8}]
+    rows += [{**tiles2, "chunks_per_segment": 8, **outer, "state_chunk": 64, "state_warps": 8}]
+    rows += [packed, {**packed, **outer, "state_chunk": 64, "state_warps": 8}]
+    return rows
+
+
 def mqar_configs() -> list[dict]:
     """The MQAR sweep's configurations at T = 256 (Table 1's cells): each variant with the
     sequence split into segments of 64 or 128 tokens or kept whole (one ``tiles`` segment is
@@ -331,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
-                    "counted), oracle, fla, sweep, sweep-state, sweep-mqar, precision, "
-                    "tilelang, timings, stress, profile, tune, asv")  # fmt: skip
+                    "counted), oracle, fla, sweep, sweep-state, sweep-outer, sweep-mqar, "
+                    "precision, tilelang, timings, stress, profile, tune, asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument(
         "--tilelang-dtypes",
@@ -380,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             configs = variant_configs(be)
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
+        elif name == "sweep-outer":
+            for T in (128, 256) if SMALL else (2048, 16384):
+                sweep(log, T, outer_configs(), key=f"outer-{T}")
         elif name == "sweep-state":
             for T in (128, 256) if SMALL else (2048, 16384):
                 sweep(log, T, state_configs(), key=f"state-{T}")

@@ -246,8 +246,10 @@ def test_decode_steps_equal_full_run(case: Case, data) -> None:
         outs.append(o_t)
     tol = tolerance(case, kw)
     assert_close(torch.stack(outs, dim=1), o_full, case.dtype, "decoded o", tol)
-    assert_close(state.S, S_full, case.dtype, "S")
-    assert_close(state.z, z_full, case.dtype, "z")
+    # the rule's tolerance (a backend's declared tf32 products round the full run's state:
+    # TileLang's fp32 S measured 3.7e-4 against decoding on an H200, session 11)
+    assert_close(state.S, S_full, case.dtype, "S", tol)
+    assert_close(state.z, z_full, case.dtype, "z", tol)
 
 
 def test_tolerance_rule_catches_errors() -> None:

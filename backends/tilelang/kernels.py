@@ -23,7 +23,9 @@ The pre-transform ``x' = gamma * LN(x) + beta`` (``LN(x) = (x - mean) / sqrt(var
 over the first D columns; ``norm=False`` leaves it out) runs on each chunk's rows in fp32
 as they arrive. Then, per chunk ``n`` with rows ``Q = q'[nBC : nBC + BC]`` (likewise K, V)::
 
-    A    = tril(sum_p w_p (Q K^T)^p)                   [BC, BC]  (Q K^T: T.gemm, fp32)
+    A    = tril(sum_p w_p (Q K^T)^p)                   [BC, BC]  (Q K^T: T.gemm, fp32; its
+                                                                  operands fp32 (tf32) in
+                                                                  a half kernel too)
     num  = A V + sum_p Q^(p) (w_p S_p)                 [BC, BV]  (T.gemm for p = 2 and 1,
                                                                   w_0 S_0 added in fp32)
     den  = A 1 + sum_p w_p Q^(p) z_p                   [BC]      (fp32 throughout)
@@ -118,6 +120,9 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
             b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] q'k'^T, then A
             b_o = T.alloc_fragment((BC, BV), ACC)  # [BC, BV] numerator
             b_den = T.alloc_fragment((BC,), ACC)  # [BC] denominator
+            # den in shared memory for the store: a half kernel's tf32 scores give b_den a
+            # fragment layout that conflicts with b_o's (bf16 products) in one loop
+            b_dsh = T.alloc_shared((BC,), ACC, scope=smem)  # [BC]
             b_q = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] q' (unread if c0 only)
             b_k = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] k' (unread if c0 only)
             b_phi = None
@@ -126,6 +131,10 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                 b_kr = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] k rows as loaded
                 b_mean = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm mean
                 b_rstd = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm 1 / sqrt(var + eps)
+            b_q32 = b_k32 = None  # the scores' fp32 operands of a half kernel (else b_q, b_k)
+            if m.uses_x and dtype != ACC:
+                b_q32 = T.alloc_shared((BC, DK), ACC, scope=smem)  # [BC, 16] q' unrounded
+                b_k32 = T.alloc_shared((BC, DK), ACC, scope=smem)  # [BC, 16] k' unrounded
             st = {}  # the state S_p, z_p, w_p S_p per present power (tiles.Block)
             if m.has2:
                 b_phi = T.alloc_shared((BC, F), dtype, scope=smem)  # [BC, 256] Q^(2) or K^(2)
@@ -145,19 +154,23 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], b_kr)
                 T.copy(v[i_b, t0 : t0 + BC, i_h, :], b_v)
                 if m.uses_x:
-                    m.pre_transform(sc, b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0)
-                    m.pre_transform(sc, b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0)
+                    m.pre_transform(sc, b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0, b_q32)
+                    m.pre_transform(sc, b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0, b_k32)
 
                 # num = A v + sum_p Q^(p) w_p S_p, den = A 1 + sum_p w_p Q^(p) z_p
-                m.scores(b_q, b_k, b_s)
+                if b_q32 is None:
+                    m.scores(b_q, b_k, b_s)
+                else:  # tf32 scores of the unrounded q', k': bf16 ones measured 2.8e-2 on o
+                    m.scores(b_q32, b_k32, b_s)
                 m.similarities(sc, b_s, b_A, b_den if normalize else None, False)
                 m.attend(sc, b_A, b_v, b_q, b_phi, st, b_o)
                 if normalize:
                     m.inter_den(sc, b_den, st, b_q, t0)
+                    T.copy(b_den, b_dsh)
                 for i, e in T.Parallel(BC, BV):
                     if t0 + i < Tn:
                         if normalize:
-                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_den[i] + sc.eps)
+                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_dsh[i] + sc.eps)
                         else:
                             o[i_b, t0 + i, i_h, e] = b_o[i, e]
 

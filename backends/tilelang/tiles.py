@@ -116,12 +116,13 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
                         b_dst[a] += b_src[a, b]
 
     @T.macro
-    def pre_transform(sc, b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0):
+    def pre_transform(sc, b_xr, gamma, beta, b_x, b_mean, b_rstd, i_h, t0, b_x32=None):
         """``b_x [BC, 16] = gamma * LN(b_xr) + beta`` from the raw rows ``b_xr [BC, 16]``,
         the statistics over their first ``sc.D`` columns; ``b_mean, b_rstd [BC]`` keep them
         (0 and 1 without ``norm``). x' is 0 past T (masked) and in the columns >= D, where
         x, gamma and beta are zero (the host pads them so; a mask on the runtime D there
-        doubles TileLang's lowering time)."""
+        doubles TileLang's lowering time). ``b_x32`` (unless None) gets x' unrounded, fp32:
+        the scores' operands in a half kernel."""
         for i in T.Parallel(BC):
             b_mean[i] = 0.0
             b_rstd[i] = 0.0
@@ -134,8 +135,10 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
             b_rstd[i] = T.rsqrt(b_rstd[i] + LAYER_NORM_EPS) if norm else 1.0
         for i, d in T.Parallel(BC, DK):
             xn = (T.cast(b_xr[i, d], ACC) - b_mean[i]) * b_rstd[i]
-            xp = T.cast(gamma[i_h, d] * xn + beta[i_h, d], dtype)
-            b_x[i, d] = T.if_then_else(t0 + i < Tn, xp, 0)
+            xp = gamma[i_h, d] * xn + beta[i_h, d]
+            b_x[i, d] = T.if_then_else(t0 + i < Tn, T.cast(xp, dtype), 0)
+            if b_x32 is not None:
+                b_x32[i, d] = T.if_then_else(t0 + i < Tn, T.cast(xp, ACC), 0.0)
 
     @T.macro
     def features(b_x, b_phi):

@@ -91,15 +91,17 @@ def usage(fn, constants: dict, num_warps: int, arch: int = 90) -> Usage:
     return Usage(int(m[1]), int(m[2]))
 
 
-def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = False) -> dict:
+def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = False,
+                    features: str = "onehot") -> dict:  # fmt: skip
     """The constexprs of the D=16 sweep kernels the backend launches for ``mode`` (0 forward,
-    1 dq, 2 dk/dv) with the value block of Dv = 64, for the ``rebased`` kernel."""
+    1 dq, 2 dk/dv) with the value block of Dv = 64, for the ``rebased`` kernel, its feature
+    rows formed as ``features`` says (``packed_call.FEATURES``)."""
     if variant == "walk":
         return dict(BC=chunk, BD=16, BV=64, RF=1 + 16 + 256, MODE=mode, HAS_WSC=mode == 2,
                     HAS_C2=True, DOT=dot, X3=x3, BA=16, REVERSE=mode == 2)  # fmt: skip
     c = dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
-    c["GATHER"] = False
+    c.update(GATHER=features == "gather", OUTER=features == "outer")
     if variant == "tiles":
         c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS)
     else:
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", default="32,64")
     ap.add_argument("--warps", default="8")
     ap.add_argument("--dot", default="bf16", help="forward operands: bf16, fp16 or ieee")
+    ap.add_argument("--features", default="onehot", help="onehot, gather or outer")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90a; stack = spilled bytes per thread")
     print(f"{'variant':>7} {'mode':>5} {'chunk':>5} {'warps':>5} {'regs':>5} {'stack':>6}")
@@ -125,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             dot = args.dot if mode == 0 else ("ieee" if args.dot == "ieee" else "tf32")
             for chunk in map(int, args.chunk.split(",")):
                 for warps in map(int, args.warps.split(",")):
-                    u = usage(kernel, sweep_constants(mode, chunk, variant, dot), warps)
+                    c = sweep_constants(mode, chunk, variant, dot, features=args.features)
+                    u = usage(kernel, c, warps)
                     print(f"{variant:>7} {('fwd', 'dq', 'dk/dv')[mode]:>5} {chunk:>5} "
                           f"{warps:>5} {u.registers:>5} {u.stack:>6}", flush=True)  # fmt: skip
     for chunk in map(int, args.chunk.split(",")):
         for warps in map(int, args.warps.split(",")):
             c = dict(BC=chunk, BV=64, HAS_WS=False, HAS_WSC=False, HAS_LIN=False, HAS_C2=True,
-                     SP="ieee" if args.dot == "ieee" else "bf16", FB=packed.FB_ROWS)  # fmt: skip
+                     SP="ieee" if args.dot == "ieee" else "bf16", FB=packed.FB_ROWS,
+                     GATHER=args.features == "gather", OUTER=args.features == "outer")  # fmt: skip
             u = usage(packed.packed_state_kernel, c, warps)
             print(f"{'state':>7} {'':>5} {chunk:>5} {warps:>5} {u.registers:>5} {u.stack:>6}",
                   flush=True)  # fmt: skip
