@@ -315,25 +315,7 @@ def packed_state_kernel(
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
     vmask = offs_v < Dv
     base = bh * NSEG + seg
-    if OUTER:
-        P8 = _p8()
-        S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
-        acc = tl.zeros([256, BV], tl.float32)
-        for i in range(NCS):
-            rows = (seg * NCS + i) * BC + offs_c
-            rmask = rows < T
-            y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
-                                         vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                         HAS_WSC)  # fmt: skip
-            if HAS_C2:
-                acc += _dot(_outer_T(y, BC), Wt, SP)  # [256, BV]
-            S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
-                                                  HAS_LIN, HAS_C2, False)  # fmt: skip
-        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2, False)
-        row, w, owner = _full_rows()
-        tl.store(Sst + (base * RS + row[:, None]) * Dv + offs_v[None, :], acc * w[:, None],
-                 mask=owner[:, None] & vmask[None, :])  # fmt: skip
-    elif blk < 128 // FB:
+    if blk < 128 // FB and not OUTER:
         w = _pair_weights(blk, FB)
         acc = tl.zeros([FB, BV], tl.float32)
         for i in range(NCS):
@@ -347,18 +329,25 @@ def packed_state_kernel(
             acc += _quad_update(X1t, X2t, w, Wt, SP)
         ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
         tl.store(ptrs, acc, mask=m)
-    else:
+    else:  # the rest (with OUTER: and blocks A, B as the full outer product)
         P8 = _p8()
         S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
+        full = tl.zeros([256, BV], tl.float32)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = rows < T
             y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
                                        vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
                                        HAS_WSC)  # fmt: skip
+            if OUTER and HAS_C2:
+                full += _dot(_outer_T(y, BC), Wt, SP)  # [256, BV]
             S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
-                                                  HAS_LIN, HAS_C2, True)  # fmt: skip
-        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2, True)
+                                                  HAS_LIN, HAS_C2, not OUTER)  # fmt: skip
+        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2, not OUTER)
+        if OUTER:
+            row, w, owner = _full_rows()
+            tl.store(Sst + (base * RS + row[:, None]) * Dv + offs_v[None, :], full * w[:, None],
+                     mask=owner[:, None] & vmask[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=RUNTIME)
