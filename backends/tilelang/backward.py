@@ -154,7 +154,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     def scores(sc, t, reverse):
         """``t.ds = sim'(x' y'^T)``, then ``t.s = A`` and its operand ``t.A`` (causal pairs
         ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order."""
-        m.scores(t.x, t.y, t.s)
+        m.scores(t.x, t.y, t.s, True)  # exact fp32 scores (tiles.scores)
         if m.uses_x:
             for i, j in T.Parallel(BC, BC):
                 t.ds[i, j] = m.derivative(sc, t.s[i, j])

@@ -30,7 +30,7 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .build import SWEEP_DTYPE, compile_key, compiled
+from .build import SWEEP_DTYPE, compile_key, compiled, kernel_dtype
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
 
@@ -202,13 +202,16 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
     """
     (B, _, H, D), Dv = x.q.shape, x.v.shape[-1]
-    kernel = _kernel("forward", x, attn, config, x.S0 is not None)
-    q, k, v = _operands(x)  # [B, T, H, 16] twice, [B, T, H, BV]
+    state = x.S0 is not None
+    kernel = _kernel("forward", x, attn, config, state)
+    # [B, T, H, 16] twice, [B, T, H, BV]; widened to fp32 when a state is read (kernel_dtype)
+    q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, state))
     o = torch.empty_like(v)
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)
     sc = scalars(attn, D)
     kernel(q, k, v, *_params(x, attn), *sc, o, S, z)  # reads the initial S, z if any
-    return Outputs(_cut(o, Dv), *canonical_state(S[..., :Dv], z, attn, D))
+    o = _cut(o, Dv).to(x.v.dtype)
+    return Outputs(o, *canonical_state(S[..., :Dv], z, attn, D))
 
 
 def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
