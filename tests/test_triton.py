@@ -335,6 +335,23 @@ def test_float32_backward_takes_the_warps_triton_can_compile(variant: str) -> No
     assert call_warps({}, 4, "tiles", f32, True, (3, 6)) == 4
 
 
+def test_tiles_backward_at_chunk_64_refuses_8_warps_on_triton_3_6() -> None:
+    """tiles' gradient kernels at chunk 64 and 8 warps raised an illegal memory access on an
+    H200 with triton 3.6 (session 11's probe; the forward, chunk 32 and 4 warps ran): such a
+    GPU backward raises a clear error instead; the forward, chunk 32, 4 warps, the CPU and
+    newer triton keep theirs."""
+    from rebased_kernels.backends.triton.launch import call_warps
+
+    bf16, c64 = torch.bfloat16, {"chunk_size": 64, "num_warps": 8}
+    with pytest.raises(ValueError, match="triton tiles: a backward at chunk_size >= 64"):
+        call_warps(c64, 4, "tiles", bf16, True, (3, 6))
+    assert call_warps(c64, 4, "tiles", bf16, False, (3, 6)) == 8
+    assert call_warps({**c64, "chunk_size": 32}, 4, "tiles", bf16, True, (3, 6)) == 8
+    assert call_warps({**c64, "num_warps": 4}, 4, "tiles", bf16, True, (3, 6)) == 4
+    assert call_warps(c64, 4, "tiles", bf16, True, (3, 9)) == 8
+    assert call_warps(c64, 4, "packed", bf16, True, (3, 6)) == 8
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_float16_state_products_stay_as_exact_as_their_inputs(backward: bool) -> None:
     """fp16 inputs' state products are tf32 (``packed_call.FP16_SP``), never bf16: bf16

@@ -45,17 +45,32 @@ H200 session 9, packed with a c_0 or c_1 term: session 10; both reproduced on th
 compiling for sm_90 with triton 3.6, which `resources` does; 3.9 compiles both). ``tiles``
 compiles at 4."""
 FP32_DQ_VARIANTS = ("walk", "packed")
+TILES_BWD_MAX_WARPS = 4
+"""``tiles``' gradient kernels at chunk 64 and 8 warps raised an illegal memory access on the
+H200 with triton 3.6 (session 11, ``gpu_check --stages probe-warps``: the forward at 8 warps,
+chunk 32 at 8 warps, and 4 warps ran); the same source runs at 4, so it is taken for a
+compiler fault, and a GPU backward of ``tiles`` at chunk >= 64 on triton < 3.9 refuses more
+warps than this (``call_warps``)."""
 
 
 def call_warps(config: dict, default: int, variant: str, dtype: torch.dtype, gpu_backward: bool,
                version: tuple[int, int] | None = None) -> int:  # fmt: skip
     """The warps of one call: ``warps(config, default)``, except a GPU float32 backward of a
     ``FP32_DQ_VARIANTS`` variant on triton < 3.9, which takes ``MIN_FP32_DQ_WARPS`` when the
-    configuration names none and raises ``ValueError`` when it names fewer."""
+    configuration names none and raises ``ValueError`` when it names fewer, and a GPU
+    backward of ``tiles`` at chunk >= 64 there, which raises ``ValueError`` above
+    ``TILES_BWD_MAX_WARPS``."""
     n = warps(config, default)
+    version = triton_version() if version is None and gpu_backward else version
+    if (gpu_backward and variant == "tiles" and n > TILES_BWD_MAX_WARPS and version < (3, 9)
+            and int(config.get("chunk_size") or 0) >= 64):  # fmt: skip
+        raise ValueError(
+            f"triton tiles: a backward at chunk_size >= 64 takes num_warps <= "
+            f"{TILES_BWD_MAX_WARPS} with triton {'.'.join(map(str, version))} ({n} raised an "
+            "illegal memory access on an H200); use 4 warps or chunk_size 32"
+        )
     if not (gpu_backward and dtype == torch.float32 and variant in FP32_DQ_VARIANTS):
         return n
-    version = triton_version() if version is None else version
     if version >= (3, 9) or n >= MIN_FP32_DQ_WARPS:
         return n
     if config.get("num_warps") is None:
