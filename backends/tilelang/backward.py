@@ -39,7 +39,10 @@ T.gemm ``(2 U o x'_b) E`` with the one-hot ``E [256, 16]``, ``E[16 a + b, a] = 1
 adds ``G (w_1 S_1)^T + w_1 r z_1^T``. The per-program sums of d gamma, d beta are written
 to ``[B, H, 16]`` and reduced over B on the host. Operands of the T.gemm are in the input
 dtype (g, P o sim', U o x' rounded to it); the accumulators, statistics, 1 / (den + eps)
-and r are fp32. ``target="c"`` as for the forward.
+and r are fp32. The backend runs these sweeps in fp32 for every input dtype
+(``build.SWEEP_DTYPE``: tf32 products); there the scores are fp32 FMAs and, normalised,
+the products whose sum ``P = g . v + r`` cancels (the dq sweep's ``A V`` and ``G V^T``, the
+dk/dv sweep's ``V G^T``) are tf32x3 (``split``). ``target="c"`` as for the forward.
 """
 
 # no `from __future__ import annotations`: TileLang reads the prim_func annotations as values
@@ -89,6 +92,10 @@ class Tiles(NamedTuple):
     phi: Any  # [BC, 256] X^(2), Y^(2) or 2 U o x' as operands
     U: Any  # [BC, 256] U (fp32)
     E: Any  # [16, 256] the one-hot E^T (K-major, as yt)
+    A_lo: Any  # [BC, BC] fp32 A - hi(A) (normalised sweeps: ``split``; else None)
+    v_hi: Any  # [BC, BV] fp32 hi(v), v_lo: v - hi(v)
+    v_lo: Any
+    g_lo: Any  # [BC, BV] fp32 g - hi(g) (g itself holds hi(g) after the split)
 
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
@@ -138,6 +145,12 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         b_o = T.alloc_fragment((BC, BV), ACC)
         b_den = T.alloc_fragment((BC,), ACC)
         b_red = T.alloc_fragment((BC,), ACC)
+        b_lo = (None, None, None, None)
+        if m.normalize and m.uses_x and dtype == ACC:  # the cancelling products: ``split``
+            b_lo = (T.alloc_shared((BC, BC), ACC, scope=smem),  # [BC, BC] A_lo
+                    T.alloc_shared((BC, BV), ACC, scope=smem),  # [BC, BV] v_hi
+                    T.alloc_shared((BC, BV), ACC, scope=smem),  # [BC, BV] v_lo
+                    T.alloc_shared((BC, BV), ACC, scope=smem))  # [BC, BV] g_lo  # fmt: skip
         if m.has2:
             b_phi = T.alloc_shared((BC, F), dtype, scope=smem)
             b_U = T.alloc_fragment((BC, F), ACC)
@@ -147,7 +160,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         return Tiles(
             b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_v, b_do,
             b_g if m.normalize else b_do, b_inv, b_r, b_s, b_ds, b_P, b_A, b_o, b_den, b_red,
-            b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E,
+            b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E, *b_lo,
         )  # fmt: skip
 
     @T.macro
@@ -198,16 +211,43 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.r[i] = t.red[i]
 
     @T.macro
-    def pair_grad(t, b_U, b_W, b_u, b_w, reverse):
+    def split(b_src, b_hi, b_lo):
+        """``b_src = b_hi + b_lo`` exactly (2-D fp32 shared tiles; ``b_hi`` may be
+        ``b_src``): ``b_hi`` keeps the 11 leading significant bits tf32 multiplies with (the
+        low 13 cleared), ``b_lo`` the rest, so that ``a b ~ a_hi b_hi + a_lo b_hi + a_hi b_lo``
+        in three tf32 ``T.gemm`` loses ~2^-22, not 2^-11: in a normalised sweep the pair
+        gradient ``g . v + r`` cancels to O(eps) where one key dominates a small denominator
+        (tf32 products measured dq errors of 3e-2 to 0.18 at T = 1 on an H200, session 11)."""
+        rows, cols = b_src.shape
+        for i, j in T.Parallel(rows, cols):
+            bits = T.reinterpret(b_src[i, j], "uint32") & T.uint32(0xFFFFE000)
+            b_lo[i, j] = b_src[i, j] - T.reinterpret(bits, ACC)
+        for i, j in T.Parallel(rows, cols):
+            b_hi[i, j] = b_src[i, j] - b_lo[i, j]
+
+    @T.macro
+    def join(b_hi, b_lo):
+        """``b_hi += b_lo``: a split tile whole again (exact), for its later exact uses."""
+        rows, cols = b_hi.shape
+        for i, j in T.Parallel(rows, cols):
+            b_hi[i, j] = b_hi[i, j] + b_lo[i, j]
+
+    @T.macro
+    def pair_grad(t, b_U, b_W, b_u, b_w, reverse, lo=None):
         """``t.dx = sum_j (U_i . W_j + u_i w_j) sim'(s_ij) y'_j`` over the causal pairs
         (``u_i w_j`` only when normalising; a None vector is 1). Y' is read from ``t.yt``, its
         transpose: as the N-major B of this product, a 16-column tile has no layout that
-        Hopper's wgmma descriptors take (TileLang 0.1.15 asserts), K-major it has."""
+        Hopper's wgmma descriptors take (TileLang 0.1.15 asserts), K-major it has. With
+        ``lo = (U_lo, W_lo)`` (``split``: b_U, b_W hold the hi parts) ``U W^T`` is three
+        products."""
         for d, j in T.Parallel(DK, BC):
             t.yt[d, j] = t.y[j, d]
         for i, j in T.Parallel(BC, BC):
             t.P[i, j] = 0.0
         T.gemm(b_U, b_W, t.P, transpose_B=True)
+        if lo is not None:
+            T.gemm(lo[0], b_W, t.P, transpose_B=True)
+            T.gemm(b_U, lo[1], t.P, transpose_B=True)
         for i, j in T.Parallel(BC, BC):
             dA = t.P[i, j] + one(b_u, i) * one(b_w, j) if m.normalize else t.P[i, j]
             keep = m.causal(i, j, reverse)
@@ -278,7 +318,8 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             dbeta[i_b, i_h, d] = t.dbs[d]
 
     return SimpleNamespace(
-        tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done,
+        tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done, split=split,
+        join=join,
         load_scalars=load_scalars, pair_grad=pair_grad, state_grad=state_grad,
         pre_transform_backward=pre_transform_backward, store_params=store_params,
     )  # fmt: skip
@@ -313,6 +354,7 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
+    exact = normalize and m.uses_x and dtype == ACC  # split pair products (fp32 sweeps)
 
     @T.prim_func
     def rebased_dq(
@@ -352,16 +394,27 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                     m.pre_transform(sc, t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
                     m.pre_transform(sc, t.yr, kw, kb, t.y, t.ymean, t.yrstd, i_h, t0)
 
-                # the forward's num and den, then 1 / (den + eps), r and g
+                # the forward's num and den, then 1 / (den + eps), r and g; normalised, A v
+                # and g v^T as tf32x3 (``split``: r and g . v cancel in P)
                 bw.scores(sc, t, False)
-                m.attend(sc, t.A, t.v, t.x, t.phi, st, t.o)
+                if exact:
+                    bw.split(t.A, t.A, t.A_lo)
+                    bw.split(t.v, t.v_hi, t.v_lo)
+                    m.attend(sc, t.A, t.v_hi, t.x, t.phi, st, t.o, (t.A_lo, t.v_lo))
+                else:
+                    m.attend(sc, t.A, t.v, t.x, t.phi, st, t.o)
                 if normalize:
                     m.inter_den(sc, t.den, st, t.x, t0)
                     bw.rows_done(sc, t, inv, r, i_b, i_h, t0)
 
                 # dq' = (P o sim') K' + the state part; then the pre-transform's backward
-                if m.uses_x:
+                if exact:
+                    bw.split(t.g, t.g, t.g_lo)
+                    bw.pair_grad(t, t.g, t.v_hi, t.r, None, False, (t.g_lo, t.v_lo))
+                    bw.join(t.g, t.g_lo)  # the state part takes g whole
+                elif m.uses_x:
                     bw.pair_grad(t, t.g, t.v, t.r, None, False)
+                if m.uses_x:
                     bw.state_grad(sc, t, st, t.g, t.r, normalize)
                     bw.pre_transform_backward(sc, t, qw, dq, i_b, i_h, t0)
 
@@ -394,6 +447,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
+    exact = normalize and m.uses_x and dtype == ACC  # split pair products (fp32 sweeps)
 
     @T.prim_func
     def rebased_dkv(
@@ -444,9 +498,16 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                     if t0 + i < Tn:
                         dv[i_b, t0 + i, i_h, e] = t.o[i, e]
 
-                # dk' = (P^T o sim') Q' + the state part; then the pre-transform's backward
-                if m.uses_x:
+                # dk' = (P^T o sim') Q' + the state part (normalised: v g^T as tf32x3, as
+                # the dq sweep's g v^T); then the pre-transform's backward
+                if exact:
+                    bw.split(t.v, t.v_hi, t.v_lo)
+                    bw.split(t.g, t.g, t.g_lo)
+                    bw.pair_grad(t, t.v_hi, t.g, None, t.r, True, (t.v_lo, t.g_lo))
+                    bw.join(t.g, t.g_lo)  # the state update takes g whole
+                elif m.uses_x:
                     bw.pair_grad(t, t.v, t.g, None, t.r, True)
+                if m.uses_x:
                     bw.state_grad(sc, t, st, t.v, None, with_z)
                     bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
 

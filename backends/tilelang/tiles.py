@@ -213,11 +213,16 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         T.copy(b_s, b_A)
 
     @T.macro
-    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o):
-        """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator)."""
+    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o, lo=None):
+        """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator); with
+        ``lo = (A_lo, W_lo)`` (a sweep's split tiles: b_A, b_W their hi parts) ``A W`` is
+        three products, ~fp32 exact."""
         for i, e in T.Parallel(BC, BV):
             b_o[i, e] = 0.0
         T.gemm(b_A, b_W, b_o)
+        if lo is not None:
+            T.gemm(lo[0], b_W, b_o)
+            T.gemm(b_A, lo[1], b_o)
         if has2:
             features(b_x, b_phi)
             T.gemm(b_phi, st[2].op, b_o)
