@@ -270,28 +270,8 @@ def warp_probe_configs() -> list[dict]:
         {**tiles, "num_warps": 4},
         {**tiles, "num_warps": 8},
         {**tiles, "chunk_size": 32, "num_warps": 8},
-        {**tiles, "features": "outer", "num_warps": 8},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16, "num_warps": 8},
     ]
-
-
-def outer_configs() -> list[dict]:
-    """The ``sweep-outer`` stage's configurations: session 10's fastest ``tiles`` (64 x 4 x3
-    forward+backward, 64 x 2 forward) and the default ``packed`` with the feature rows of
-    the state kernel and of the tiles' state reads as the full outer product
-    (``features="outer"``), its state kernel at 64 and 128 tokens per product, 4 and 8
-    warps."""
-    tiles4 = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"}
-    tiles2 = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2}
-    packed = {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 16}
-    outer = {"features": "outer"}
-    rows = [tiles4]  # (8 warps: ``warp_probe_configs``)
-    rows += [{**tiles4, **outer, "state_chunk": c, "state_warps": w}
-             for c, w in ((64, 8), (128, 8), (64, 4))]  # fmt: skip
-    rows += [tiles2, {**tiles2, **outer, "state_chunk": 64, "state_warps": 8}]
-    rows += [{**tiles2, "chunks_per_segment": 8, **outer, "state_chunk": 64, "state_warps": 8}]
-    rows += [packed, {**packed, **outer, "state_chunk": 64, "state_warps": 8}]
-    return rows
 
 
 def mqar_configs() -> list[dict]:
@@ -398,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
-                    "counted), oracle, fla, sweep, sweep-state, sweep-outer, probe-warps, "
+                    "counted), oracle, fla, sweep, sweep-state, probe-warps, "
                     "sweep-mqar, precision, tilelang, timings, stress, profile, tune, "
                     "asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
@@ -450,9 +430,6 @@ def main(argv: list[str] | None = None) -> int:
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
         elif name == "probe-warps":
             probe(log, warp_probe_configs(), (256,) if SMALL else (2048,))
-        elif name == "sweep-outer":
-            for T in (128, 256) if SMALL else (2048, 16384):
-                sweep(log, T, outer_configs(), key=f"outer-{T}")
         elif name == "sweep-state":
             for T in (128, 256) if SMALL else (2048, 16384):
                 sweep(log, T, state_configs(), key=f"state-{T}")

@@ -129,19 +129,6 @@ def test_every_variant_matches_the_oracle(variant: str, name: str, normalize: bo
     _check_against_the_oracle(16, name, normalize, 70, 24, config, seed=7)
 
 
-@pytest.mark.parametrize("variant", ["packed", "tiles"])
-@pytest.mark.parametrize(
-    "name, normalize, D, Dv", [("rebased", True, 16, 24), ("based", False, 8, 5)]
-)
-def test_outer_feature_rows_match_the_oracle(variant: str, name: str, normalize: bool, D: int,
-                                             Dv: int) -> None:  # fmt: skip
-    """``features="outer"``: the state kernel's full outer product (its 144 representative
-    rows stored, weighted) and the tiles' full-state reads, forward and every gradient, with
-    an initial state, across segment edges (T = 130: chunks of 32, 2 per segment)."""
-    config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant, "features": "outer"}
-    _check_against_the_oracle(D, name, normalize, 130, Dv, config, seed=11)
-
-
 @pytest.mark.parametrize(
     ("variant", "name", "T"),
     [("packed", "rebased", 70), ("tiles", "rebased", 70), ("tiles", "based", 70),

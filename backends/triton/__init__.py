@@ -140,8 +140,6 @@ class TritonBackend(Backend):
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
-        {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "outer"},
-        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "features": "outer"},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3"},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},

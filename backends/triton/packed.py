@@ -83,32 +83,6 @@ def _p8():
 
 
 @triton.jit
-def _full_rows():
-    """The full outer product's row ``r = 16 a + b`` (``x'_a x'_b``, ``_outer``'s order) in
-    the stored layout: ``(row [256], w [256], owner [256])``: the stored row holding the pair
-    (block A's ``17 + 16 d + min-side a`` for ``d = (b - a) mod 16 < 8``, mirrored for
-    ``d > 8``; block B's ``145 + a`` at ``d = 8``), its weight (a stored row is ``w`` times
-    the unweighted sum: sqrt 2 off block A's diagonal, else 1), and whether r is the pair's
-    representative (``d <= 8``: the 144 rows a store writes; block B's two orders are two
-    rows)."""
-    r = tl.arange(0, 256)
-    a, b = r // 16, r % 16
-    d = (b - a + 16) % 16
-    owner = d <= 8
-    dd = tl.where(owner, d, 16 - d)
-    row = tl.where(dd == 8, 145 + a, 17 + 16 * dd + tl.where(owner, a, b))
-    w = tl.where((dd == 0) | (dd == 8), 1.0, 1.4142135623730951)
-    return row, w, owner
-
-
-@triton.jit
-def _outer_T(y, BC: tl.constexpr):
-    """``(y' (x) y')^T``: ``[BC, 16] -> [256, BC]``, row ``16 a + b`` holding ``y'_a y'_b``."""
-    yT = tl.trans(y)  # [16, BC]
-    return tl.reshape(yT[:, None, :] * yT[None, :, :], (256, BC))
-
-
-@triton.jit
 def _gathered(ptr, g_ptr, b_ptr, rows, rmask, cols, mean, rstd, D, row_stride, NORM,
               TRANS: tl.constexpr):  # fmt: skip
     """``x'[rows, cols]`` straight from memory: ``[BC, NF]`` (``[NF, BC]`` when ``TRANS``),
@@ -179,16 +153,12 @@ def _quad_update(X1t, X2t, w, Wt, SP: tl.constexpr):
 
 @triton.jit
 def _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP: tl.constexpr,
-              HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SB_TERM: tl.constexpr):  # fmt: skip
-    """Everything of ``(phi(x) . S [BC, BV], phi(x) . z [BC])`` but block A's numerator (and
-    block B's without ``SB_TERM``: an ``OUTER`` read takes it with block A)."""
+              HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Everything of ``(phi(x) . S [BC, BV], phi(x) . z [BC])`` but block A's numerator."""
     c2 = C2 * sc * sc
     xz = tl.dot(x, Z2, input_precision="ieee")  # [BC, 16]
+    out = c2 * _dot(x * _dot(x, P8, SP), SB, SP)  # [BC, BV]
     den = c2 * tl.sum(x * xz, 1)  # [BC]
-    if SB_TERM:
-        out = c2 * _dot(x * _dot(x, P8, SP), SB, SP)  # [BC, BV]
-    else:
-        out = tl.zeros([x.shape[0], SB.shape[1]], tl.float32)
     if not HAS_C2:
         out, den = out * 0.0, den * 0.0
     if HAS_LIN:
@@ -214,13 +184,11 @@ def _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP: tl.constexpr,
 
 @triton.jit
 def _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP: tl.constexpr,
-                 HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SB_TERM: tl.constexpr):  # fmt: skip
-    """Add one chunk of columns ``(y' [BC, 16], W [BC, BV], w [BC])`` to all but SA (and SB
-    without ``SB_TERM``: an ``OUTER`` state kernel sums it with block A)."""
+                 HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr):  # fmt: skip
+    """Add one chunk of columns ``(y' [BC, 16], W [BC, BV], w [BC])`` to all but SA."""
     if HAS_C2:
         yT = tl.trans(y)  # [16, BC]
-        if SB_TERM:
-            SB += _dot(_dot(tl.trans(P8), yT, SP) * yT, Wt, SP)
+        SB += _dot(_dot(tl.trans(P8), yT, SP) * yT, Wt, SP)
         Z2 += tl.dot(tl.trans(y * wc[:, None]), y, input_precision="ieee")
     if HAS_LIN:
         S0 += tl.sum(Wt, 0)
@@ -261,17 +229,14 @@ def _zero_rest(BV: tl.constexpr):
 
 
 @triton.jit
-def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2,
-                SB_TERM: tl.constexpr):  # fmt: skip
-    """Store ``_load_rest``'s tiles (SB only with ``SB_TERM``)."""
+def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2):
     d = tl.arange(0, 16)
     z = Zst + base * RZ
     p1, m = _rows_of(Sst, base, 1, 16, offs_v, vmask, Dv)
+    pB, _ = _rows_of(Sst, base, 145, 16, offs_v, vmask, Dv)
     tl.store(Sst + base * RS * Dv + offs_v, S0, mask=vmask)
     tl.store(p1, S1, mask=m)
-    if SB_TERM:
-        pB, _ = _rows_of(Sst, base, 145, 16, offs_v, vmask, Dv)
-        tl.store(pB, SB, mask=m)
+    tl.store(pB, SB, mask=m)
     tl.store(z, z0)
     tl.store(z + 1 + d, z1)
     tl.store(z + 17 + d[:, None] * 16 + d[None, :], Z2)
@@ -302,20 +267,18 @@ def packed_state_kernel(
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
     HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
-    FB: tl.constexpr, OUTER: tl.constexpr,
+    FB: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
     Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
-    small accumulators, many programs. ``OUTER`` (grid ``(NSEG, B*H, 1)``): one program sums
-    the full outer product ``(y' (x) y')^T W`` [256, BV] (no one-hot products) beside the
-    rest, and stores its 144 representative rows, weighted, as blocks A and B."""
+    small accumulators, many programs."""
     seg, bh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = bh % H
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
     vmask = offs_v < Dv
     base = bh * NSEG + seg
-    if blk < 128 // FB and not OUTER:
+    if blk < 128 // FB:
         w = _pair_weights(blk, FB)
         acc = tl.zeros([FB, BV], tl.float32)
         for i in range(NCS):
@@ -329,25 +292,18 @@ def packed_state_kernel(
             acc += _quad_update(X1t, X2t, w, Wt, SP)
         ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
         tl.store(ptrs, acc, mask=m)
-    else:  # the rest (with OUTER: and blocks A, B as the full outer product)
+    else:
         P8 = _p8()
         S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
-        full = tl.zeros([256, BV], tl.float32)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = rows < T
             y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
                                        vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
                                        HAS_WSC)  # fmt: skip
-            if OUTER and HAS_C2:
-                full += _dot(_outer_T(y, BC), Wt, SP)  # [256, BV]
             S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
-                                                  HAS_LIN, HAS_C2, not OUTER)  # fmt: skip
-        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2, not OUTER)
-        if OUTER:
-            row, w, owner = _full_rows()
-            tl.store(Sst + (base * RS + row[:, None]) * Dv + offs_v[None, :], full * w[:, None],
-                     mask=owner[:, None] & vmask[None, :])  # fmt: skip
+                                                  HAS_LIN, HAS_C2)  # fmt: skip
+        _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2)
 
 
 @triton.jit(do_not_specialize=RUNTIME)
@@ -357,7 +313,7 @@ def packed_sweep_kernel(
     T, H, D, Dv, pgx_stride, pgy_stride, NSEG, NCS, NORM, NORMALIZE, sc, C0, C1, C2, eps,
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
-    SP: tl.constexpr, GATHER: tl.constexpr, PREFIX: tl.constexpr, OUTER: tl.constexpr,
+    SP: tl.constexpr, GATHER: tl.constexpr, PREFIX: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H)``: walk one segment's chunks from its prefix (suffix) state, or
     from zero without ``PREFIX`` (one segment, no caller's state: ``Sst``, ``Zst`` unread).
@@ -394,8 +350,7 @@ def packed_sweep_kernel(
                                      HAS_WSC)  # fmt: skip
         keep = _keep(c, c, rmask, offs_c, MODE == 2)  # the diagonal chunk
         s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)  # [BC, BC]
-        out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2,
-                             True)  # fmt: skip
+        out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
         if HAS_C2:
             X1, X2 = _pairs(x, X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
                             mean, rstd, D, H * D, NORM, 0, 128, SP, GATHER, False)  # fmt: skip
@@ -418,7 +373,7 @@ def packed_sweep_kernel(
                               rmask, mu, rs, D, H * D, NORM, 0, 128, SP, GATHER, True)  # fmt: skip
             SA += _quad_update(Y1t, Y2t, wA, Wt, SP)
         S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP, HAS_LIN,
-                                              HAS_C2, True)  # fmt: skip
+                                              HAS_C2)  # fmt: skip
     if MODE != 0:
         tl.store(DG + (bh * NSEG + seg) * 16 + offs_d, dg_acc)
         tl.store(DB + (bh * NSEG + seg) * 16 + offs_d, db_acc)
@@ -428,29 +383,19 @@ def packed_sweep_kernel(
 def _state_out_at(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, Sst, Zst, base,
                   offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP: tl.constexpr,
                   HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, GATHER: tl.constexpr,
-                  FB: tl.constexpr, OUTER: tl.constexpr):  # fmt: skip
+                  FB: tl.constexpr):  # fmt: skip
     """``(phi(x) . S, phi(x) . z)`` of the stored state at ``base``, block A by FB rows (a
-    tile program keeps no state tile live); ``X .. NORM``: where x' came from (``_pairs``).
-    ``OUTER``: blocks A and B in one product, the full ``x' (x) x'`` [BC, 256] (divided by the
-    rows' weights) against the stored rows read as the full state [256, BV]."""
+    tile program keeps no state tile live); ``X .. NORM``: where x' came from (``_pairs``)."""
     S0, S1, SB, z0, z1, Z2 = _load_rest(Sst, Zst, base, offs_v, vmask, Dv)
-    out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2,
-                         not OUTER)  # fmt: skip
+    out, den = _rest_out(x, S0, S1, SB, z0, z1, Z2, P8, sc, C0, C1, C2, SP, HAS_LIN, HAS_C2)
     if HAS_C2:
-        if OUTER:
-            row, w, _ = _full_rows()
-            S2 = tl.load(Sst + (base * RS + row[:, None]) * Dv + offs_v[None, :],
-                         mask=vmask[None, :], other=0.0)  # [256, BV]  # fmt: skip
-            phi = tl.reshape(x[:, :, None] * x[:, None, :], (x.shape[0], 256)) / w[None, :]
-            out += (C2 * sc * sc) * _dot(phi, S2, SP)
-        else:
-            for blk in range(128 // FB):
-                w = _pair_weights(blk, FB)
-                X1, X2 = _pairs(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, blk,
-                                FB, SP, GATHER, False)  # fmt: skip
-                ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
-                SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
-                out += (C2 * sc * sc) * _quad_out(X1, X2, w, SAb, SP)
+        for blk in range(128 // FB):
+            w = _pair_weights(blk, FB)
+            X1, X2 = _pairs(x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, NORM, blk, FB,
+                            SP, GATHER, False)  # fmt: skip
+            ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
+            SAb = tl.load(ptrs, mask=m, other=0.0)  # [FB, BV]
+            out += (C2 * sc * sc) * _quad_out(X1, X2, w, SAb, SP)
     return out, den
 
 
@@ -481,7 +426,7 @@ def packed_tile_kernel(
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
     SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr, STATE: tl.constexpr,
-    FB: tl.constexpr, OUTER: tl.constexpr,
+    FB: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -523,7 +468,7 @@ def packed_tile_kernel(
     if STATE and has_state:
         out, den = _state_out_at(x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM, Sst,
                                  Zst, base, offs_v, vmask, Dv, P8, sc, C0, C1, C2, SP, HAS_LIN,
-                                 HAS_C2, GATHER, FB, OUTER)  # fmt: skip
+                                 HAS_C2, GATHER, FB)  # fmt: skip
     if MODE == 2:
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:

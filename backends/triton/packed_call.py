@@ -46,14 +46,13 @@ FP16_SP = "tf32"
 fp16's exact v and features to 8 bits (u = 2^-8 against the rule's 2^-11): on an H200
 (session 11, ``docs/results/h200-s11/``) a split run's o failed the kappa-scaled tolerance at
 1.98e-2 against 1.49e-2 (T = 2, kappa 30). bf16 inputs keep bf16 (``HALF_SP``)."""
-FEATURES = ("onehot", "gather", "outer")
+FEATURES = ("onehot", "gather")
 """How the kernels form the 144 feature rows (``config["features"]``): one-hot products on
-the tensor cores (measured on the H200), loads of x gathered by column with the
-pre-transform applied elementwise (``packed._pairs``; 1.5-2x slower on the H200, session 9),
-or (``outer``) the full 256-row outer product ``x' (x) x'`` built elementwise, in the state
-kernel (one program per segment, blocks A and B in one product) and where a ``tiles``
-program reads the state for out and den (``packed._state_out_at``); the gradients' reads
-and ``packed``'s walk keep the one-hot rows. The stored layout is the same in all three."""
+the tensor cores (measured on the H200), or loads of x gathered by column with the
+pre-transform applied elementwise (``packed._pairs``; 1.5-2x slower on the H200, session 9).
+Session 11 measured a third way and removed it: the full 256-row outer product built
+elementwise in the state kernel and the tiles' state reads took tiles 64 x 4 x3 from 1.22 to
+1.50 ms forward at T = 16384 (``docs/results/h200-s11/``)."""
 BWD_SP = HALF_SP
 """State products of the gradient sweeps for half inputs: bf16, as in the forward. On the
 H200 (``docs/results/h200-s6/``) they kept the oracle errors at 5.5e-3 (tf32: 4.6e-3; the
@@ -165,7 +164,7 @@ class PackedCall:
         if features not in FEATURES:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
-                          OUTER=features == "outer", num_warps=self.num_warps)  # fmt: skip
+                          num_warps=self.num_warps)  # fmt: skip
         own = {k: v for k, v in config.items() if k in TILES_STATE and v is not None}
         if self.tiles:  # the variant's own state kernel where the configuration names none
             own = {**TILES_STATE, **own}
@@ -219,8 +218,7 @@ class PackedCall:
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
         ncs = self.NCS * self.BC // self.BCS  # the state kernel's chunks per segment
-        blocks = 1 if self.flags["OUTER"] else 128 // self.state_rows + 1
-        packed_state_kernel[(self.NSEG, BH, blocks)](
+        packed_state_kernel[(self.NSEG, BH, 128 // self.state_rows + 1)](
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, ys, self.NSEG, ncs, int(self.fm.pre.norm),
             BC=self.BCS, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,

@@ -101,7 +101,7 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
                     HAS_C2=True, DOT=dot, X3=x3, BA=16, REVERSE=mode == 2)  # fmt: skip
     c = dict(BC=chunk, BV=64, MODE=mode, HAS_WS=mode == 2, HAS_WSC=mode == 2, HAS_LIN=False,
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
-    c.update(GATHER=features == "gather", OUTER=features == "outer")
+    c["GATHER"] = features == "gather"
     if variant == "tiles":
         c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS)
     else:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", default="32,64")
     ap.add_argument("--warps", default="8")
     ap.add_argument("--dot", default="bf16", help="forward operands: bf16, fp16 or ieee")
-    ap.add_argument("--features", default="onehot", help="onehot, gather or outer")
+    ap.add_argument("--features", default="onehot", help="onehot or gather")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90a; stack = spilled bytes per thread")
     print(f"{'variant':>7} {'mode':>5} {'chunk':>5} {'warps':>5} {'regs':>5} {'stack':>6}")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for warps in map(int, args.warps.split(",")):
             c = dict(BC=chunk, BV=64, HAS_WS=False, HAS_WSC=False, HAS_LIN=False, HAS_C2=True,
                      SP="ieee" if args.dot == "ieee" else "bf16", FB=packed.FB_ROWS,
-                     GATHER=args.features == "gather", OUTER=args.features == "outer")  # fmt: skip
+                     GATHER=args.features == "gather")  # fmt: skip
             u = usage(packed.packed_state_kernel, c, warps)
             print(f"{'state':>7} {'':>5} {chunk:>5} {warps:>5} {u.registers:>5} {u.stack:>6}",
                   flush=True)  # fmt: skip
