@@ -101,6 +101,7 @@ class Tiles(NamedTuple):
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     """The backward's macros on top of ``tiles.walk``'s (``m``)."""
     BC, BV, dtype, smem, Tn = m.BC, m.BV, m.dtype, m.smem, m.T
+    exact = m.normalize and m.uses_x and dtype == ACC  # the fp32 sweeps split (``split``)
 
     def one(b, i):
         """``b[i]``, or 1 for ``b = None``."""
@@ -146,7 +147,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         b_den = T.alloc_fragment((BC,), ACC)
         b_red = T.alloc_fragment((BC,), ACC)
         b_lo = (None, None, None, None)
-        if m.normalize and m.uses_x and dtype == ACC:  # the cancelling products: ``split``
+        if exact:  # the cancelling pair products' split tiles (``split``)
             b_lo = (T.alloc_shared((BC, BC), ACC, scope=smem),  # [BC, BC] A_lo
                     T.alloc_shared((BC, BV), ACC, scope=smem),  # [BC, BV] v_hi
                     T.alloc_shared((BC, BV), ACC, scope=smem),  # [BC, BV] v_lo
@@ -318,8 +319,8 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             dbeta[i_b, i_h, d] = t.dbs[d]
 
     return SimpleNamespace(
-        tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done, split=split,
-        join=join,
+        exact=exact, tiles=tiles, scores=scores, scale_rows=scale_rows, rows_done=rows_done,
+        split=split, join=join,
         load_scalars=load_scalars, pair_grad=pair_grad, state_grad=state_grad,
         pre_transform_backward=pre_transform_backward, store_params=store_params,
     )  # fmt: skip
@@ -354,7 +355,7 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
-    exact = normalize and m.uses_x and dtype == ACC  # split pair products (fp32 sweeps)
+    exact = bw.exact  # A v, g v^T split (``split``)
 
     @T.prim_func
     def rebased_dq(
@@ -447,7 +448,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
-    exact = normalize and m.uses_x and dtype == ACC  # split pair products (fp32 sweeps)
+    exact = bw.exact  # v g^T split (``split``)
 
     @T.prim_func
     def rebased_dkv(

@@ -118,8 +118,9 @@ def compile_key(kind: str, problem: Problem, state: bool, config: dict | None) -
     reason = unsupported_reason(attn, D, Dv, dtype)
     if reason:
         raise ValueError(f"the tilelang {kind} kernel {reason}")
-    if kernel_dtype(kind, dtype, state) != dtype:  # widened: its own defaults
-        dtype, config = kernel_dtype(kind, dtype, state), None
+    wide = kernel_dtype(kind, dtype, state)
+    if wide != dtype:  # widened: its own defaults
+        dtype, config = wide, None
     opt = options(attn, dtype, problem.device_type, state, config)
     return CompileKey(kind, padded_value_dim(Dv, dtype.itemsize), opt)
 

@@ -30,7 +30,7 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .build import SWEEP_DTYPE, compile_key, compiled, kernel_dtype
+from .build import compile_key, compiled, kernel_dtype
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
 
@@ -243,8 +243,8 @@ def backward(
     final = grads.S is not None or grads.z is not None
     dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
     dkv_kernel = _kernel("dkv", x, attn, config, final)
-    # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.SWEEP_DTYPE)
-    q, k, v, do = _operands(x, grads.o, dtype=SWEEP_DTYPE)
+    # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.kernel_dtype)
+    q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False))
     params, sc = _params(x, attn), scalars(attn, D)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
     dq, dk, dv = (

@@ -151,7 +151,6 @@ class PackedCall:
         variant = "tiles" if self.tiles else "packed"
         self.num_warps = call_warps(config, NUM_WARPS, variant, x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm, self.backward = attn, fm, backward
-        self.fp16 = x.v.dtype == torch.float16
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
@@ -182,7 +181,7 @@ class PackedCall:
             return "ieee"
         if carried:
             return CARRIED_SP
-        if self.fp16:
+        if self.v.dtype == torch.float16:
             return FP16_SP
         return BWD_SP if self.backward else HALF_SP
 
