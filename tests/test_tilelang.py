@@ -570,9 +570,7 @@ def test_float32_sweeps_split_the_cancelling_pair_products(kind: str, splits: in
     one mask per split tile, A, v, g in dq; v, g in dk/dv), all products tf32 ``mma_sync``
     (tf32 products alone measured dq errors of 3e-2 to 0.18 at T = 1 on an H200, session 11).
     The mask's numerics are checked on the C target (``test_c_target_gradients_...``)."""
-    from rebased_kernels.backends.tilelang.hopper import hopper_source
-
-    src = hopper_source(kind, "float32")
+    src = _hopper_source(kind, "float32")  # the worker's lowering (shared-memory test's too)
     assert src.count("& (uint)4294959104") == splits  # 0xFFFFE000
     assert set(re.findall(r"tl::mma_sync<([^,>]*)", src)) == {"tl::DataType::kTensorFloat32"}
     assert "wgmma" not in src
