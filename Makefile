@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
+.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -84,6 +84,24 @@ gpu-props-beside:
 	$(GPU_ENV) python3 -m rebased_kernels.gpu_check --out $(OUT)/beside --stages $(BESIDE) \
 	> $(OUT)/beside/log.txt 2>&1; wait $$pid; cat $(OUT)/props-tail.txt; \
 	grep -v "TileLang:" $(OUT)/beside/log.txt | tail -30
+
+# Hardware counters of one triton call (Firecracker machines: nvidia-h100-x1), only the
+# launches of NCU_PARTS after a warm-up (gpu_ncu run); OUT/ncu.json: a row per kernel.
+NCU ?= $(or $(shell command -v ncu 2>/dev/null),/opt/nvidia/nsight-compute/2025.3.1/ncu)
+NCU_CONFIG ?= {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"}
+NCU_T ?= 16384
+NCU_PARTS ?= fwd,fwd_bwd
+NCU_SECTIONS = SpeedOfLight LaunchStats Occupancy WarpStateStats ComputeWorkloadAnalysis \
+	MemoryWorkloadAnalysis InstructionStats SchedulerStats
+gpu-ncu:
+	$(GPU_INSTALL)
+	$(GPU_ENV) $(NCU) --clock-control none --profile-from-start off \
+		$(foreach s,$(NCU_SECTIONS),--section $(s)) -f -o $(OUT)/ncu \
+		python3 -m rebased_kernels.gpu_ncu run --config '$(NCU_CONFIG)' --T $(NCU_T) \
+		--parts $(NCU_PARTS) > $(OUT)/ncu-log.txt 2>&1; tail -5 $(OUT)/ncu-log.txt
+	$(NCU) --import $(OUT)/ncu.ncu-rep --page raw --csv > $(OUT)/ncu-raw.csv
+	$(GPU_ENV) python3 -m rebased_kernels.gpu_ncu summarise $(OUT)/ncu-raw.csv \
+		--json $(OUT)/ncu.json
 
 # the install, then only the property suite (PROPS_K selects: `PROPS_K=triton`)
 gpu-props:
