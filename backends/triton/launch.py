@@ -48,8 +48,11 @@ FP32_DQ_VARIANTS = ("walk", "packed")
 TILES_BWD_MAX_WARPS = 4
 """``tiles``' gradient kernels at chunk 64 and 8 warps raised an illegal memory access on the
 H200 with triton 3.6 (session 11, ``gpu_check --stages probe-warps``: the forward at 8 warps,
-chunk 32 at 8 warps, and 4 warps ran); the same source runs at 4, so it is taken for a
-compiler fault, and a GPU backward of ``tiles`` at chunk >= 64 on triton < 3.9 refuses more
+chunk 32 at 8 warps, and 4 warps ran). compute-sanitizer on an H100 (session 12,
+``docs/results/h100-s12/``) found it: a tf32 ``tl.dot`` of the dq pass reads 512 bytes per
+thread past the kernel's shared allocation in the programs whose pair loop runs once (the
+first chunk of a segment that reads a stored state); no global access is out of bounds.
+A compiler fault, so a GPU backward of ``tiles`` at chunk >= 64 on triton < 3.9 refuses more
 warps than this (``call_warps``)."""
 
 
