@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
-                    "counted), oracle, fla, sweep, sweep-state, probe-warps, "
+                    "counted), oracle, fla, sweep, sweep-config (the --config list), "
+                    "sweep-state, probe-warps, "
                     "sweep-mqar, precision, tilelang, timings, stress, profile, tune, "
                     "asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             configs = variant_configs(be)
             sweep(log, 128 if SMALL else 2048, configs)
             config = log["config"] = sweep(log, 256 if SMALL else 16384, configs)
+        elif name == "sweep-config":  # the --config list, at 2048 and 16384
+            for T in (128, 256) if SMALL else (2048, 16384):
+                sweep(log, T, configs, key=f"config-{T}")
         elif name == "probe-warps":
             probe(log, warp_probe_configs(), (256,) if SMALL else (2048,))
         elif name == "sweep-state":

@@ -142,6 +142,22 @@ def test_training_calls_without_state_match_the_oracle(variant: str, name: str, 
     _check_against_the_oracle(16, name, True, T, 24, config, seed=T, state_io=False)
 
 
+@pytest.mark.parametrize("variant", ["packed", "tiles"])
+@pytest.mark.parametrize("name, state_io", [("rebased", True), ("based", False)])
+def test_whole_chunks_run_without_masks(variant: str, name: str, state_io: bool) -> None:
+    """T a multiple of the segment, D = 16 and Dv = BV: the state kernel and the tile
+    programs are compiled without masks (``EVEN``, ``kernels._below``), and still match the
+    oracle; the earlier tests' T = 70 and 150 and Dv = 24 keep the masked kernels covered."""
+    from rebased_kernels.backends.triton.packed_call import PackedCall
+
+    config = {"chunk_size": 32, "chunks_per_segment": 2, "variant": variant}
+    x = random_inputs(1, 128, 1, 16, 16, torch.float32, DEVICE, PRESETS[name])
+    call = PackedCall(Inputs(x["q"], x["k"], x["v"]), LinearAttention(PRESETS[name], 0.25),
+                      config, backward=False)  # fmt: skip
+    assert call.even(call.BC) and call.even(call.NCS * call.BC)
+    _check_against_the_oracle(16, name, True, 128, 16, config, seed=11, state_io=state_io)
+
+
 LINEAR = FeatureMap("linear", PreTransform(True, "gamma_beta"), (0.5, 1.0))
 
 

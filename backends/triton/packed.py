@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .kernels import (
     RUNTIME,
+    _below,
     _dot,
     _dot_A,
     _dot_tf32,
@@ -244,12 +245,13 @@ def _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2):
 
 @triton.jit
 def _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v, vmask, T, H, D, Dv,
-             pgy_stride, NORM, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr):  # fmt: skip
+             pgy_stride, NORM, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
+             EVEN: tl.constexpr = False):  # fmt: skip
     """The column side of chunk rows: ``(y' [BC, 16], W [BC, BV] fp32, w [BC], mean, rstd)``
     (the rows' LayerNorm statistics, for ``_pairs``); W is scaled per row by WS
     (``g = dO / (den + eps)``) when ``HAS_WS``."""
     y, _, rstd, mean = _pre_stats(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
-                                  rmask, offs_d, D, H * D, NORM)  # fmt: skip
+                                  rmask, offs_d, D, H * D, NORM, EVEN)  # fmt: skip
     Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
                  mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
     if HAS_WS:
@@ -267,26 +269,26 @@ def packed_state_kernel(
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
     HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
-    FB: tl.constexpr,
+    FB: tl.constexpr, EVEN: tl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
     Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
-    small accumulators, many programs."""
+    small accumulators, many programs. ``EVEN``: whole segments, D = 16, Dv = BV (no masks)."""
     seg, bh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = bh % H
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
-    vmask = offs_v < Dv
+    vmask = _below(offs_v, Dv, EVEN)
     base = bh * NSEG + seg
     if blk < 128 // FB:
         w = _pair_weights(blk, FB)
         acc = tl.zeros([FB, BV], tl.float32)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
-            rmask = rows < T
+            rmask = _below(rows, T, EVEN)
             y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d,
                                         offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                        False)  # fmt: skip
+                                        False, EVEN)  # fmt: skip
             X1t, X2t = _pairs(y, Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
                               rmask, mu, rs, D, H * D, NORM, blk, FB, SP, GATHER, True)  # fmt: skip
             acc += _quad_update(X1t, X2t, w, Wt, SP)
@@ -297,10 +299,10 @@ def packed_state_kernel(
         S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
-            rmask = rows < T
+            rmask = _below(rows, T, EVEN)
             y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d, offs_v,
                                        vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                       HAS_WSC)  # fmt: skip
+                                       HAS_WSC, EVEN)  # fmt: skip
             S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
                                                   HAS_LIN, HAS_C2)  # fmt: skip
         _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2)
@@ -418,6 +420,27 @@ def _state_grad_at(Ut, u, x, X, XG, XB, rows, rmask, mean, rstd, D, row_stride, 
     return dxp
 
 
+@triton.jit
+def _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c, offs_d, offs_v, vmask, T, H, D,
+                Dv, pgy_stride, NORM, sc, C0, C1, C2, BC: tl.constexpr, HAS_WS: tl.constexpr,
+                HAS_WSC: tl.constexpr, DOT: tl.constexpr, EVEN: tl.constexpr,
+                DIAG: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+    """Column chunk j against row chunk c: ``(y' [BC, 16], W [BC, BV], w [BC], s, A [BC, BC],
+    keep [BC, BC])``. ``DIAG``: j = c, the causal triangle; else every pair of an earlier chunk
+    (whole: no mask) or, ``REVERSE``, of a later one (only the last chunk may be partial)."""
+    cols = j * BC + offs_c
+    cmask = _below(cols, T, EVEN or not (DIAG or REVERSE))
+    y, Wt, wc, _mu, _rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d, offs_v,
+                                   vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS, HAS_WSC,
+                                   EVEN)  # fmt: skip
+    if DIAG:
+        keep = _keep(j, c, cmask, offs_c, REVERSE)
+    else:
+        keep = tl.broadcast_to(cmask[None, :], (BC, BC))
+    s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
+    return y, Wt, wc, s, A, keep
+
+
 @triton.jit(do_not_specialize=RUNTIME)
 def packed_tile_kernel(
     X, XG, XB, Y, YG, YB, W, WS, Wsc, U, DO, Sst, Zst,
@@ -426,7 +449,7 @@ def packed_tile_kernel(
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
     SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr, STATE: tl.constexpr,
-    FB: tl.constexpr,
+    FB: tl.constexpr, EVEN: tl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -445,18 +468,18 @@ def packed_tile_kernel(
     h = bh % H
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
-    vmask = offs_v < Dv
+    vmask = _below(offs_v, Dv, EVEN)
     NCH = tl.cdiv(T, BC)
     seg = c // NCS
     P8 = _p8()
     base = bh * NSEG + seg
     rows = c * BC + offs_c
-    rmask = rows < T
+    rmask = _below(rows, T, EVEN)
     tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
     o_ptrs = (tok + rows[:, None] * H) * Dv + offs_v[None, :]  # [BC, BV]
     xsrc, xg, xb = X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride
-    x, xh, rstd, mean = _pre_stats(xsrc, xg, xb, rows, rmask, offs_d, D, H * D,
-                                   NORM)  # [BC, 16]  # fmt: skip
+    x, xh, rstd, mean = _pre_stats(xsrc, xg, xb, rows, rmask, offs_d, D, H * D, NORM,
+                                   EVEN)  # [BC, 16]  # fmt: skip
     if MODE == 2:
         has_state = seg < NSEG - 1
     else:
@@ -473,16 +496,21 @@ def packed_tile_kernel(
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
         lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
-    if MODE != 2:  # first pass: out and den of the whole row
-        for j in range(lo, hi):
-            cols = j * BC + offs_c
-            cmask = cols < T
-            y, Wt, wc, _mu, _rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d,
-                                       offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                       HAS_WSC)  # fmt: skip
-            s, A = _sim(x, y, _keep(j, c, cmask, offs_c, False), sc, C0, C1, C2, DOT)
+    if MODE != 2:  # first pass: out and den of the whole row, the diagonal chunk last
+        asum = tl.zeros([BC, BC], tl.float32)  # den's terms, summed over rows once
+        for j in range(lo, c):
+            y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+                                                offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride,
+                                                NORM, sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT,
+                                                EVEN, False, False)  # fmt: skip
             out += _dot_A(A, Wt, DOT, MODE)
-            den += tl.sum(A * wc[None, :], 1)
+            asum += A
+        y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+                                            offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
+                                            sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, True,
+                                            False)  # fmt: skip
+        out += _dot_A(A, Wt, DOT, MODE)
+        den += tl.sum(asum + A, 1)
     if MODE == 2:  # out accumulates dv over the pair loop below
         Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
         u = rmask.to(tl.float32)
@@ -491,17 +519,25 @@ def packed_tile_kernel(
                            rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
     if MODE != 0:
         dxp = x * 0.0
-        for j in range(lo, hi):  # the pairs' part of dx' (and dv in MODE 2)
-            cols = j * BC + offs_c
-            cmask = cols < T
-            y, Wt, wc, _mu, _rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, cols, cmask, offs_d,
-                                       offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                       HAS_WSC)  # fmt: skip
-            keep = _keep(j, c, cmask, offs_c, MODE == 2)
-            s, A = _sim(x, y, keep, sc, C0, C1, C2, DOT)
+        if MODE == 2:  # the pairs' part of dx' (and dv in MODE 2), the diagonal chunk last
+            first, last = c + 1, hi
+        else:
+            first, last = lo, c
+        for j in range(first, last):
+            y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+                                                offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride,
+                                                NORM, sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT,
+                                                EVEN, False, MODE == 2)  # fmt: skip
             if MODE == 2:
                 out += _dot(A, Wt, DOT)
             dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+        y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+                                            offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
+                                            sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, True,
+                                            MODE == 2)  # fmt: skip
+        if MODE == 2:
+            out += _dot(A, Wt, DOT)
+        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
         if MODE == 2:
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
         if STATE and has_state:
@@ -509,6 +545,6 @@ def packed_tile_kernel(
                                   Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
                                   HAS_C2, GATHER, FB)  # [BC, 16]  # fmt: skip
         dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
-                           D, NORM)  # fmt: skip
+                           D, NORM, EVEN)  # fmt: skip
         tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)
         tl.store(DB + (bh * NCH + c) * 16 + offs_d, db)

@@ -173,6 +173,11 @@ class PackedCall:
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
 
+    def even(self, rows: int) -> bool:
+        """Whether a kernel that steps through T in blocks of ``rows`` may drop its masks
+        (``kernels._below``): T a multiple of ``rows``, D = 16, Dv = BV."""
+        return self.T % rows == 0 and self.D == 16 and self.Dv == self.BV
+
     def sp(self, carried: bool) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
         starts from the caller's (``carried``), ``FP16_SP`` for fp16 inputs, else ``BWD_SP`` /
@@ -221,7 +226,8 @@ class PackedCall:
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, ys, self.NSEG, ncs, int(self.fm.pre.norm),
             BC=self.BCS, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
-            FB=self.state_rows, **{**self.flags, "num_warps": self.state_warps},
+            FB=self.state_rows, EVEN=self.even(self.NCS * self.BC),
+            **{**self.flags, "num_warps": self.state_warps},
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
@@ -244,7 +250,7 @@ class PackedCall:
         if self.tiles:
             state = carried or self.NSEG > 1  # else every program skips the state
             kernel, n = packed_tile_kernel, self.NCH
-            extra = dict(HAS_INIT=carried, STATE=state, FB=self.tile_rows)
+            extra = dict(HAS_INIT=carried, STATE=state, FB=self.tile_rows, EVEN=self.even(self.BC))
         else:
             kernel, n, extra = packed_sweep_kernel, self.NSEG, dict(PREFIX=prefix)
         kernel[(n, self.B * self.H)](

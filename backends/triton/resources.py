@@ -39,9 +39,9 @@ class Usage:
     stack: int
 
 
-def _signature(fn, constants: dict) -> dict[str, str]:
+def _signature(fn, constants: dict, types: dict | None = None) -> dict[str, str]:
     """Triton's argument types: constexpr for ``constants``, fp32 scalars, int32 sizes,
-    fp32 pointers for the rest (the tensors)."""
+    fp32 pointers for the rest (the tensors) unless ``types`` names another."""
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in constants:
@@ -51,15 +51,22 @@ def _signature(fn, constants: dict) -> dict[str, str]:
         elif name in RUNTIME_INTS:
             sig[name] = "i32"
         else:
-            sig[name] = "*fp32"
+            sig[name] = (types or {}).get(name, "*fp32")
     return sig
 
 
-def _compile(fn, constants: dict, num_warps: int, arch: int = 90):
-    """``fn`` (a ``@triton.jit`` kernel) with ``constants``, compiled for ``sm_<arch>``."""
+def _compile(fn, constants: dict, num_warps: int, arch: int = 90, types: dict | None = None,
+             divisible: tuple[str, ...] = kernels.SPECIALISED):  # fmt: skip
+    """``fn`` (a ``@triton.jit`` kernel) with ``constants``, compiled for ``sm_<arch>``;
+    ``types``: pointer types by argument name (``"*bf16"``); every pointer and the integers
+    named in ``divisible`` are taken as multiples of 16, as a launch with aligned tensors (and
+    such sizes, where the kernel lets Triton specialise them) tells the compiler."""
     names = list(inspect.signature(fn.fn).parameters)
-    src = ASTSource(fn, _signature(fn, constants),
-                    constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
+    sig = _signature(fn, constants, types)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or n in divisible}  # fmt: skip
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constants.items()},
+                    attrs=attrs)  # fmt: skip
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps))  # fmt: skip
 
@@ -103,7 +110,7 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
     c["GATHER"] = features == "gather"
     if variant == "tiles":
-        c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS)
+        c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS, EVEN=False)
     else:
         c["PREFIX"] = True
     return c
