@@ -497,20 +497,19 @@ def packed_tile_kernel(
     else:
         lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
     if MODE != 2:  # first pass: out and den of the whole row, the diagonal chunk last
-        asum = tl.zeros([BC, BC], tl.float32)  # den's terms, summed over rows once
         for j in range(lo, c):
             y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
                                                 offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride,
                                                 NORM, sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT,
                                                 EVEN, False, False)  # fmt: skip
             out += _dot_A(A, Wt, DOT, MODE)
-            asum += A
+            den += tl.sum(A, 1)
         y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
                                             offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
                                             sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, True,
                                             False)  # fmt: skip
         out += _dot_A(A, Wt, DOT, MODE)
-        den += tl.sum(asum + A, 1)
+        den += tl.sum(A, 1)
     if MODE == 2:  # out accumulates dv over the pair loop below
         Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
         u = rmask.to(tl.float32)

@@ -29,6 +29,8 @@ from . import kernels, packed
 RUNTIME_INTS = {"T", "H", "D", "Dv", "NSEG", "NCS", "NORM", "NORMALIZE", "pgx_stride",
                 "pgy_stride"}  # fmt: skip
 FLOATS = {"sc", "C0", "C1", "C2", "eps"}
+OPTIONS: dict = {}
+"""Extra compile options of `_compile` (e.g. maxnreg, num_stages), for experiments."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def _compile(fn, constants: dict, num_warps: int, arch: int = 90, types: dict | 
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constants.items()},
                     attrs=attrs)  # fmt: skip
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps))  # fmt: skip
+                          options=dict(num_warps=num_warps, **OPTIONS))  # fmt: skip
 
 
 PTX_OPS = {"fp32 fma": r"\bfma\.rn\.f32\b", "wgmma": r"\bwgmma\.mma_async\b",
