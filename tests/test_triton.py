@@ -110,8 +110,23 @@ def test_state_block_sizes_match_the_oracle(variant, rows, state_chunk, tile_row
     _check_against_the_oracle(16, "rebased", True, 200, 24, config, seed=11)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="num_stages is a compile option the interpreter "
+                    "ignores: the GPU twin of test_state_block_sizes_match_the_oracle")  # fmt: skip
+@pytest.mark.parametrize("variant", ["packed", "tiles"])
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("T", [300, 512])
+def test_pipelining_depths_match_the_oracle(variant: str, stages: int, T: int) -> None:
+    """The software-pipelining depths (``num_stages``, ``state_stages``) compile other loops
+    on a GPU: each matches the oracle, masked (T = 300) and whole (T = 512: EVEN) alike."""
+    config = {"chunk_size": 64, "chunks_per_segment": 4, "variant": variant,
+              "num_stages": stages, "state_stages": stages}  # fmt: skip
+    _check_against_the_oracle(16, "rebased", True, T, 64, config, seed=T + stages)
+    _check_against_the_oracle(16, "based", True, T, 24, config, seed=T + stages, state_io=False)
+
+
 @pytest.mark.parametrize("key, value", [("state_rows", 48), ("tile_rows", 256),
-                                        ("state_chunk", 96)])  # fmt: skip
+                                        ("state_chunk", 96), ("num_stages", 5),
+                                        ("state_stages", 0)])  # fmt: skip
 def test_state_block_sizes_reject_bad_values(key: str, value: int) -> None:
     fm = PRESETS["rebased"]
     x = random_inputs(1, 40, 1, 16, 8, torch.float32, DEVICE, fm, requires_grad=False)

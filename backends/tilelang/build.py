@@ -9,12 +9,16 @@ launch: B, T and H are symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``
 scalar arguments (``options.Scalars``), so problems that differ in them share a kernel.
 ``compile_classes`` lists the keys a set of problems needs and ``precompile`` builds them in
 parallel (``precompile_problems``: both, with a report) (nvcc and gcc are subprocesses and
-TileLang's lowering releases the GIL, so threads suffice)."""
+TileLang's lowering releases the GIL, so threads suffice). Only the parse of a kernel's
+Python source into a ``T.prim_func`` is serialised (``_PARSE_LOCK``): CPython 3.11's ``ast``
+module keeps its recursion depth in shared state, and two threads converting syntax trees
+at once raise ``SystemError: AST constructor recursion depth mismatch`` (seen in CI)."""
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +52,8 @@ shared memory (the H200 refused them: 227 KB at most), BC = 32 at 256 threads do
 (forward); ``tests/test_tilelang.py`` reads each kernel's size from its sm_90a lowering."""
 MAX_SHARED_BYTES = 232_448
 """Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
+_PARSE_LOCK = threading.Lock()
+"""Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
 KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 SWEEP_DTYPE = torch.float32
@@ -159,7 +165,9 @@ def compiled(kind: str, BV: int, opt: KernelOptions) -> Any:
     powers reuses it, and every Dv that pads to BV."""
     import tilelang
 
-    return tilelang.compile(prim_func(kind, BV, opt), target=opt.target)
+    with _PARSE_LOCK:  # the parse alone: the lowering and nvcc / gcc run in parallel
+        func = prim_func(kind, BV, opt)
+    return tilelang.compile(func, target=opt.target)
 
 
 def precompile(

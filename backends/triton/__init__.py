@@ -107,8 +107,10 @@ class TritonBackend(Backend):
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
     per product; it takes the gcd with the segment length) and ``state_warps`` (the state
-    kernel's, None: the call's); ``walk`` is a named
-    configuration only."""
+    kernel's, None: the call's) and the software-pipelining depths ``num_stages`` (the sweep
+    and tile kernels) and ``state_stages`` (the state kernel), each one of
+    ``packed_call.STAGES`` or None for Triton's default; ``walk`` is a named configuration
+    only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
     default_config: ClassVar[dict[str, Any]] = {
@@ -122,6 +124,8 @@ class TritonBackend(Backend):
         "state_chunk": None,
         "tile_rows": 32,
         "state_warps": None,
+        "num_stages": None,
+        "state_stages": None,
     }
     """``packed``; the state kernel's keys None are the variant's own (``packed_call.TILES_STATE``
     for tiles; 32 rows of the call's chunk at its warps for packed); ``num_warps`` None is each
@@ -142,6 +146,14 @@ class TritonBackend(Backend):
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "features": "gather"},
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3"},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x3"},
+        {
+            "variant": "tiles",
+            "chunk_size": 64,
+            "chunks_per_segment": 4,
+            "exact": "x3",
+            "num_stages": 1,
+            "state_stages": 1,
+        },
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
         {

@@ -134,6 +134,25 @@ def _state_chunk(config: dict, chunk: int) -> int:
     return int(n)
 
 
+STAGES = (1, 2, 3, 4)
+"""Software-pipelining depths a configuration may name (``num_stages`` for the sweep and tile
+kernels, ``state_stages`` for the state kernel; None: Triton's default, 3). Each stage holds
+another copy of a loop's loads in registers: ptxas (triton 3.6, sm_90a) gives the ``tiles``
+forward at chunk 64 and 4 warps 195 registers at 3 stages, 179 at 2, 168 at 1, i.e. 2, 2
+and 3 programs per SM (``docs/results/h100-s13/``)."""
+
+
+def _stages(config: dict, key: str) -> dict:
+    """``{"num_stages": n}`` for the launch from ``config[key]`` (one of ``STAGES``), or {}
+    (Triton's default) when it is absent or None."""
+    n = config.get(key)
+    if n is None:
+        return {}
+    if n not in STAGES:
+        raise ValueError(f"triton {key} {n!r} is not one of {STAGES}")
+    return {"num_stages": int(n)}
+
+
 class PackedCall:
     """Launch arguments shared by the kernels of one call."""
 
@@ -163,7 +182,7 @@ class PackedCall:
         if features not in FEATURES:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
-                          num_warps=self.num_warps)  # fmt: skip
+                          num_warps=self.num_warps, **_stages(config, "num_stages"))  # fmt: skip
         own = {k: v for k, v in config.items() if k in TILES_STATE and v is not None}
         if self.tiles:  # the variant's own state kernel where the configuration names none
             own = {**TILES_STATE, **own}
@@ -172,6 +191,7 @@ class PackedCall:
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
+        self.state_stages = _stages(config, "state_stages")
 
     def even(self, rows: int) -> bool:
         """Whether a kernel that steps through T in blocks of ``rows`` may drop its masks
@@ -227,7 +247,7 @@ class PackedCall:
             self.T, self.H, self.D, Dv, ys, self.NSEG, ncs, int(self.fm.pre.norm),
             BC=self.BCS, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
             FB=self.state_rows, EVEN=self.even(self.NCS * self.BC),
-            **{**self.flags, "num_warps": self.state_warps},
+            **{**self.flags, "num_warps": self.state_warps, **self.state_stages},
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
         return scan(seg_S, S0, reverse, dtype), scan(seg_z, z0, reverse)
