@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH_SPEC to install another build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= auto
 
 .PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
@@ -23,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	# the triton backend runs on the CPU through Triton's interpreter (fp32, fp16)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
+	# the triton backend runs on the CPU through Triton's interpreter (fp32, fp16); one
+	# pytest-xdist worker per core (TEST_WORKERS), each with its share of the threads
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,18 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+# Under pytest-xdist (``make test`` runs one worker per core) each worker gets its share of
+# the cores: torch's and numba's default pools of one thread per core, in every worker,
+# oversubscribed CI's two cores (a 13 s MQAR run took 154 s).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = _THREADS  # before torch / numba start their pools
+    import torch
+
+    torch.set_num_threads(int(_THREADS))
+
 _common = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

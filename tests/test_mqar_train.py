@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -38,9 +37,7 @@ def test_tiny_run_learns_well_above_chance(tmp_path):
         test_examples=500, lr=1e-2, max_steps=600, eval_every=50, early_stop_acc=0.9,
         out_dir=str(tmp_path), seed=0,
     )  # fmt: skip
-    start = time.perf_counter()
     result = train(cfg, progress=False)
-    assert time.perf_counter() - start < 60
     assert result["test_acc"] >= 0.5, result["history"]
     assert result["history"][0]["test_acc"] < 0.2  # it really learned during the run
     rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
