@@ -9,10 +9,15 @@ launch: B, T and H are symbolic sizes, and D <= 16, ``w_p = c_p scale^p`` and ``
 scalar arguments (``options.Scalars``), so problems that differ in them share a kernel.
 ``compile_classes`` lists the keys a set of problems needs and ``precompile`` builds them in
 parallel (``precompile_problems``: both, with a report) (nvcc and gcc are subprocesses and
-TileLang's lowering releases the GIL, so threads suffice). Only the parse of a kernel's
-Python source into a ``T.prim_func`` is serialised (``_PARSE_LOCK``): CPython 3.11's ``ast``
-module keeps its recursion depth in shared state, and two threads converting syntax trees
-at once raise ``SystemError: AST constructor recursion depth mismatch`` (seen in CI)."""
+TileLang's lowering releases the GIL, so threads suffice). CPython before 3.13 keeps the
+``ast`` module's recursion depth in per-interpreter state, and a thread switch inside a
+syntax-tree conversion (a garbage collection running Python code) can make another thread
+raise a spurious ``SystemError: AST constructor recursion depth mismatch`` (python/cpython
+gh-106905; seen once in CI, in a dq build). TVMScript parses a kernel's source thousands of
+times (``prim_func``: 3,255 ``ast.parse`` calls for ``based`` with a state) and
+``tilelang.compile`` hundreds more (793), so the parse runs under ``_PARSE_LOCK`` (Python
+code: threads gain nothing there) and ``precompile`` builds a key that raised that error
+once more on its own thread after the others (``AST_RACE``)."""
 
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ MAX_SHARED_BYTES = 232_448
 """Dynamic shared memory a Hopper block may opt in to (227 KiB)."""
 _PARSE_LOCK = threading.Lock()
 """Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
+AST_RACE = "AST constructor recursion depth mismatch"
+"""CPython's spurious ``SystemError`` of concurrent ``ast`` use (gh-106905): retried."""
 KINDS = ("forward", "dq", "dkv")
 """The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 SWEEP_DTYPE = torch.float32
@@ -176,7 +183,8 @@ def precompile(
     """Build ``compiled(*key)`` for every key on ``workers`` threads (default: one per key,
     at most one per CPU core), so that later calls find them in its cache. Returns the keys
     that did not build, with the exception each raised (empty when all did); some
-    configurations do not lower (``DEFAULT_CONFIG``'s notes)."""
+    configurations do not lower (``DEFAULT_CONFIG``'s notes). A build that raised CPython's
+    ``AST_RACE`` is built again after the pool, alone."""
     keys = list(dict.fromkeys(keys))
     workers = workers or max(1, min(len(keys), os.cpu_count() or 1))
 
@@ -189,6 +197,10 @@ def precompile(
 
     with ThreadPoolExecutor(workers) as pool:
         errors = list(pool.map(build, keys))
+    errors = [  # alone now: no other thread can race its ast use
+        build(key) if isinstance(error, SystemError) and AST_RACE in str(error) else error
+        for key, error in zip(keys, errors)
+    ]
     return {key: error for key, error in zip(keys, errors) if error is not None}
 
 
