@@ -182,7 +182,7 @@ class PackedCall:
         if features not in FEATURES:
             raise ValueError(f"triton features {features!r} are not one of {FEATURES}")
         self.flags = dict(HAS_LIN=lin, HAS_C2=self.C[2] != 0.0, GATHER=features == "gather",
-                          num_warps=self.num_warps, **_stages(config, "num_stages"))  # fmt: skip
+                          num_warps=self.num_warps)  # fmt: skip
         own = {k: v for k, v in config.items() if k in TILES_STATE and v is not None}
         if self.tiles:  # the variant's own state kernel where the configuration names none
             own = {**TILES_STATE, **own}
@@ -191,6 +191,7 @@ class PackedCall:
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
+        self.stages = _stages(config, "num_stages")  # the sweep / tile kernels'
         self.state_stages = _stages(config, "state_stages")
 
     def even(self, rows: int) -> bool:
@@ -278,7 +279,7 @@ class PackedCall:
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
             BC=self.BC, BV=self.BV, MODE=mode, HAS_WS="WS" in t, HAS_WSC="Wsc" in t,
-            DOT=self.dot, SP=self.sp(carried), **self.flags, **extra,
+            DOT=self.dot, SP=self.sp(carried), **self.flags, **self.stages, **extra,
         )  # fmt: skip
 
     def partials(self) -> int:
