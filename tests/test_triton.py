@@ -130,16 +130,27 @@ def test_pipelining_depths_match_the_oracle(variant: str, stages: int, T: int) -
                                   state_io=False)  # fmt: skip
 
 
+LAUNCHED = {
+    "tiles": ("packed", "packed_tile_kernel", "packed_state_kernel"),
+    "walk": ("kernels", "sweep_kernel", "segment_state_kernel"),
+}
+"""Each variant's module of kernels, its sweep kernel and its state kernel."""
+
+
+@pytest.mark.parametrize("variant", sorted(LAUNCHED))
 @pytest.mark.parametrize(
     "config, sweep, state",
     [({"num_stages": 1}, 1, None), ({"state_stages": 2}, None, 2),
      ({"num_stages": 4, "state_stages": 1}, 4, 1), ({}, None, None)],
 )  # fmt: skip
-def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, config, sweep, state) -> None:
-    """``num_stages`` reaches the tile (sweep) kernel alone and ``state_stages`` the state
-    kernel alone; an absent key leaves Triton's default (no ``num_stages`` in the launch)."""
-    from rebased_kernels.backends.triton import kernels, packed
-
+def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, variant, config, sweep,
+                                                    state) -> None:  # fmt: skip
+    """``num_stages`` reaches the sweep (tile) kernel alone and ``state_stages`` the state
+    kernel alone, in every variant; an absent key leaves Triton's default (no
+    ``num_stages`` in the launch)."""
+    module_name, sweep_name, state_name = LAUNCHED[variant]
+    module = importlib.import_module(f"rebased_kernels.backends.triton.{module_name}")
+    kernels = importlib.import_module("rebased_kernels.backends.triton.kernels")
     launches: dict[str, dict] = {}
 
     class Recorder:
@@ -149,18 +160,18 @@ def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, config, sweep, 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.setdefault(self.name, kwargs)
 
-    for name in ("packed_state_kernel", "packed_tile_kernel"):
-        monkeypatch.setattr(packed, name, Recorder(name))
+    for name in (sweep_name, state_name):
+        monkeypatch.setattr(module, name, Recorder(name))
     monkeypatch.setattr(kernels, "prefix_kernel", Recorder("prefix_kernel"))
     fm = PRESETS["rebased"]
     x = random_inputs(1, 200, 1, 16, 16, torch.float32, DEVICE, fm, requires_grad=False)
     inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
     be = get_backend("triton")
-    cfg = {**be.default_config, "variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2,
+    cfg = {**be.default_config, "variant": variant, "chunk_size": 32, "chunks_per_segment": 2,
            **config}  # fmt: skip
     be.forward_dense(inp, LinearAttention(fm, 0.25), cfg)
-    assert launches["packed_tile_kernel"].get("num_stages") == sweep
-    assert launches["packed_state_kernel"].get("num_stages") == state
+    assert launches[sweep_name].get("num_stages") == sweep
+    assert launches[state_name].get("num_stages") == state
 
 
 @pytest.mark.parametrize("key, value", [("state_rows", 48), ("tile_rows", 256),

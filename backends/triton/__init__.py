@@ -107,9 +107,9 @@ class TritonBackend(Backend):
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
     per product; it takes the gcd with the segment length) and ``state_warps`` (the state
-    kernel's, None: the call's) and the software-pipelining depths ``num_stages`` (the sweep
-    and tile kernels) and ``state_stages`` (the state kernel), each one of
-    ``packed_call.STAGES`` or None for Triton's default; ``walk`` is a named configuration
+    kernel's, None: the call's); every variant takes the software-pipelining depths
+    ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
+    one of ``launch.STAGES`` or None for Triton's default; ``walk`` is a named configuration
     only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 

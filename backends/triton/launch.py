@@ -38,6 +38,26 @@ def warps(config: dict, default: int) -> int:
     return default if n is None else int(n)
 
 
+STAGES = (1, 2, 3, 4)
+"""Software-pipelining depths a configuration may name (``num_stages`` for the sweep and tile
+kernels, ``state_stages`` for the state kernel; None: Triton's default, 3). Each stage holds
+another copy of a loop's loads in registers: ptxas (triton 3.6, sm_90a) gives the ``tiles``
+forward at chunk 64 and 4 warps 195 registers at 3 stages, 179 at 2, 168 at 1, i.e. 2, 2
+and 3 programs per SM (``docs/results/h100-s13/``). Every variant takes them (``walk``: its
+state and sweep kernels)."""
+
+
+def stages(config: dict, key: str) -> dict:
+    """``{"num_stages": n}`` for the launch from ``config[key]`` (one of ``STAGES``), or {}
+    (Triton's default) when it is absent or None."""
+    n = config.get(key)
+    if n is None:
+        return {}
+    if n not in STAGES:
+        raise ValueError(f"triton {key} {n!r} is not one of {STAGES}")
+    return {"num_stages": int(n)}
+
+
 MIN_FP32_DQ_WARPS = 8
 """Triton < 3.9 fails to compile the fp32 dq sweep of ``walk`` and ``packed`` below 8 warps
 for sm_90 (its RemoveLayoutConversions pass: "operand #0 does not dominate this use"; walk:

@@ -24,6 +24,7 @@ from .launch import (
     dot_precision,
     params,
     scan,
+    stages,
     triton_cdiv,
     triton_next_pow2,
 )
@@ -134,25 +135,6 @@ def _state_chunk(config: dict, chunk: int) -> int:
     return int(n)
 
 
-STAGES = (1, 2, 3, 4)
-"""Software-pipelining depths a configuration may name (``num_stages`` for the sweep and tile
-kernels, ``state_stages`` for the state kernel; None: Triton's default, 3). Each stage holds
-another copy of a loop's loads in registers: ptxas (triton 3.6, sm_90a) gives the ``tiles``
-forward at chunk 64 and 4 warps 195 registers at 3 stages, 179 at 2, 168 at 1, i.e. 2, 2
-and 3 programs per SM (``docs/results/h100-s13/``)."""
-
-
-def _stages(config: dict, key: str) -> dict:
-    """``{"num_stages": n}`` for the launch from ``config[key]`` (one of ``STAGES``), or {}
-    (Triton's default) when it is absent or None."""
-    n = config.get(key)
-    if n is None:
-        return {}
-    if n not in STAGES:
-        raise ValueError(f"triton {key} {n!r} is not one of {STAGES}")
-    return {"num_stages": int(n)}
-
-
 class PackedCall:
     """Launch arguments shared by the kernels of one call."""
 
@@ -191,8 +173,8 @@ class PackedCall:
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
-        self.stages = _stages(config, "num_stages")  # the sweep / tile kernels'
-        self.state_stages = _stages(config, "state_stages")
+        self.stages = stages(config, "num_stages")  # the sweep / tile kernels'
+        self.state_stages = stages(config, "state_stages")
 
     def even(self, rows: int) -> bool:
         """Whether a kernel that steps through T in blocks of ``rows`` may drop its masks

@@ -21,6 +21,7 @@ from .launch import (
     dot_precision,
     params,
     scan,
+    stages,
     triton_cdiv,
     triton_next_pow2,
 )
@@ -90,6 +91,8 @@ class _Call:
             self.BC = min(self.BC, 32)
         self.NSEG = triton_cdiv(triton_cdiv(self.T, self.BC), self.NCS)
         self.num_warps = call_warps(config, NUM_WARPS, "walk", x.v.dtype, backward and x.q.is_cuda)
+        self.stages = stages(config, "num_stages")  # the sweep kernel's
+        self.state_stages = stages(config, "state_stages")
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
@@ -123,7 +126,7 @@ class _Call:
             self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
             BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, HAS_WSC=Wsc is not None,
             HAS_C2=self.C[2] != 0.0,
-            DOT=self.dot, num_warps=self.num_warps,
+            DOT=self.dot, num_warps=self.num_warps, **self.state_stages,
         )  # fmt: skip
         return scan(seg_S, init_S, reverse), scan(seg_z[..., None], init_z, reverse)
 
@@ -151,7 +154,7 @@ class _Call:
         )  # fmt: skip
         flags = dict(BC=self.BC, BD=self.BD, BV=BV, RF=self.RF, MODE=mode, HAS_WSC="Wsc" in t,
                      HAS_C2=self.C[2] != 0.0, DOT=self.dot, X3=carried and mode != 0,
-                     num_warps=self.num_warps)  # fmt: skip
+                     num_warps=self.num_warps, **self.stages)  # fmt: skip
         grid = (self.NSEG, BH, triton_cdiv(Dv, BV))
         sweep_kernel[grid](*args, BA=self.BA, REVERSE=mode == 2, **flags)
 
