@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, replace
 
@@ -38,6 +39,23 @@ CI_SHAPES = {
     "fla": dict(B=1, H=2),
 }
 """Under ``ci``, compiled backends draw fewer dtypes and shapes: each new one compiles."""
+
+
+CONFIG_FILTER = os.environ.get("REBASED_KERNELS_TEST_CONFIG")
+"""A JSON object: the draws take only the test configurations holding these keys and values
+(``'{"exact": "bf16x3"}'``), for a GPU run aimed at one change; unset, all of them."""
+
+
+def test_configs(be) -> list[dict]:
+    """The configurations a backend's draws take: ``be.test_configs()`` (``[{}]`` if it has
+    none), narrowed by ``CONFIG_FILTER``, which must leave at least one."""
+    configs = be.test_configs() or [{}]
+    if CONFIG_FILTER:
+        want = json.loads(CONFIG_FILTER)
+        configs = [c for c in configs if all(c.get(k) == v for k, v in want.items())]
+        if not configs:
+            raise ValueError(f"no {be.name} test configuration holds {want}")
+    return configs
 
 
 def backends_under_test() -> list[str]:
@@ -128,7 +146,7 @@ def cases(draw, backend: str, dtype: torch.dtype, max_T: int = 160, min_T: int =
     D = draw(st.sampled_from([4, 8, 16]))
     if be.max_D is not None:
         D = min(D, be.max_D)
-    configs = be.test_configs() or [{}]
+    configs = test_configs(be)
     case = Case(
         backend=backend,
         B=draw(st.integers(1, 2)),

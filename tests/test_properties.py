@@ -71,6 +71,7 @@ def property_test(default_examples: int = 25, **case_kwargs):
 
         test.__name__ = check.__name__
         test.__doc__ = check.__doc__
+        test.check = check  # one named case, for a test aimed at one change
         return test
 
     return wrap

@@ -335,6 +335,64 @@ def test_exact_x3_moves_the_gradient_products_to_the_tensor_cores() -> None:
     assert x3["wgmma"] > fma["wgmma"] > 0, (fma, x3)
 
 
+def test_exact_bf16x3_halves_the_gradient_kernels_registers() -> None:
+    """``config["exact"] = "bf16x3"`` ("b3" sweeps) reaches the kernels: the tiles dq and
+    dk/dv kernels at chunk 64, 4 warps, 1 stage compiled for sm_90a issue fewer wgmma than
+    tf32x3 (bf16 takes k = 16 per instruction, tf32 k = 8) and spill less (its split operands
+    are 16-bit): session 14's ptxas, dq 448 -> 0 bytes, dk/dv 968 -> 248."""
+    code = (
+        "import json; from rebased_kernels.backends.triton import packed, resources as r\n"
+        "r.OPTIONS['num_stages'] = 1\n"
+        "out = []\n"
+        "for mode in (1, 2):\n"
+        "    for dot in ('x3', 'b3'):\n"
+        "        c = {**r.sweep_constants(mode, 64, 'tiles', dot), 'EVEN': True}\n"
+        "        u = r.usage(packed.packed_tile_kernel, c, 4)\n"
+        "        ops = r.ptx_ops(packed.packed_tile_kernel, c, 4)\n"
+        "        out.append([u.stack, ops['wgmma']])\n"
+        "print(json.dumps(out))"
+    )
+    (dq_x3, dq_b3, dkv_x3, dkv_b3) = _compiled_json(code)
+    for x3, b3 in ((dq_x3, dq_b3), (dkv_x3, dkv_b3)):
+        assert b3[1] < x3[1] and b3[0] < x3[0], (x3, b3)
+
+
+def test_bf16x3_products_are_near_fp32() -> None:
+    """``_dot_x3`` in a "b3" sweep (``exact`` "bf16x3"): each operand split into bf16
+    ``hi + lo``, three bf16 products. On operands spread over 2^-8 .. 2^8 its error is within
+    2^-15 of ``|a| |b|``, at least 16x below one bf16 product's; the interpreter emulates the
+    bf16 rounding bit by bit (``kernels._bf16_part``), a GPU casts."""
+    from triton_probes import product_b3
+
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(64, 64, generator=g) * 2.0 ** torch.randint(-8, 9, (64, 64), generator=g)
+            for _ in range(2))  # fmt: skip
+    c = torch.full((64, 64), float("nan"), device=DEVICE)
+    product_b3[(1,)](a.to(DEVICE), b.to(DEVICE), c, N=64)
+    ref = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    err = ((c.cpu().double() - ref).abs() / scale).max().item()
+    one_pass = ((a.bfloat16().double() @ b.bfloat16().double() - ref).abs() / scale).max().item()
+    assert err <= 2.0**-15 and err * 16 <= one_pass, (err, one_pass)
+
+
+@pytest.mark.parametrize("T, normalize", [(1, True), (200, True), (200, False)])
+def test_bf16x3_gradients_match_the_oracle(T: int, normalize: bool) -> None:
+    """The tiles backward with ``exact`` "bf16x3" on half inputs (fp16 under the interpreter,
+    bf16 on a GPU), checked as the property suite checks a draw: T = 1 normalised (dq is all
+    cancellation, the case that failed tf32 products) and T = 200 (four chunks of 64 across
+    a segment edge), with parameters and an initial state."""
+    from strategies import Case
+    from test_properties import test_forward_and_gradients_match_reference as check_draw
+
+    config = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "exact": "bf16x3",
+              "num_stages": 1, "state_stages": 1}  # fmt: skip
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    case = Case("triton", 1, T, 2, 16, 24, dtype, PRESETS["rebased"], normalize, True, "HD", True,
+                tuple(sorted(config.items())), T + normalize)  # fmt: skip
+    check_draw.check(case, None)
+
+
 @pytest.mark.parametrize("inplace, BV", [(False, 16), (True, 16), (True, 8), (True, 32)])
 def test_decode_splits_the_values_across_programs(inplace: bool, BV: int, monkeypatch) -> None:
     """Dv = 40: ceil(40 / BV) decode programs of BV value columns per (b, h) (``DECODE_BV``,

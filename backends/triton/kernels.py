@@ -20,7 +20,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import INTERPRET as _INTERPRET
+
 LN_EPS = tl.constexpr(1e-5)  # spec.LAYER_NORM_EPS
+INTERPRET = tl.constexpr(_INTERPRET)  # no bfloat16 there: ``_bf16_part`` emulates it
 
 
 @triton.jit
@@ -108,12 +111,13 @@ def _block_ptrs(Sst, base, a0, offs_v, Dv, BA: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _cast(x, DOT: tl.constexpr):
-    """A dot operand in the precision ``DOT``: "ieee" / "tf32" / "x3" (fp32), "bf16", "fp16".
+    """A dot operand in the precision ``DOT``: "ieee" / "tf32" / "x3" / "b3" (fp32), "bf16",
+    "fp16".
 
     ``DOT`` names a sweep's precision: "ieee" for fp32 inputs, "bf16" / "fp16" for the
-    forward of half inputs, "tf32" or "x3" for their gradient sweeps, which differ in the
-    products that need ~fp32 (``_dot_exact``): CUDA-core fp32 FMAs, or three tf32 passes on
-    the tensor cores (``x3``)."""
+    forward of half inputs, "tf32", "x3" or "b3" for their gradient sweeps, which differ in
+    the products that need ~fp32 (``_dot_exact``): CUDA-core fp32 FMAs, three tf32 passes on
+    the tensor cores (``x3``), or three bf16 passes of split operands (``b3``)."""
     if DOT == "bf16":
         return x.to(tl.bfloat16)
     elif DOT == "fp16":
@@ -127,7 +131,7 @@ def _dot(a, b, DOT: tl.constexpr):
     """``a @ b`` with fp32 accumulation and operands in the precision ``DOT``."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == "tf32" or DOT == "x3":
+    elif DOT == "tf32" or DOT == "x3" or DOT == "b3":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
@@ -138,7 +142,7 @@ def _dot_scores(a, b, DOT: tl.constexpr):
     """``s = q' k'^T``: tf32 in the forward for half inputs, exact fp32 in the backward
     (DOT "tf32"), where dq ~ s (x) k' carries s's cancellation: tf32 scores measured dq
     errors of 1.6e-2 on an H100 (bf16, x2, T = 1)."""
-    if DOT == "ieee" or DOT == "tf32" or DOT == "x3":
+    if DOT == "ieee" or DOT == "tf32" or DOT == "x3" or DOT == "b3":
         return _dot_exact(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="tf32")
@@ -146,9 +150,9 @@ def _dot_scores(a, b, DOT: tl.constexpr):
 
 @triton.jit
 def _dot_exact(a, b, DOT: tl.constexpr):
-    """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or ``_dot_x3``'s three tf32
-    tensor-core passes in an "x3" sweep."""
-    if DOT == "x3":
+    """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or ``_dot_x3``'s three
+    tensor-core passes in an "x3" or "b3" sweep."""
+    if DOT == "x3" or DOT == "b3":
         return _dot_x3(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="ieee")
@@ -156,11 +160,45 @@ def _dot_exact(a, b, DOT: tl.constexpr):
 
 @triton.jit
 def _dot_x3(a, b, DOT: tl.constexpr):
-    """``a @ b`` to ~fp32 accuracy: exact for fp32 inputs, three tf32 passes otherwise."""
+    """``a @ b`` to ~fp32 accuracy: exact for fp32 inputs, three bf16 passes (``_dot_b3``)
+    in a "b3" sweep, three tf32 passes otherwise."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == "b3":
+        return _dot_b3(a, b, INTERPRET)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+
+
+@triton.jit
+def _bf16_part(x, EMULATE: tl.constexpr):
+    """``x`` rounded to the nearest bfloat16 (ties to even), as an fp32 tile (``EMULATE``:
+    by its bits, for the interpreter, which has no bfloat16) and as the bf16 dot operand
+    (fp32 under ``EMULATE``): ``(value, operand)``."""
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        hi = bits.to(tl.float32, bitcast=True)
+        return hi, hi
+    else:
+        hi = x.to(tl.bfloat16)
+        return hi.to(tl.float32), hi
+
+
+@triton.jit
+def _dot_b3(a, b, EMULATE: tl.constexpr):
+    """``a @ b`` to ~2^-16 relative: each operand split into bfloat16 ``hi + lo`` and three
+    bf16 tensor-core products (``lo lo`` dropped), the small ones first. Half the operand
+    registers and twice the tensor-core rate of tf32x3 (``exact`` "bf16x3")."""
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    ah_v, ah = _bf16_part(a, EMULATE)
+    bh_v, bh = _bf16_part(b, EMULATE)
+    _, al = _bf16_part(a - ah_v, EMULATE)
+    _, bl = _bf16_part(b - bh_v, EMULATE)
+    acc = tl.dot(al, bh, input_precision="ieee" if EMULATE else None)
+    acc = tl.dot(ah, bl, acc, input_precision="ieee" if EMULATE else None)
+    return tl.dot(ah, bh, acc, input_precision="ieee" if EMULATE else None)
 
 
 @triton.jit

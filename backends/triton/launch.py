@@ -18,9 +18,13 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-EXACT = ("fma", "x3")
+EXACT = ("fma", "x3", "bf16x3")
 """How the gradient sweeps of half inputs form their ~fp32 products (``config["exact"]``,
-``kernels._dot_exact``): CUDA-core fp32 FMAs, or three tf32 tensor-core passes."""
+``kernels._dot_exact``): CUDA-core fp32 FMAs, three tf32 tensor-core passes, or three bf16
+passes of operands split ``hi + lo`` (``kernels._dot_b3``, ~2^-16: 64x tf32's accuracy). The
+last holds half the operand registers of tf32x3: ptxas (triton 3.6, sm_90a, tiles 64 x 4,
+1 stage) gives the dq tile kernel 250 registers and no spill instead of 255 and 448 bytes,
+dk/dv 248 bytes of spill instead of 968 (``docs/results/h100-s14/``)."""
 
 
 def triton_version() -> tuple[int, int]:
@@ -109,13 +113,14 @@ def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma") -> str
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
     (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance), with its
-    ~fp32 products (scores, pair gradients) as ``exact`` says: "x3" for tf32x3."""
+    ~fp32 products (scores, pair gradients) as ``exact`` says: "x3" for tf32x3, "b3" for
+    bf16x3."""
     if exact not in EXACT:
         raise ValueError(f"triton exact {exact!r} is not one of {EXACT}")
     if dtype == torch.float32:
         return "ieee"
     if backward:
-        return "x3" if exact == "x3" else "tf32"
+        return {"x3": "x3", "bf16x3": "b3"}.get(exact, "tf32")
     return "bf16" if dtype == torch.bfloat16 else "fp16"
 
 
