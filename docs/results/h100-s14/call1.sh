@@ -8,13 +8,13 @@ E="env -u PYTHONDONTWRITEBYTECODE PYTHONPATH=/tmp/site PYTHONPYCACHEPREFIX=/tmp/
 G="REBASED_KERNELS_PROFILE=gpu REBASED_KERNELS_TEST_DEVICE=cuda"
 $E $G python3 -m pytest -q -rf -p no:cacheprovider -n 8 tests/test_triton.py \
   -k "bf16x3 or pipelining or reject_bad" > $OUT/twins.txt 2>&1; tail -3 $OUT/twins.txt
-$E $G REBASED_KERNELS_TEST_CONFIG='{"exact": "bf16x3"}' timeout -s INT 150 python3 -m pytest \
+$E $G REBASED_KERNELS_TEST_CONFIG='{"exact": "bf16x3"}' timeout -s INT 120 python3 -m pytest \
   -q -rf -p no:cacheprovider -n 8 tests/test_properties.py -k triton > $OUT/props-b3.txt 2>&1
 tail -3 $OUT/props-b3.txt
 T4='"variant":"tiles","chunk_size":64,"chunks_per_segment":4'
 S1='"num_stages":1,"state_stages":1'
 $E python3 -m rebased_kernels.gpu_check --out $OUT/a --stages profile --config \
-  "[{$T4,\"exact\":\"x3\"},{$T4,\"exact\":\"x3\",$S1},{$T4,\"exact\":\"bf16x3\",$S1},{$T4,\"exact\":\"bf16x3\"}]" \
+  "[{$T4,\"exact\":\"x3\"},{$T4,\"exact\":\"x3\",$S1},{$T4,\"exact\":\"bf16x3\",$S1},{$T4,\"exact\":\"bf16x3\",$S1,\"tile_rows\":64}]" \
   > $OUT/a.log 2>&1; tail -12 $OUT/a.log
 $E python3 -m rebased_kernels.gpu_check --out $OUT/b --stages timings --Ts 2048,16384,32768 \
   --config "{$T4,\"exact\":\"bf16x3\",$S1}" > $OUT/b.log 2>&1; tail -12 $OUT/b.log
