@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep-mqar, precision, tilelang, timings, stress, profile, tune, "
                     "asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--profile-Ts", default="2048,16384", help="the profile stage's lengths")
     ap.add_argument(
         "--tilelang-dtypes",
         default=None,
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             from rebased_kernels.gpu_profile import decode, profile
 
             for cfg in configs:
-                for T in (64, 200) if SMALL else (2048, 16384):
+                for T in (64, 200) if SMALL else tuple(map(int, args.profile_Ts.split(","))):
                     fwd, fwd_bwd, api_fwd, _ = _ours(*((1, T, 2) if SMALL else (4, T, 16)), cfg)
                     row = profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T,
                                   DEVICE, ms)  # fmt: skip

@@ -18,3 +18,7 @@ $E python3 -m rebased_kernels.gpu_check --out $OUT/a --stages profile --config \
   > $OUT/a.log 2>&1; tail -12 $OUT/a.log
 $E python3 -m rebased_kernels.gpu_check --out $OUT/b --stages timings --Ts 2048,16384,32768 \
   --config "{$T4,\"exact\":\"bf16x3\",$S1}" > $OUT/b.log 2>&1; tail -12 $OUT/b.log
+C='"variant":"tiles","chunk_size":64,"exact":"bf16x3",'"$S1"
+$E python3 -m rebased_kernels.gpu_check --out $OUT/c --stages profile --profile-Ts 2048 --config \
+  "[{$C,\"chunks_per_segment\":8},{$C,\"chunks_per_segment\":32}]" > $OUT/c.log 2>&1
+grep "^profile" $OUT/c.log
