@@ -243,22 +243,39 @@ torch.cuda.synchronize()
 
 
 def probe(log: dict, configs: list[dict], Ts: tuple[int, ...]) -> None:
-    """Run each configuration's forward, then its forward+backward, each in a process of its
-    own (an illegal memory access poisons the CUDA context of every later call: session 11
-    lost a sweep to one), and record ``ok`` or the error's last line per (config, T, part)."""
+    """Run each configuration's forward and its forward+backward, each in a process of its
+    own, all at once (an illegal memory access poisons the CUDA context of every later call:
+    session 11 lost a sweep to one), and record ``ok`` or the error's last line per
+    (config, T, part)."""
     import subprocess
     import sys
 
-    rows = []
-    for cfg in configs:
+    jobs = []
+    for cfg in configs:  # every configuration at once, each in its own process
         for T in Ts:
             for part in ("fwd", "fwd_bwd"):
                 argv = [sys.executable, "-c", PROBE_CODE, json.dumps(cfg), str(T), part]
-                r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-                tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
-                rows.append(dict(config=cfg, T=T, part=part, ok=r.returncode == 0,
-                                 error=None if r.returncode == 0 else tail))  # fmt: skip
-                print("probe", rows[-1], flush=True)
+                jobs.append(
+                    (
+                        cfg,
+                        T,
+                        part,
+                        subprocess.Popen(
+                            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                        ),
+                    )
+                )
+    rows = []
+    for cfg, T, part, proc in jobs:
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        tail = (err.strip().splitlines() or [""])[-1][:300]
+        rows.append(dict(config=cfg, T=T, part=part, ok=proc.returncode == 0,
+                         error=None if proc.returncode == 0 else tail))  # fmt: skip
+        print("probe", rows[-1], flush=True)
     log["probe"] = rows
 
 
@@ -379,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="oracle,fla,timings,stress",
                     help="comma-separated, run in order: properties (OUT/properties.xml "
                     "counted), oracle, fla, sweep, sweep-config (the --config list), "
-                    "sweep-state, probe-warps, "
+                    "sweep-state, probe-warps, probe (the --config list), "
                     "sweep-mqar, precision, tilelang, timings, stress, profile, tune, "
                     "asv")  # fmt: skip
     ap.add_argument("--Ts", default="1024,2048,4096,8192,16384,32768")
@@ -435,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                 sweep(log, T, configs, key=f"config-{T}")
         elif name == "probe-warps":
             probe(log, warp_probe_configs(), (256,) if SMALL else (2048,))
+        elif name == "probe":  # the --config list, forward and forward+backward, at once
+            probe(log, configs, (256,) if SMALL else tuple(map(int, args.profile_Ts.split(","))))
         elif name == "sweep-state":
             for T in (128, 256) if SMALL else (2048, 16384):
                 sweep(log, T, state_configs(), key=f"state-{T}")
@@ -467,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T,
                                   DEVICE, ms)  # fmt: skip
                     row["config"] = cfg
+                    stage(f"profile T={T} {cfg}", log, args.out)  # a later crash keeps it
             decode(log, DEVICE, lambda fn: ms(fn, 20, 200), bench_dtype())
         elif name == "tune":
             from rebased_kernels import gpu_tune
