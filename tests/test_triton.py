@@ -381,16 +381,36 @@ def test_bf16x3_gradients_match_the_oracle(T: int, normalize: bool) -> None:
     """The tiles backward with ``exact`` "bf16x3" on half inputs (fp16 under the interpreter,
     bf16 on a GPU), checked as the property suite checks a draw: T = 1 normalised (dq is all
     cancellation, the case that failed tf32 products) and T = 200 (four chunks of 64 across
-    a segment edge), with parameters and an initial state."""
+    a segment edge), with parameters and an initial state. On a GPU with triton older than
+    ``launch.MIN_BF16X3_TRITON`` the backward refuses the configuration instead."""
+    from rebased_kernels.backends.triton.launch import MIN_BF16X3_TRITON, triton_version
     from strategies import Case
     from test_properties import test_forward_and_gradients_match_reference as check_draw
 
-    config = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "exact": "bf16x3",
-              "num_stages": 1, "state_stages": 1}  # fmt: skip
+    config = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "exact": "bf16x3"}
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     case = Case("triton", 1, T, 2, 16, 24, dtype, PRESETS["rebased"], normalize, True, "HD", True,
                 tuple(sorted(config.items())), T + normalize)  # fmt: skip
-    check_draw.check(case, None)
+    if DEVICE != "cpu" and triton_version() < MIN_BF16X3_TRITON:
+        with pytest.raises(ValueError, match="bf16x3"):
+            check_draw.check(case, None)
+    else:
+        check_draw.check(case, None)
+
+
+def test_bf16x3_is_refused_on_a_gpu_with_an_older_triton() -> None:
+    """``dot_precision``: "bf16x3" is "b3" in a backward, except on a GPU with triton older
+    than 3.9, which compiled it to an illegal memory access (H100, session 14): a clear
+    error there; forwards and float32 inputs never use it."""
+    from rebased_kernels.backends.triton.launch import dot_precision
+
+    bf16 = torch.bfloat16
+    assert dot_precision(bf16, True, "bf16x3", gpu=False) == "b3"
+    assert dot_precision(bf16, True, "bf16x3", gpu=True, version=(3, 9)) == "b3"
+    with pytest.raises(ValueError, match=r"triton >= 3\.9"):
+        dot_precision(bf16, True, "bf16x3", gpu=True, version=(3, 6))
+    assert dot_precision(bf16, False, "bf16x3", gpu=True, version=(3, 6)) == "bf16"
+    assert dot_precision(torch.float32, True, "bf16x3", gpu=True, version=(3, 6)) == "ieee"
 
 
 @pytest.mark.parametrize("inplace, BV", [(False, 16), (True, 16), (True, 8), (True, 32)])
@@ -493,6 +513,35 @@ def test_float16_state_products_stay_as_exact_as_their_inputs(backward: bool) ->
             call = packed_call.PackedCall(Inputs(x["q"], x["k"], x["v"]),
                                           LinearAttention(fm, 0.25), config, backward)  # fmt: skip
             assert (call.sp(False), call.sp(True)) == (own, "tf32"), (dtype, variant)
+
+
+@pytest.mark.parametrize("variant", ["packed", "tiles"])
+def test_a_final_state_handed_to_the_caller_is_summed_in_tf32(monkeypatch, variant) -> None:
+    """bf16 inputs: the state kernel multiplies in bf16 (``HALF_SP``) while the state stays
+    inside the call, in tf32 (``CARRIED_SP``) when the forward returns its final state, which
+    a later call contracts with its queries (H100, session 14: a split run's o missed the rule
+    at 1.84e-2 > 1.48e-2 with bf16 products); a backward's prefix keeps bf16."""
+    from rebased_kernels.backends.triton import packed, packed_call
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append(kw["SP"])
+
+    monkeypatch.setattr(packed, "packed_state_kernel", Recorder())
+    monkeypatch.setattr(packed_call, "scan", lambda seg, init, reverse, dtype=None: (seg, seg))
+    fm = PRESETS["rebased"]
+    x = random_inputs(1, 300, 2, 16, 8, torch.bfloat16, "cpu", fm, seed=2, requires_grad=False)
+    config = {**get_backend("triton").default_config, "variant": variant, "chunk_size": 32,
+              "chunks_per_segment": 2}  # fmt: skip
+    for backward, total, want in ((False, True, "tf32"), (False, False, packed_call.HALF_SP),
+                                  (True, False, packed_call.BWD_SP)):  # fmt: skip
+        call = packed_call.PackedCall(Inputs(x["q"], x["k"], x["v"]), LinearAttention(fm, 0.25),
+                                      config, backward)  # fmt: skip
+        call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None, (None, None),
+                    reverse=False, total=total)  # fmt: skip
+        assert seen[-1] == want, (variant, backward, total, seen)
 
 
 def test_float16_split_run_of_session_11_matches_the_oracle() -> None:

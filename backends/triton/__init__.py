@@ -93,7 +93,7 @@ class TritonBackend(Backend):
     tuning_space: ClassVar[dict[str, tuple]] = {
         "variant": ("packed", "tiles"),
         "chunk_size": (32, 64),
-        "exact": ("fma", "x3", "bf16x3"),
+        "exact": ("fma", "x3"),
         "chunks_per_segment": (2, 4, 8, 16, 32),
     }
     """The variant, the chunk length and ``exact`` (``launch.EXACT``: how the gradient sweeps
@@ -151,14 +151,6 @@ class TritonBackend(Backend):
             "chunk_size": 64,
             "chunks_per_segment": 4,
             "exact": "x3",
-            "num_stages": 1,
-            "state_stages": 1,
-        },
-        {
-            "variant": "tiles",
-            "chunk_size": 64,
-            "chunks_per_segment": 4,
-            "exact": "bf16x3",
             "num_stages": 1,
             "state_stages": 1,
         },

@@ -24,7 +24,9 @@ EXACT = ("fma", "x3", "bf16x3")
 passes of operands split ``hi + lo`` (``kernels._dot_b3``, ~2^-16: 64x tf32's accuracy). The
 last holds half the operand registers of tf32x3: ptxas (triton 3.6, sm_90a, tiles 64 x 4,
 1 stage) gives the dq tile kernel 250 registers and no spill instead of 255 and 448 bytes,
-dk/dv 248 bytes of spill instead of 968 (``docs/results/h100-s14/``)."""
+dk/dv 248 bytes of spill instead of 968; on the H100 its gradient tile kernels took 2.9 ms
+at 16k against tf32x3's 5.0 (``docs/results/h100-s14/``). Not searched by the tuner:
+``MIN_BF16X3_TRITON``."""
 
 
 def triton_version() -> tuple[int, int]:
@@ -109,19 +111,41 @@ def call_warps(config: dict, default: int, variant: str, dtype: torch.dtype, gpu
     )
 
 
-def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma") -> str:
+MIN_BF16X3_TRITON = (3, 9)
+"""``exact`` "bf16x3" on a GPU needs a newer triton than 3.6: on an H100 (session 14,
+``docs/results/h100-s14/``) triton 3.6's sm_90a code for it read shared memory out of bounds
+(compute-sanitizer: 4,225 reads, all at the first bf16 product of ``kernels._dot_b3``) in
+the tiles gradient kernels at one pipelining stage and at one segment, and in ``packed``
+32 x 2 on the property suite's small shapes: an illegal memory access. Where it ran (tiles
+64 x 4 at Triton's default depth, T = 2048 .. 32768) forward+backward took 4.7 ms at 16k
+against tf32x3's 7.0. Triton >= 3.9 compiles it (not yet run on a GPU); the interpreter runs
+its bit-exact emulation."""
+
+
+def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma", gpu: bool = False,
+                  version: tuple[int, int] | None = None) -> str:  # fmt: skip
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
     (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance), with its
     ~fp32 products (scores, pair gradients) as ``exact`` says: "x3" for tf32x3, "b3" for
-    bf16x3."""
+    bf16x3, which a ``gpu`` backward refuses with a ``ValueError`` on triton older than
+    ``MIN_BF16X3_TRITON``."""
     if exact not in EXACT:
         raise ValueError(f"triton exact {exact!r} is not one of {EXACT}")
     if dtype == torch.float32:
         return "ieee"
-    if backward:
-        return {"x3": "x3", "bf16x3": "b3"}.get(exact, "tf32")
-    return "bf16" if dtype == torch.bfloat16 else "fp16"
+    if not backward:
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
+    if exact == "bf16x3" and gpu:
+        version = triton_version() if version is None else version
+        if version < MIN_BF16X3_TRITON:
+            raise ValueError(
+                f"triton exact 'bf16x3' needs triton >= "
+                f"{'.'.join(map(str, MIN_BF16X3_TRITON))} on a GPU (triton "
+                f"{'.'.join(map(str, version))} compiles it to an illegal memory access); "
+                "use exact 'x3'"
+            )
+    return {"x3": "x3", "bf16x3": "b3"}.get(exact, "tf32")
 
 
 def params(weight, bias, pre, H: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:

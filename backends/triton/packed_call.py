@@ -41,7 +41,11 @@ hold a long state out of range)."""
 CARRIED_SP = "tf32"
 """State products when the state carries the caller's state (an initial state, a
 final-state cotangent): an arbitrary state's entries need not average out as a sum of the
-call's own features does."""
+call's own features does; and in a forward that hands its final state to the caller, who
+contracts it with later queries: bf16 operands rounded it to 2^-9 (the rule allows half
+inputs' products 2^-11), and on an H100 (session 14, ``docs/results/h100-s14/``) a bf16
+split run's o missed the kappa-scaled rule at 1.84e-2 against 1.48e-2 (packed 32 x 2, T = 2,
+D = 8, Dv = 1, unnormalised)."""
 FP16_SP = "tf32"
 """State products of float16 inputs: tf32, as exact as their inputs. bf16 operands rounded
 fp16's exact v and features to 8 bits (u = 2^-8 against the rule's 2^-11): on an H200
@@ -153,7 +157,7 @@ class PackedCall:
         self.num_warps = call_warps(config, NUM_WARPS, variant, x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm, self.backward = attn, fm, backward
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
-        self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
+        self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"), x.q.is_cuda)
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D, dev = self.H, self.D, x.q.device
         self.qg, self.qb, self.qg_stride = params(x.q_weight, x.q_bias, fm.pre, H, D, dev)
@@ -211,12 +215,14 @@ class PackedCall:
                total: bool = True):  # fmt: skip
         """``((prefix S [BH, NSEG, RS, Dv], total), (prefix z, total))``: the exclusive prefix
         (suffix when ``reverse``) of the segments' states from ``init`` (canonical; a state
-        given there is carried: ``sp``). Without ``total`` (None then) a call of one segment
-        per sequence and no ``init`` has a zero prefix: nothing is launched and the prefixes
-        are None too (the sweeps start from zero, ``sweep``)."""
+        given there is carried, and so is a forward's total: ``sp``, ``CARRIED_SP``). Without
+        ``total`` (None then) a call of one segment per sequence and no ``init`` has a zero
+        prefix: nothing is launched and the prefixes are None too (the sweeps start from zero,
+        ``sweep``)."""
         if not total and self.NSEG == 1 and init[0] is None and init[1] is None:
             return (None, None), (None, None)
-        sp = self.sp(init[0] is not None or init[1] is not None)
+        handed = total and not self.backward  # a forward's final state goes to the caller
+        sp = self.sp(init[0] is not None or init[1] is not None or handed)
         half = self.tiles and sp in ("bf16", "fp16")  # the tiles read S as dot operands
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[sp] if half else torch.float32
         BH, Dv, dev = self.B * self.H, self.Dv, y.device

@@ -95,7 +95,7 @@ class _Call:
         self.state_stages = stages(config, "state_stages")
         self.attn, self.fm = attn, fm
         self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
-        self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"))
+        self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"), x.q.is_cuda)
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D = self.H, self.D
         self.qg, self.qb, self.qg_stride = params(x.q_weight, x.q_bias, fm.pre, H, D, x.q.device)
@@ -110,8 +110,11 @@ class _Call:
         c = canonical.to(torch.float32).reshape(self.B * self.H, -1, cols)
         return self.unpack @ c
 
-    def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool):
-        """Prefix (suffix when ``reverse``) states per segment and the total, full layout."""
+    def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool,
+               handed: bool = False):  # fmt: skip
+        """Prefix (suffix when ``reverse``) states per segment and the total, full layout;
+        ``handed``: the total goes to the caller, so bf16 products become tf32
+        (``packed_call.CARRIED_SP``)."""
         BH, Dv = self.B * self.H, self.Dv
         alloc = torch.empty if self.BA == self.BD else torch.zeros  # S_2 accumulates in place
         seg_S = alloc(BH, self.NSEG, self.RF, Dv, device=y.device, dtype=torch.float32)
@@ -126,7 +129,8 @@ class _Call:
             self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
             BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, HAS_WSC=Wsc is not None,
             HAS_C2=self.C[2] != 0.0,
-            DOT=self.dot, num_warps=self.num_warps, **self.state_stages,
+            DOT="tf32" if handed and self.dot == "bf16" else self.dot,
+            num_warps=self.num_warps, **self.state_stages,
         )  # fmt: skip
         return scan(seg_S, init_S, reverse), scan(seg_z[..., None], init_z, reverse)
 
@@ -178,7 +182,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = 
     Dv = call.Dv
     prefix = call.states(
         call.k, call.kg, call.kb, call.kg_stride, call.v, None,
-        call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False,
+        call.full(x.S0, Dv), call.full(x.z0, 1), reverse=False, handed=final_state,
     )  # fmt: skip
     o = torch.empty_like(call.v)
     BV = min(BLOCK_V, max(16, triton_next_pow2(Dv)))
