@@ -147,7 +147,9 @@ def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, variant, config
                                                     state) -> None:  # fmt: skip
     """``num_stages`` reaches the sweep (tile) kernel alone and ``state_stages`` the state
     kernel alone, in every variant; an absent key leaves Triton's default (no
-    ``num_stages`` in the launch)."""
+    ``num_stages`` in the launch), except ``tiles``' tile kernel: ``TILES_STAGES``."""
+    from rebased_kernels.backends.triton.packed_call import TILES_STAGES
+
     module_name, sweep_name, state_name = LAUNCHED[variant]
     module = importlib.import_module(f"rebased_kernels.backends.triton.{module_name}")
     kernels = importlib.import_module("rebased_kernels.backends.triton.kernels")
@@ -170,6 +172,8 @@ def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, variant, config
     cfg = {**be.default_config, "variant": variant, "chunk_size": 32, "chunks_per_segment": 2,
            **config}  # fmt: skip
     be.forward_dense(inp, LinearAttention(fm, 0.25), cfg)
+    if sweep is None and variant == "tiles":
+        sweep = TILES_STAGES
     assert launches[sweep_name].get("num_stages") == sweep
     assert launches[state_name].get("num_stages") == state
 

@@ -109,7 +109,8 @@ class TritonBackend(Backend):
     per product; it takes the gcd with the segment length) and ``state_warps`` (the state
     kernel's, None: the call's); every variant takes the software-pipelining depths
     ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
-    one of ``launch.STAGES`` or None for Triton's default; ``walk`` is a named configuration
+    one of ``launch.STAGES`` or None for Triton's default (``tiles``' tile kernels:
+    ``packed_call.TILES_STAGES``); ``walk`` is a named configuration
     only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 

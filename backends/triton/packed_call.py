@@ -116,6 +116,14 @@ the call's warps: the wide kernel was faster forward there too, slower forward+b
 2048."""
 
 
+TILES_STAGES = 1
+"""``tiles``' tile kernels' pipelining depth where a configuration leaves ``num_stages`` None
+(its state kernel keeps Triton's default). On an H100 (session 14, ``docs/results/h100-s14/``,
+64 x 4 at T = 16384) one stage took the forward tile kernel from 480 to 423 us (168
+registers instead of 195: 3 programs per SM) and the two gradient tile kernels from ~5.4 to
+5.0 ms, while one stage slowed the state kernel from 328 to 395 us, hence no default there."""
+
+
 def _block_rows(config: dict, key: str) -> int:
     """``config[key]`` (``state_rows`` / ``tile_rows``): rows of block A per product, one of
     ``packed.FB_CHOICES`` (default ``FB_ROWS``)."""
@@ -178,6 +186,8 @@ class PackedCall:
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
         self.stages = stages(config, "num_stages")  # the sweep / tile kernels'
+        if self.tiles and config.get("num_stages") is None:
+            self.stages = {"num_stages": TILES_STAGES}
         self.state_stages = stages(config, "state_stages")
 
     def even(self, rows: int) -> bool:
