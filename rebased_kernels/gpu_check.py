@@ -235,11 +235,16 @@ def state_configs() -> list[dict]:
 PROBE_CODE = """
 import json, sys, torch
 from rebased_kernels import gpu_check
-cfg, T, part = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-calls = gpu_check._ours(4, T, 16, cfg)
+cfg, T, part, small = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+if small:
+    gpu_check.DEVICE, gpu_check.SMALL = "cpu", True
+calls = gpu_check._ours(1 if small else 4, T, 2 if small else 16, cfg)
 getattr(calls, part)()
-torch.cuda.synchronize()
+if not small:
+    torch.cuda.synchronize()
 """
+"""One part of one configuration (argv: config JSON, T, part, "1" for a dry run's tiny
+shapes on the CPU), in a process of its own (``probe``)."""
 
 
 def probe(log: dict, configs: list[dict], Ts: tuple[int, ...]) -> None:
@@ -254,7 +259,8 @@ def probe(log: dict, configs: list[dict], Ts: tuple[int, ...]) -> None:
     for cfg in configs:  # every configuration at once, each in its own process
         for T in Ts:
             for part in ("fwd", "fwd_bwd"):
-                argv = [sys.executable, "-c", PROBE_CODE, json.dumps(cfg), str(T), part]
+                argv = [sys.executable, "-c", PROBE_CODE, json.dumps(cfg), str(T), part,
+                        str(int(SMALL))]  # fmt: skip
                 jobs.append(
                     (
                         cfg,

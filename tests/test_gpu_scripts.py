@@ -78,3 +78,22 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     assert all(
         r["tilelang_fwd"] > 0 and r["tilelang_fwd_bwd"] > 0 for r in log["tilelang"]["timings"]
     )
+
+
+def test_gpu_check_probe_stage_dry_run(tmp_path, monkeypatch) -> None:
+    """The probe stage runs each configuration's forward and forward+backward in a process of
+    its own, all at once, and records which ran: here a tiles configuration (runs) and one
+    whose backward refuses its key (a row with the error, the other processes unharmed)."""
+    from rebased_kernels import gpu_check
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    good = {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2}
+    bad = {**good, "num_stages": 7}
+    argv = ["--dry-run", "--out", str(tmp_path), "--stages", "probe", "--config",
+            json.dumps([good, bad])]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    rows = json.loads((tmp_path / "gpu-check.json").read_text())["probe"]
+    assert [(r["config"], r["part"], r["ok"]) for r in rows] == [
+        (good, "fwd", True), (good, "fwd_bwd", True), (bad, "fwd", False), (bad, "fwd_bwd", False)
+    ]  # fmt: skip
+    assert all("num_stages" in r["error"] for r in rows if not r["ok"])
