@@ -98,15 +98,19 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
 @pytest.mark.parametrize(
     "variant, rows, state_chunk, tile_rows",
     [("packed", 128, 128, 32), ("packed", 64, 256, 32), ("tiles", 128, 64, 128),
-     ("tiles", 32, 128, 64)],
+     ("tiles", 32, 128, 64), ("tiles", "fused", 64, 32), ("packed", "fused", 32, 32)],
 )  # fmt: skip
 def test_state_block_sizes_match_the_oracle(variant, rows, state_chunk, tile_rows) -> None:
     """The state kernel's rows per program, chunk and warps (``state_rows``, ``state_chunk``, which
     takes the gcd with the segment: 256 -> 128 here) and a tile program's rows per product
-    (``tile_rows``), across segment and chunk edges (T = 200: two segments of 4 chunks of 32)."""
+    (``tile_rows``), across segment and chunk edges (T = 200: two segments of 4 chunks of 32);
+    "fused": one state program per segment (``state_fused``, 128 rows), forward and the
+    backward's suffix states."""
+    fused = rows == "fused"
+    rows = 128 if fused else rows
     config = {"chunk_size": 32, "chunks_per_segment": 4, "variant": variant,
               "state_rows": rows, "state_chunk": state_chunk, "tile_rows": tile_rows,
-              "state_warps": 8 if rows == 128 else None}  # fmt: skip
+              "state_warps": 8 if rows == 128 else None, "state_fused": fused}  # fmt: skip
     _check_against_the_oracle(16, "rebased", True, 200, 24, config, seed=11)
 
 
@@ -187,6 +191,18 @@ def test_state_block_sizes_reject_bad_values(key: str, value: int) -> None:
     with pytest.raises(ValueError, match=f"triton {key} {value}"):
         rk.linear_attention(**x, feature_map=fm, backend="triton",
                             config={"variant": "tiles", key: value})  # fmt: skip
+
+
+def test_a_fused_state_kernel_takes_128_rows() -> None:
+    fm = PRESETS["rebased"]
+    x = random_inputs(1, 40, 1, 16, 8, torch.float32, DEVICE, fm, requires_grad=False)
+    with pytest.raises(ValueError, match="state_fused takes state_rows 128, not 64"):
+        rk.linear_attention(
+            **x,
+            feature_map=fm,
+            backend="triton",
+            config={"variant": "tiles", "state_fused": True, "state_rows": 64},
+        )
 
 
 @pytest.mark.parametrize("variant", ["walk", "packed", "tiles"])

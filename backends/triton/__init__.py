@@ -107,7 +107,8 @@ class TritonBackend(Backend):
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
     per product; it takes the gcd with the segment length) and ``state_warps`` (the state
-    kernel's, None: the call's); every variant takes the software-pipelining depths
+    kernel's, None: the call's) and ``state_fused`` (``packed_call.STATE_FUSED``); every
+    variant takes the software-pipelining depths
     ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
     one of ``launch.STAGES`` or None for Triton's default (``tiles``' tile kernels:
     ``packed_call.TILES_STAGES``); ``walk`` is a named configuration
@@ -125,6 +126,7 @@ class TritonBackend(Backend):
         "state_chunk": None,
         "tile_rows": 32,
         "state_warps": None,
+        "state_fused": False,
         "num_stages": None,
         "state_stages": None,
     }
@@ -156,6 +158,14 @@ class TritonBackend(Backend):
             "state_stages": 1,
         },
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
+        {
+            "variant": "tiles",
+            "chunk_size": 64,
+            "chunks_per_segment": 4,
+            "exact": "x3",
+            "state_fused": True,
+            "state_chunk": 64,
+        },
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
         {
             "variant": "walk",

@@ -269,33 +269,41 @@ def packed_state_kernel(
     T, H, D, Dv, pgy_stride, NSEG, NCS, NORM,
     BC: tl.constexpr, BV: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr,
     HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, SP: tl.constexpr, GATHER: tl.constexpr,
-    FB: tl.constexpr, EVEN: tl.constexpr = False,
+    FB: tl.constexpr, EVEN: tl.constexpr = False, FUSED: tl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(NSEG, B*H, 128 / FB + 1)``: each segment's own state sum (no prefix), stored.
     Program ``blk < 128 / FB`` sums FB rows of SA, the last one the rest (SB, S1, S0, z):
-    small accumulators, many programs. ``EVEN``: whole segments, D = 16, Dv = BV (no masks)."""
+    small accumulators, many programs. ``FUSED`` (FB = 128; grid ``(NSEG, B*H, 1)``): one
+    program sums all of it from one load of each chunk. ``EVEN``: whole segments, D = 16,
+    Dv = BV (no masks)."""
     seg, bh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     h = bh % H
     tok = (bh // H) * T * H + h
     offs_c, offs_d, offs_v = tl.arange(0, BC), tl.arange(0, 16), tl.arange(0, BV)
     vmask = _below(offs_v, Dv, EVEN)
     base = bh * NSEG + seg
+    P8 = _p8()
     if blk < 128 // FB:
         w = _pair_weights(blk, FB)
         acc = tl.zeros([FB, BV], tl.float32)
+        S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c
             rmask = _below(rows, T, EVEN)
             y, Wt, wc, mu, rs = _columns(Y, YG, YB, W, WS, Wsc, tok, h, rows, rmask, offs_d,
                                         offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, HAS_WS,
-                                        False, EVEN)  # fmt: skip
+                                        HAS_WSC and FUSED, EVEN)  # fmt: skip
             X1t, X2t = _pairs(y, Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows,
                               rmask, mu, rs, D, H * D, NORM, blk, FB, SP, GATHER, True)  # fmt: skip
             acc += _quad_update(X1t, X2t, w, Wt, SP)
+            if FUSED:
+                S0, S1, SB, z0, z1, Z2 = _rest_update(y, Wt, wc, S0, S1, SB, z0, z1, Z2, P8, SP,
+                                                      HAS_LIN, HAS_C2)  # fmt: skip
         ptrs, m = _rows_of(Sst, base, 17 + blk * FB, FB, offs_v, vmask, Dv)
         tl.store(ptrs, acc, mask=m)
+        if FUSED:
+            _store_rest(Sst, Zst, base, offs_v, vmask, Dv, S0, S1, SB, z0, z1, Z2)
     else:
-        P8 = _p8()
         S0, S1, SB, z0, z1, Z2 = _zero_rest(BV)
         for i in range(NCS):
             rows = (seg * NCS + i) * BC + offs_c

@@ -116,6 +116,12 @@ the call's warps: the wide kernel was faster forward there too, slower forward+b
 2048."""
 
 
+STATE_FUSED = False
+"""``config["state_fused"]`` (with ``state_rows`` 128): one state-kernel program per segment
+sums block A and the rest from one load of each chunk (``packed.packed_state_kernel``'s
+``FUSED``), half the programs of the default split. ptxas (triton 3.6, sm_90a, 8 warps):
+255 registers and no spill at ``state_chunk`` 64 (520 bytes of spill at 128), against 234 /
+163 for the split kernel's block-A program; not yet timed on a GPU, so off by default."""
 TILES_STAGES = 1
 """``tiles``' tile kernels' pipelining depth where a configuration leaves ``num_stages`` None
 (its state kernel keeps Triton's default). On an H100 (session 14, ``docs/results/h100-s14/``,
@@ -185,6 +191,9 @@ class PackedCall:
         # the state kernel's chunk divides the segment: gcd(state_chunk, NCS * BC)
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
+        self.state_fused = bool(config.get("state_fused"))
+        if self.state_fused and self.state_rows != 128:
+            raise ValueError(f"triton state_fused takes state_rows 128, not {self.state_rows}")
         self.stages = stages(config, "num_stages")  # the sweep / tile kernels'
         if self.tiles and config.get("num_stages") is None:
             self.stages = {"num_stages": TILES_STAGES}
@@ -241,11 +250,12 @@ class PackedCall:
         seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
         ncs = self.NCS * self.BC // self.BCS  # the state kernel's chunks per segment
-        packed_state_kernel[(self.NSEG, BH, 128 // self.state_rows + 1)](
+        programs = 1 if self.state_fused else 128 // self.state_rows + 1
+        packed_state_kernel[(self.NSEG, BH, programs)](
             y, yg, yb, W, W if WS is None else WS, W if Wsc is None else Wsc, seg_S, seg_z,
             self.T, self.H, self.D, Dv, ys, self.NSEG, ncs, int(self.fm.pre.norm),
             BC=self.BCS, BV=self.BV, HAS_WS=WS is not None, HAS_WSC=Wsc is not None, SP=sp,
-            FB=self.state_rows, EVEN=self.even(self.NCS * self.BC),
+            FB=self.state_rows, EVEN=self.even(self.NCS * self.BC), FUSED=self.state_fused,
             **{**self.flags, "num_warps": self.state_warps, **self.state_stages},
         )  # fmt: skip
         S0, z0 = self.kernel_state(*init)
