@@ -564,6 +564,58 @@ def test_a_final_state_handed_to_the_caller_is_summed_in_tf32(monkeypatch, varia
         assert seen[-1] == want, (variant, backward, total, seen)
 
 
+def test_half_segment_sums_match_the_oracle() -> None:
+    """``segment_half``: a training call (no final state) of half inputs stores each
+    segment's S in the prefix's half type and scans in fp32; o and every gradient stay
+    within the rule against the float64 oracle (fp16 with bf16's half state products here:
+    the interpreter has no bf16), and the per-segment sums really are half (the state
+    kernel's S argument), fp32 when the forward returns its final state."""
+    from rebased_kernels.backends.triton import packed, packed_call
+    from strategies import Case, kappa, make_inputs, oracle
+
+    seen = []
+    kernel = packed.packed_state_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args[6].dtype)  # Sst
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    config = {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3",
+              "segment_half": True}  # fmt: skip
+    case = Case("triton", 1, 150, 2, 16, 8, torch.float16, PRESETS["rebased"], True, True, "HD",
+                False, tuple(sorted(config.items())), 5)  # fmt: skip
+    kw = make_inputs(case)
+    leaves = {n: t.detach().requires_grad_() for n, t in kw.items()}
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in kw.items()}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(packed, "packed_state_kernel", Recorder())
+    # fp16 inputs multiply states in tf32 (FP16_SP); here they take HALF_SP as bf16 inputs do,
+    # so that a half prefix (and half segment sums) exists on the interpreter too
+    mp.setattr(packed_call, "FP16_SP", packed_call.HALF_SP)
+    try:
+        o = rk.linear_attention(**leaves, feature_map=case.fm, normalize=True, backend="triton",
+                                config=config)  # fmt: skip
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
+        (o.double() * do.double()).sum().backward()
+        assert seen == [torch.float16, torch.float16, torch.float16], seen  # fwd, prefix, suffix
+        rk.linear_attention(**kw, feature_map=case.fm, normalize=True, backend="triton",
+                            config=config, output_final_state=True)  # fmt: skip
+        assert seen[-1] == torch.float32, seen
+    finally:
+        mp.undo()
+    ref = oracle(case, ref_leaves)[0]
+    (ref * do.double()).sum().backward()
+    tol = feature_form_tolerance(torch.float16, kappa(case, kw))
+    assert_close(o, ref, torch.float16, "o", tol)
+    floor = 1e-2 * max(float(t.grad.norm()) for t in ref_leaves.values())
+    for n in leaves:
+        assert_close(leaves[n].grad, ref_leaves[n].grad, torch.float16, f"d{n}", tol, floor)
+
+
 def test_float16_split_run_of_session_11_matches_the_oracle() -> None:
     """The H200 draw (session 11) whose split run failed with bf16 state products: fp16,
     B = 2, T = 2, D = 8, Dv = 1, rebased, unnormalised, split at t = 1, packed 32 x 2; o of

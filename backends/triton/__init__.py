@@ -107,7 +107,8 @@ class TritonBackend(Backend):
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
     per product; it takes the gcd with the segment length) and ``state_warps`` (the state
-    kernel's, None: the call's) and ``state_fused`` (``packed_call.STATE_FUSED``); every
+    kernel's, None: the call's), ``state_fused`` (``packed_call.STATE_FUSED``) and
+    ``segment_half`` (``packed_call.SEGMENT_HALF``); every
     variant takes the software-pipelining depths
     ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
     one of ``launch.STAGES`` or None for Triton's default (``tiles``' tile kernels:
@@ -127,6 +128,7 @@ class TritonBackend(Backend):
         "tile_rows": 32,
         "state_warps": None,
         "state_fused": False,
+        "segment_half": False,
         "num_stages": None,
         "state_stages": None,
     }
@@ -165,6 +167,7 @@ class TritonBackend(Backend):
             "exact": "x3",
             "state_fused": True,
             "state_chunk": 64,
+            "segment_half": True,
         },
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
         {

@@ -599,8 +599,8 @@ def sweep_kernel(
 @triton.jit(do_not_specialize=["NSEG", "N"])
 def prefix_kernel(SEG, INIT, TOTAL, PRE, NSEG, N, HAS_INIT: tl.constexpr,
                   REVERSE: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """Grid ``(B*H, cdiv(N, BLOCK))``: per-segment sums ``SEG [B*H, NSEG, N]`` become, in
-    place, the exclusive prefix over segments (suffix when ``REVERSE``) starting from
+    """Grid ``(B*H, cdiv(N, BLOCK))``: per-segment sums ``SEG [B*H, NSEG, N]`` (fp32, or half)
+    become, in place, the exclusive prefix over segments (suffix when ``REVERSE``) starting from
     ``INIT [B*H, N]`` (zero without ``HAS_INIT``), written to ``PRE`` (``SEG`` itself, or a
     half-precision copy: the store rounds); ``TOTAL [B*H, N]`` gets the full sum.
 
@@ -617,8 +617,9 @@ def prefix_kernel(SEG, INIT, TOTAL, PRE, NSEG, N, HAS_INIT: tl.constexpr,
         seg, prev = i, i - 1
     row = SEG + bh * NSEG * N + offs[None, :]  # [1, BLOCK]
     here = (i < NSEG)[:, None] & m[None, :]  # [BS, BLOCK]
-    x = tl.load(row + seg[:, None] * N, mask=here, other=0.0)  # [BS, BLOCK]
+    x = tl.load(row + seg[:, None] * N, mask=here, other=0.0).to(tl.float32)  # [BS, BLOCK]
     before = tl.load(row + prev[:, None] * N, mask=here & (i >= 1)[:, None], other=0.0)
+    before = before.to(tl.float32)  # SEG may be half (``segment_half``): fp32 sums
     if HAS_INIT:
         init = tl.load(INIT + bh * N + offs, mask=m, other=0.0)  # [BLOCK]
     else:

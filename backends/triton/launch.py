@@ -167,8 +167,8 @@ def constant(fill: float, rows: int, D: int, device: str) -> torch.Tensor:
 def scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool,
          dtype: torch.dtype = torch.float32):  # fmt: skip
     """``(exclusive prefix per segment [BH, NSEG, RF, c], total [BH, RF, c])`` from ``init``
-    (``[BH, RF, c]``, or None for a zero state), one launch; the prefix overwrites ``seg``
-    (float32), or goes to a new tensor of ``dtype``."""
+    (``[BH, RF, c]``, or None for a zero state), one launch, summed in float32; the prefix
+    overwrites ``seg`` when it has ``dtype``, else goes to a new tensor of ``dtype``."""
     from .kernels import prefix_kernel
 
     BH, NSEG = seg.shape[:2]
@@ -178,7 +178,7 @@ def scan(seg: torch.Tensor, init: torch.Tensor | None, reverse: bool,
         init = init.to(torch.float32).contiguous()
     BS = triton_next_pow2(NSEG)  # the whole segment axis in one tile
     BLOCK = max(16, min(triton_next_pow2(N), 4096 // BS))
-    pre = seg if dtype == torch.float32 else torch.empty_like(seg, dtype=dtype)
+    pre = seg if dtype == seg.dtype else torch.empty_like(seg, dtype=dtype)
     prefix_kernel[(BH, triton_cdiv(N, BLOCK))](
         seg, total if init is None else init, total, pre, NSEG, N,
         HAS_INIT=init is not None, REVERSE=reverse, BS=BS, BLOCK=BLOCK, num_warps=4,

@@ -122,6 +122,13 @@ sums block A and the rest from one load of each chunk (``packed.packed_state_ker
 ``FUSED``), half the programs of the default split. ptxas (triton 3.6, sm_90a, 8 warps):
 255 registers and no spill at ``state_chunk`` 64 (520 bytes of spill at 128), against 234 /
 163 for the split kernel's block-A program; not yet timed on a GPU, so off by default."""
+SEGMENT_HALF = False
+"""``config["segment_half"]``: where a ``tiles`` call's prefix states are half (own tokens'
+states, ``HALF_SP``) and no total leaves the call, the state kernel stores each segment's S
+in that half type too (z stays fp32) and the scan sums in fp32: half the bytes of the
+per-segment sums, which the prefix kernel is bound by (73% of DRAM bandwidth in session 12's
+ncu). Each segment's sum rounds once more (2^-9 in bf16) before the prefix rounds again.
+Not yet timed or run on a GPU, so off by default."""
 TILES_STAGES = 1
 """``tiles``' tile kernels' pipelining depth where a configuration leaves ``num_stages`` None
 (its state kernel keeps Triton's default). On an H100 (session 14, ``docs/results/h100-s14/``,
@@ -192,6 +199,7 @@ class PackedCall:
         self.BCS = math.gcd(_state_chunk(own, self.BC), self.NCS * self.BC)
         self.state_warps = int(own.get("state_warps") or self.num_warps)
         self.state_fused = bool(config.get("state_fused"))
+        self.segment_half = bool(config.get("segment_half"))
         if self.state_fused and self.state_rows != 128:
             raise ValueError(f"triton state_fused takes state_rows 128, not {self.state_rows}")
         self.stages = stages(config, "num_stages")  # the sweep / tile kernels'
@@ -247,7 +255,9 @@ class PackedCall:
         BH, Dv, dev = self.B * self.H, self.Dv, y.device
         from .packed import packed_state_kernel
 
-        seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=torch.float32)
+        # half per-segment sums where the prefix is half and no total leaves the call
+        seg_dtype = dtype if self.segment_half and not total else torch.float32
+        seg_S = torch.empty(BH, self.NSEG, RS, Dv, device=dev, dtype=seg_dtype)
         seg_z = torch.empty(BH, self.NSEG, RZ, 1, device=dev, dtype=torch.float32)
         ncs = self.NCS * self.BC // self.BCS  # the state kernel's chunks per segment
         programs = 1 if self.state_fused else 128 // self.state_rows + 1
