@@ -396,22 +396,44 @@ def test_bf16x3_products_are_near_fp32() -> None:
     assert err <= 2.0**-15 and err * 16 <= one_pass, (err, one_pass)
 
 
+def test_x2_products_split_only_the_inexact_operand() -> None:
+    """``_dot_x2`` ("x2" sweeps): with A a half input's values (exact in tf32) and B spread
+    over 2^-8 .. 2^8, declaring A exact splits B alone and two tf32 products come within
+    2^-18 of |A||B|; declaring B exact instead leaves B truncated to tf32 (2^-11). The
+    interpreter truncates tf32 operands as the tensor cores do (``_dot_tf32_of``)."""
+    from triton_probes import product_x2
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(64, 64, generator=g).bfloat16().float()
+    b = torch.randn(64, 64, generator=g) * 2.0 ** torch.randint(-8, 9, (64, 64), generator=g)
+    ref = a.double() @ b.double()
+    scale = a.double().abs() @ b.double().abs()
+    errs = []
+    for exact in (1, 2):
+        c = torch.full((64, 64), float("nan"), device=DEVICE)
+        product_x2[(1,)](a.to(DEVICE), b.to(DEVICE), c, N=64, EXACT=exact)
+        errs.append(((c.cpu().double() - ref).abs() / scale).max().item())
+    assert errs[0] <= 2.0**-18 and errs[1] >= 2.0**-14, errs
+
+
+@pytest.mark.parametrize("exact", ["bf16x3", "x2"])
 @pytest.mark.parametrize("T, normalize", [(1, True), (200, True), (200, False)])
-def test_bf16x3_gradients_match_the_oracle(T: int, normalize: bool) -> None:
-    """The tiles backward with ``exact`` "bf16x3" on half inputs (fp16 under the interpreter,
-    bf16 on a GPU), checked as the property suite checks a draw: T = 1 normalised (dq is all
-    cancellation, the case that failed tf32 products) and T = 200 (four chunks of 64 across
-    a segment edge), with parameters and an initial state. On a GPU with triton older than
-    ``launch.MIN_BF16X3_TRITON`` the backward refuses the configuration instead."""
+def test_split_product_gradients_match_the_oracle(T: int, normalize: bool, exact: str) -> None:
+    """The tiles backward with ``exact`` "bf16x3" or "x2" on half inputs (fp16 under the
+    interpreter, which emulates both roundings; bf16 on a GPU), checked as the property suite
+    checks a draw: T = 1 normalised (dq is all cancellation, the case that failed tf32
+    products) and T = 200 (four chunks of 64 across a segment edge), with parameters and an
+    initial state. On a GPU with triton older than ``launch.MIN_BF16X3_TRITON`` the backward
+    refuses bf16x3 instead."""
     from rebased_kernels.backends.triton.launch import MIN_BF16X3_TRITON, triton_version
     from strategies import Case
     from test_properties import test_forward_and_gradients_match_reference as check_draw
 
-    config = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "exact": "bf16x3"}
+    config = {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 2, "exact": exact}
     dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     case = Case("triton", 1, T, 2, 16, 24, dtype, PRESETS["rebased"], normalize, True, "HD", True,
                 tuple(sorted(config.items())), T + normalize)  # fmt: skip
-    if DEVICE != "cpu" and triton_version() < MIN_BF16X3_TRITON:
+    if exact == "bf16x3" and DEVICE != "cpu" and triton_version() < MIN_BF16X3_TRITON:
         with pytest.raises(ValueError, match="bf16x3"):
             check_draw.check(case, None)
     else:

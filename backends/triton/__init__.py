@@ -160,6 +160,8 @@ class TritonBackend(Backend):
             "state_stages": 1,
         },
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
+        {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x2"},
+        {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x2"},
         {
             "variant": "tiles",
             "chunk_size": 64,

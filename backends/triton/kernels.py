@@ -131,7 +131,7 @@ def _dot(a, b, DOT: tl.constexpr):
     """``a @ b`` with fp32 accumulation and operands in the precision ``DOT``."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == "tf32" or DOT == "x3" or DOT == "b3":
+    elif DOT == "tf32" or DOT == "x3" or DOT == "x2" or DOT == "b3":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
@@ -142,7 +142,7 @@ def _dot_scores(a, b, DOT: tl.constexpr):
     """``s = q' k'^T``: tf32 in the forward for half inputs, exact fp32 in the backward
     (DOT "tf32"), where dq ~ s (x) k' carries s's cancellation: tf32 scores measured dq
     errors of 1.6e-2 on an H100 (bf16, x2, T = 1)."""
-    if DOT == "ieee" or DOT == "tf32" or DOT == "x3" or DOT == "b3":
+    if DOT == "ieee" or DOT == "tf32" or DOT == "x3" or DOT == "x2" or DOT == "b3":
         return _dot_exact(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="tf32")
@@ -152,7 +152,7 @@ def _dot_scores(a, b, DOT: tl.constexpr):
 def _dot_exact(a, b, DOT: tl.constexpr):
     """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or ``_dot_x3``'s three
     tensor-core passes in an "x3" or "b3" sweep."""
-    if DOT == "x3" or DOT == "b3":
+    if DOT == "x3" or DOT == "x2" or DOT == "b3":
         return _dot_x3(a, b, DOT)
     else:
         return tl.dot(a, b, input_precision="ieee")
@@ -168,6 +168,45 @@ def _dot_x3(a, b, DOT: tl.constexpr):
         return _dot_b3(a, b, INTERPRET)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+
+
+@triton.jit
+def _tf32_split(x):
+    """``(hi, lo)`` with ``hi + lo = x`` exactly: ``hi`` keeps tf32's leading bits (the low
+    13 of the mantissa cleared), ``lo`` the rest (itself rounded to tf32 by a product: ~2^-22
+    of x)."""
+    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _dot_tf32_of(a, b, acc, EMULATE: tl.constexpr):
+    """``acc + a @ b`` with tf32 operands; ``EMULATE`` (the interpreter, whose tf32 product
+    is exact fp32) truncates them to tf32 first, as the tensor cores read them."""
+    if EMULATE:
+        a, _ = _tf32_split(a)
+        b, _ = _tf32_split(b)
+    return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
+def _dot_x2(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
+    """``_dot_x3`` where operand ``EXACT`` (1: a, 2: b; 0: neither) is a half input's value,
+    exact in tf32 (10 mantissa bits hold bf16's 7 and fp16's 10): in an "x2" sweep only the
+    other operand is split and two tf32 products suffice, the third of tf32x3 being zero
+    (``exact`` "x2"); the exact operand needs no second copy in registers."""
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    if DOT == "x2" and EXACT == 1:
+        hi, lo = _tf32_split(b)
+        acc = _dot_tf32_of(a, lo, tl.zeros([a.shape[0], b.shape[1]], tl.float32), INTERPRET)
+        return _dot_tf32_of(a, hi, acc, INTERPRET)
+    elif DOT == "x2" and EXACT == 2:
+        hi, lo = _tf32_split(a)
+        acc = _dot_tf32_of(lo, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32), INTERPRET)
+        return _dot_tf32_of(hi, b, acc, INTERPRET)
+    else:
+        return _dot_x3(a, b, DOT)
 
 
 @triton.jit
@@ -328,7 +367,8 @@ def _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask, 
 
 
 @triton.jit
-def _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT: tl.constexpr):
+def _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT: tl.constexpr,
+               MODE: tl.constexpr = 0):  # fmt: skip
     """The chunk pairs' part of ``dx'`` [BC, BD]: ``sc sum_j P_ij sim'(s_ij) y'_j`` with
     ``P_ij = U_i . W_j + u_i w_j`` over the kept pairs.
 
@@ -336,7 +376,9 @@ def _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT: tl.constexpr):
     (T = 1 normalised: entirely); tf32 P measured dq errors of 4.3e-2 (fp16, H100). G y' in
     exact fp32: LayerNorm's backward projects dx' onto the complement of (1, xhat), which can
     keep 1/100 of its norm; tf32 y' measured dq errors of 4e-2 (bf16, T=1)."""
-    P = _dot_x3(Ut, tl.trans(Wt), DOT) + u[:, None] * wc[None, :]  # [BC, BC]
+    # the value side is exact in tf32 (``_dot_x2``): W = v in the dq sweep, U = v in dk/dv's
+    P = _dot_x2(Ut, tl.trans(Wt), DOT, 2 if MODE == 1 else (1 if MODE == 2 else 0))
+    P += u[:, None] * wc[None, :]  # [BC, BC]
     G = tl.where(keep, P * (C1 + 2.0 * C2 * s), 0.0)  # d out / d s
     return sc * _dot_exact(G, y, DOT)
 
@@ -456,7 +498,7 @@ def _dot_A(A, Wt, DOT: tl.constexpr, MODE: tl.constexpr):
     """``A W``: to ~fp32 in the dq sweep, where r = -(dO . out) / den^2 meets U . W in P
     (``_pair_grad``), else in the sweep's precision."""
     if MODE == 1:
-        return _dot_x3(A, Wt, DOT)
+        return _dot_x2(A, Wt, DOT, 2)  # W = v: exact in tf32
     else:
         return _dot(A, Wt, DOT)
 
@@ -582,7 +624,7 @@ def sweep_kernel(
         Ut, u = _rows_done(out, den, OUT, DO, U, GOUT, GOUT, ROUT, o_ptrs, tv_mask, tok, rows,
                            rmask, H, eps, NORMALIZE, MODE, True)  # fmt: skip
         if MODE != 0:
-            dxp = _pair_grad(Ut, u, Wt, wc, s, mask, y, sc, C1, C2, DOT)
+            dxp = _pair_grad(Ut, u, Wt, wc, s, mask, y, sc, C1, C2, DOT, MODE)
             dxp += _phi_state_grad(Ut, u, x, xz, S1, S2, z1, Sst, base, offs_d, offs_v, vmask,
                                    Dv, sc, C1, C2, DOT, X3, BC, BD, BA, HAS_C2)  # fmt: skip
             dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d,

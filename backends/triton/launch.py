@@ -18,10 +18,13 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-EXACT = ("fma", "x3", "bf16x3")
+EXACT = ("fma", "x3", "x2", "bf16x3")
 """How the gradient sweeps of half inputs form their ~fp32 products (``config["exact"]``,
-``kernels._dot_exact``): CUDA-core fp32 FMAs, three tf32 tensor-core passes, or three bf16
-passes of operands split ``hi + lo`` (``kernels._dot_b3``, ~2^-16: 64x tf32's accuracy). The
+``kernels._dot_exact``): CUDA-core fp32 FMAs, three tf32 tensor-core passes ("x3"), "x2":
+"x3" with two passes where one operand is a half input's value, exact in tf32
+(``kernels._dot_x2``; ptxas, tiles 64 x 4 at 1 stage: dq spills 272 bytes instead of 448,
+dk/dv 544 instead of 968; not yet timed on a GPU), or three bf16 passes of operands split
+``hi + lo`` (``kernels._dot_b3``, ~2^-16: 64x tf32's accuracy). The
 last holds half the operand registers of tf32x3: ptxas (triton 3.6, sm_90a, tiles 64 x 4,
 1 stage) gives the dq tile kernel 250 registers and no spill instead of 255 and 448 bytes,
 dk/dv 248 bytes of spill instead of 968; on the H100 its gradient tile kernels took 2.9 ms

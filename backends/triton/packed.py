@@ -370,7 +370,7 @@ def packed_sweep_kernel(
         Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
                            rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
         if MODE != 0:
-            dxp = _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+            dxp = _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
             dxp += _rest_grad(Ut, u, x, S1, SB, z1, Z2, P8, sc, C1, C2, SP, HAS_LIN, HAS_C2)
             if HAS_C2:
                 dxp += (C2 * sc * sc) * _quad_grad(Ut, X1, X2, SA, E1, E2, wA, SP)
@@ -537,14 +537,14 @@ def packed_tile_kernel(
                                                 EVEN, False, MODE == 2)  # fmt: skip
             if MODE == 2:
                 out += _dot(A, Wt, DOT)
-            dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+            dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
         y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
                                             offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
                                             sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, True,
                                             MODE == 2)  # fmt: skip
         if MODE == 2:
             out += _dot(A, Wt, DOT)
-        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT)
+        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
         if MODE == 2:
             tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
         if STATE and has_state:
