@@ -355,26 +355,28 @@ def test_exact_x3_moves_the_gradient_products_to_the_tensor_cores() -> None:
     assert x3["wgmma"] > fma["wgmma"] > 0, (fma, x3)
 
 
-def test_exact_bf16x3_halves_the_gradient_kernels_registers() -> None:
-    """``config["exact"] = "bf16x3"`` ("b3" sweeps) reaches the kernels: the tiles dq and
+@pytest.mark.parametrize("dot", ["b3", "x2"])
+def test_split_products_lighten_the_gradient_kernels(dot: str) -> None:
+    """``config["exact"]`` "bf16x3" ("b3" sweeps) and "x2" reach the kernels: the tiles dq and
     dk/dv kernels at chunk 64, 4 warps, 1 stage compiled for sm_90a issue fewer wgmma than
-    tf32x3 (bf16 takes k = 16 per instruction, tf32 k = 8) and spill less (its split operands
-    are 16-bit): session 14's ptxas, dq 448 -> 0 bytes, dk/dv 968 -> 248."""
+    tf32x3 (bf16 takes k = 16 per instruction; x2 drops the third pass where the value side
+    is exact) and spill less: session 14's ptxas, dq 448 -> 0 (b3) / 272 (x2) bytes, dk/dv
+    968 -> 248 / 544."""
     code = (
         "import json; from rebased_kernels.backends.triton import packed, resources as r\n"
         "r.OPTIONS['num_stages'] = 1\n"
         "out = []\n"
         "for mode in (1, 2):\n"
-        "    for dot in ('x3', 'b3'):\n"
+        f"    for dot in ('x3', '{dot}'):\n"
         "        c = {**r.sweep_constants(mode, 64, 'tiles', dot), 'EVEN': True}\n"
         "        u = r.usage(packed.packed_tile_kernel, c, 4)\n"
         "        ops = r.ptx_ops(packed.packed_tile_kernel, c, 4)\n"
         "        out.append([u.stack, ops['wgmma']])\n"
         "print(json.dumps(out))"
     )
-    (dq_x3, dq_b3, dkv_x3, dkv_b3) = _compiled_json(code)
-    for x3, b3 in ((dq_x3, dq_b3), (dkv_x3, dkv_b3)):
-        assert b3[1] < x3[1] and b3[0] < x3[0], (x3, b3)
+    (dq_x3, dq_new, dkv_x3, dkv_new) = _compiled_json(code)
+    for x3, new in ((dq_x3, dq_new), (dkv_x3, dkv_new)):
+        assert new[1] < x3[1] and new[0] < x3[0], (x3, new)
 
 
 def test_bf16x3_products_are_near_fp32() -> None:

@@ -151,7 +151,7 @@ def _dot_scores(a, b, DOT: tl.constexpr):
 @triton.jit
 def _dot_exact(a, b, DOT: tl.constexpr):
     """``a @ b`` of fp32 tiles to ~fp32 accuracy: fp32 FMAs, or ``_dot_x3``'s three
-    tensor-core passes in an "x3" or "b3" sweep."""
+    tensor-core passes in an "x3", "x2" or "b3" sweep."""
     if DOT == "x3" or DOT == "x2" or DOT == "b3":
         return _dot_x3(a, b, DOT)
     else:
