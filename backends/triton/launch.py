@@ -18,7 +18,9 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-EXACT = ("fma", "x3", "x2", "bf16x3")
+SWEEP_DOT = {"fma": "tf32", "x3": "x3", "x2": "x2", "bf16x3": "b3"}
+"""The gradient sweeps' ``DOT`` (``kernels._dot``) for each ``exact``."""
+EXACT = tuple(SWEEP_DOT)
 """How the gradient sweeps of half inputs form their ~fp32 products (``config["exact"]``,
 ``kernels._dot_exact``): CUDA-core fp32 FMAs, three tf32 tensor-core passes ("x3"), "x2":
 "x3" with two passes where one operand is a half input's value, exact in tf32
@@ -130,8 +132,8 @@ def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma", gpu: b
     """Matrix-product operands: exact fp32 for fp32 inputs; the input's half type in the
     forward; tf32 in the backward, whose LayerNorm projection amplifies operand rounding
     (bf16 operands there measured 1.3e-2 on an H100, over the 1e-2 tolerance), with its
-    ~fp32 products (scores, pair gradients) as ``exact`` says: "x3" for tf32x3, "b3" for
-    bf16x3, which a ``gpu`` backward refuses with a ``ValueError`` on triton older than
+    ~fp32 products (scores, pair gradients) as ``exact`` says (``SWEEP_DOT``); "bf16x3" a
+    ``gpu`` backward refuses with a ``ValueError`` on triton older than
     ``MIN_BF16X3_TRITON``."""
     if exact not in EXACT:
         raise ValueError(f"triton exact {exact!r} is not one of {EXACT}")
@@ -148,7 +150,7 @@ def dot_precision(dtype: torch.dtype, backward: bool, exact: str = "fma", gpu: b
                 f"{'.'.join(map(str, version))} compiles it to an illegal memory access); "
                 "use exact 'x3'"
             )
-    return {"x3": "x3", "bf16x3": "b3"}.get(exact, "tf32")
+    return SWEEP_DOT[exact]
 
 
 def params(weight, bias, pre, H: int, D: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
