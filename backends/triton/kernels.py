@@ -111,13 +111,13 @@ def _block_ptrs(Sst, base, a0, offs_v, Dv, BA: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _cast(x, DOT: tl.constexpr):
-    """A dot operand in the precision ``DOT``: "ieee" / "tf32" / "x3" / "b3" (fp32), "bf16",
-    "fp16".
+    """A dot operand in the precision ``DOT``: "bf16", "fp16", else fp32.
 
     ``DOT`` names a sweep's precision: "ieee" for fp32 inputs, "bf16" / "fp16" for the
-    forward of half inputs, "tf32", "x3" or "b3" for their gradient sweeps, which differ in
-    the products that need ~fp32 (``_dot_exact``): CUDA-core fp32 FMAs, three tf32 passes on
-    the tensor cores (``x3``), or three bf16 passes of split operands (``b3``)."""
+    forward of half inputs, one of ``launch.SWEEP_DOT``'s for their gradient sweeps, which
+    differ in the products that need ~fp32 (``_dot_exact``): CUDA-core fp32 FMAs ("tf32"),
+    three tf32 passes on the tensor cores ("x3"), two where one operand is exact ("x2"), or
+    three bf16 passes of split operands ("b3")."""
     if DOT == "bf16":
         return x.to(tl.bfloat16)
     elif DOT == "fp16":
@@ -131,10 +131,10 @@ def _dot(a, b, DOT: tl.constexpr):
     """``a @ b`` with fp32 accumulation and operands in the precision ``DOT``."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == "tf32" or DOT == "x3" or DOT == "x2" or DOT == "b3":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
-    else:
+    elif DOT == "bf16" or DOT == "fp16":
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
+    else:  # a gradient sweep: tf32, whatever its ~fp32 products (``_dot_exact``) are
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 @triton.jit
@@ -142,10 +142,10 @@ def _dot_scores(a, b, DOT: tl.constexpr):
     """``s = q' k'^T``: tf32 in the forward for half inputs, exact fp32 in the backward
     (DOT "tf32"), where dq ~ s (x) k' carries s's cancellation: tf32 scores measured dq
     errors of 1.6e-2 on an H100 (bf16, x2, T = 1)."""
-    if DOT == "ieee" or DOT == "tf32" or DOT == "x3" or DOT == "x2" or DOT == "b3":
-        return _dot_exact(a, b, DOT)
-    else:
+    if DOT == "bf16" or DOT == "fp16":
         return tl.dot(a, b, input_precision="tf32")
+    else:
+        return _dot_exact(a, b, DOT)
 
 
 @triton.jit
@@ -181,8 +181,9 @@ def _tf32_split(x):
 
 @triton.jit
 def _dot_tf32_of(a, b, acc, EMULATE: tl.constexpr):
-    """``acc + a @ b`` with tf32 operands; ``EMULATE`` (the interpreter, whose tf32 product
-    is exact fp32) truncates them to tf32 first, as the tensor cores read them."""
+    """``acc + a @ b`` (``a @ b`` for acc None) with tf32 operands; ``EMULATE`` (the
+    interpreter, whose tf32 product is exact fp32) truncates them to tf32 first, as the
+    tensor cores read them."""
     if EMULATE:
         a, _ = _tf32_split(a)
         b, _ = _tf32_split(b)
@@ -199,11 +200,11 @@ def _dot_x2(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
     b = b.to(tl.float32)
     if DOT == "x2" and EXACT == 1:
         hi, lo = _tf32_split(b)
-        acc = _dot_tf32_of(a, lo, tl.zeros([a.shape[0], b.shape[1]], tl.float32), INTERPRET)
+        acc = _dot_tf32_of(a, lo, None, INTERPRET)
         return _dot_tf32_of(a, hi, acc, INTERPRET)
     elif DOT == "x2" and EXACT == 2:
         hi, lo = _tf32_split(a)
-        acc = _dot_tf32_of(lo, b, tl.zeros([a.shape[0], b.shape[1]], tl.float32), INTERPRET)
+        acc = _dot_tf32_of(lo, b, None, INTERPRET)
         return _dot_tf32_of(hi, b, acc, INTERPRET)
     else:
         return _dot_x3(a, b, DOT)
