@@ -255,22 +255,13 @@ def probe(log: dict, configs: list[dict], Ts: tuple[int, ...]) -> None:
     import subprocess
     import sys
 
-    jobs = []
-    for cfg in configs:  # every configuration at once, each in its own process
-        for T in Ts:
-            for part in ("fwd", "fwd_bwd"):
-                argv = [sys.executable, "-c", PROBE_CODE, json.dumps(cfg), str(T), part,
-                        str(int(SMALL))]  # fmt: skip
-                jobs.append(
-                    (
-                        cfg,
-                        T,
-                        part,
-                        subprocess.Popen(
-                            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-                        ),
-                    )
-                )
+    def spawn(cfg: dict, T: int, part: str) -> subprocess.Popen:
+        argv = [sys.executable, "-c", PROBE_CODE, json.dumps(cfg), str(T), part, str(int(SMALL))]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # every configuration at once, each in its own process
+    jobs = [(cfg, T, part, spawn(cfg, T, part))
+            for cfg in configs for T in Ts for part in ("fwd", "fwd_bwd")]  # fmt: skip
     rows = []
     for cfg, T, part, proc in jobs:
         try:
@@ -441,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     be = get_backend("triton")
     configs = json.loads(args.config) if args.config else [dict(be.default_config)]
     configs = configs if isinstance(configs, list) else [configs]
+    profile_Ts = tuple(int(t) for t in args.profile_Ts.split(","))  # profile and probe
     config = log["config"] = {**be.default_config, **configs[0]}
     for name in stages:  # in the order given
         if name == "properties":
@@ -459,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "probe-warps":
             probe(log, warp_probe_configs(), (256,) if SMALL else (2048,))
         elif name == "probe":  # the --config list, forward and forward+backward, at once
-            probe(log, configs, (256,) if SMALL else tuple(map(int, args.profile_Ts.split(","))))
+            probe(log, configs, (256,) if SMALL else profile_Ts)
         elif name == "sweep-state":
             for T in (128, 256) if SMALL else (2048, 16384):
                 sweep(log, T, state_configs(), key=f"state-{T}")
@@ -487,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             from rebased_kernels.gpu_profile import decode, profile
 
             for cfg in configs:
-                for T in (64, 200) if SMALL else tuple(map(int, args.profile_Ts.split(","))):
+                for T in (64, 200) if SMALL else profile_Ts:
                     fwd, fwd_bwd, api_fwd, _ = _ours(*((1, T, 2) if SMALL else (4, T, 16)), cfg)
                     row = profile(log, dict(fwd=fwd, fwd_bwd=fwd_bwd, api_fwd=api_fwd), T,
                                   DEVICE, ms)  # fmt: skip

@@ -25,6 +25,7 @@ from .launch import (
     triton_cdiv,
     triton_next_pow2,
 )
+from .packed_call import CARRIED_SP
 
 
 def padded_dim(D: int) -> int:
@@ -113,8 +114,7 @@ class _Call:
     def states(self, y, yg, yb, gamma_stride, W, Wsc, init_S, init_z, reverse: bool,
                handed: bool = False):  # fmt: skip
         """Prefix (suffix when ``reverse``) states per segment and the total, full layout;
-        ``handed``: the total goes to the caller, so bf16 products become tf32
-        (``packed_call.CARRIED_SP``)."""
+        ``handed``: the total goes to the caller, so bf16 products become ``CARRIED_SP``'s."""
         BH, Dv = self.B * self.H, self.Dv
         alloc = torch.empty if self.BA == self.BD else torch.zeros  # S_2 accumulates in place
         seg_S = alloc(BH, self.NSEG, self.RF, Dv, device=y.device, dtype=torch.float32)
@@ -129,7 +129,7 @@ class _Call:
             self.T, self.H, self.D, Dv, gamma_stride, self.NSEG, self.NCS, int(fm.pre.norm),
             BC=self.BC, BD=self.BD, BA=self.BA, BV=BV, RF=self.RF, HAS_WSC=Wsc is not None,
             HAS_C2=self.C[2] != 0.0,
-            DOT="tf32" if handed and self.dot == "bf16" else self.dot,
+            DOT=CARRIED_SP if handed and self.dot == "bf16" else self.dot,
             num_warps=self.num_warps, **self.state_stages,
         )  # fmt: skip
         return scan(seg_S, init_S, reverse), scan(seg_z[..., None], init_z, reverse)
