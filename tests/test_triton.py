@@ -134,6 +134,24 @@ def test_pipelining_depths_match_the_oracle(variant: str, stages: int, T: int) -
                                   state_io=False)  # fmt: skip
 
 
+def _record_launches(monkeypatch, module, name: str, run: bool = False) -> list:
+    """Replace ``module.name`` (a Triton kernel) by a recorder: every launch appends
+    ``(args, kwargs)`` to the returned list, and runs the kernel when ``run``."""
+    kernel, launches = getattr(module, name), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((args, kwargs))
+                if run:
+                    kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Recorder())
+    return launches
+
+
 LAUNCHED = {
     "tiles": ("packed", "packed_tile_kernel", "packed_state_kernel"),
     "walk": ("kernels", "sweep_kernel", "segment_state_kernel"),
@@ -157,18 +175,8 @@ def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, variant, config
     module_name, sweep_name, state_name = LAUNCHED[variant]
     module = importlib.import_module(f"rebased_kernels.backends.triton.{module_name}")
     kernels = importlib.import_module("rebased_kernels.backends.triton.kernels")
-    launches: dict[str, dict] = {}
-
-    class Recorder:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.setdefault(self.name, kwargs)
-
-    for name in (sweep_name, state_name):
-        monkeypatch.setattr(module, name, Recorder(name))
-    monkeypatch.setattr(kernels, "prefix_kernel", Recorder("prefix_kernel"))
+    launches = {n: _record_launches(monkeypatch, module, n) for n in (sweep_name, state_name)}
+    _record_launches(monkeypatch, kernels, "prefix_kernel")
     fm = PRESETS["rebased"]
     x = random_inputs(1, 200, 1, 16, 16, torch.float32, DEVICE, fm, requires_grad=False)
     inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAMS))
@@ -178,8 +186,8 @@ def test_each_kernel_takes_its_own_pipelining_depth(monkeypatch, variant, config
     be.forward_dense(inp, LinearAttention(fm, 0.25), cfg)
     if sweep is None and variant == "tiles":
         sweep = TILES_STAGES
-    assert launches[sweep_name].get("num_stages") == sweep
-    assert launches[state_name].get("num_stages") == state
+    assert launches[sweep_name][0][1].get("num_stages") == sweep
+    assert launches[state_name][0][1].get("num_stages") == state
 
 
 @pytest.mark.parametrize("key, value", [("state_rows", 48), ("tile_rows", 256),
@@ -590,13 +598,7 @@ def test_a_final_state_handed_to_the_caller_is_summed_in_tf32(monkeypatch, varia
     at 1.84e-2 > 1.48e-2 with bf16 products); a backward's prefix keeps bf16."""
     from rebased_kernels.backends.triton import packed, packed_call
 
-    seen = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.append(kw["SP"])
-
-    monkeypatch.setattr(packed, "packed_state_kernel", Recorder())
+    launches = _record_launches(monkeypatch, packed, "packed_state_kernel")
     monkeypatch.setattr(packed_call, "scan", lambda seg, init, reverse, dtype=None: (seg, seg))
     fm = PRESETS["rebased"]
     x = random_inputs(1, 300, 2, 16, 8, torch.bfloat16, "cpu", fm, seed=2, requires_grad=False)
@@ -608,10 +610,10 @@ def test_a_final_state_handed_to_the_caller_is_summed_in_tf32(monkeypatch, varia
                                       config, backward)  # fmt: skip
         call.states(call.k, call.kg, call.kb, call.kg_stride, call.v, None, None, (None, None),
                     reverse=False, total=total)  # fmt: skip
-        assert seen[-1] == want, (variant, backward, total, seen)
+        assert launches[-1][1]["SP"] == want, (variant, backward, total)
 
 
-def test_half_segment_sums_match_the_oracle() -> None:
+def test_half_segment_sums_match_the_oracle(monkeypatch) -> None:
     """``segment_half``: a training call (no final state) of half inputs stores each
     segment's S in the prefix's half type and scans in fp32; o and every gradient stay
     within the rule against the float64 oracle (fp16 with bf16's half state products here:
@@ -620,17 +622,7 @@ def test_half_segment_sums_match_the_oracle() -> None:
     from rebased_kernels.backends.triton import packed, packed_call
     from strategies import Case, kappa, make_inputs, oracle
 
-    seen = []
-    kernel = packed.packed_state_kernel
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(args[6].dtype)  # Sst
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
+    launches = _record_launches(monkeypatch, packed, "packed_state_kernel", run=True)
     config = {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x3",
               "segment_half": True}  # fmt: skip
     case = Case("triton", 1, 150, 2, 16, 8, torch.float16, PRESETS["rebased"], True, True, "HD",
@@ -638,22 +630,18 @@ def test_half_segment_sums_match_the_oracle() -> None:
     kw = make_inputs(case)
     leaves = {n: t.detach().requires_grad_() for n, t in kw.items()}
     ref_leaves = {n: t.detach().double().requires_grad_() for n, t in kw.items()}
-    mp = pytest.MonkeyPatch()
-    mp.setattr(packed, "packed_state_kernel", Recorder())
     # fp16 inputs multiply states in tf32 (FP16_SP); here they take HALF_SP as bf16 inputs do,
     # so that a half prefix (and half segment sums) exists on the interpreter too
-    mp.setattr(packed_call, "FP16_SP", packed_call.HALF_SP)
-    try:
-        o = rk.linear_attention(**leaves, feature_map=case.fm, normalize=True, backend="triton",
-                                config=config)  # fmt: skip
-        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
-        (o.double() * do.double()).sum().backward()
-        assert seen == [torch.float16, torch.float16, torch.float16], seen  # fwd, prefix, suffix
-        rk.linear_attention(**kw, feature_map=case.fm, normalize=True, backend="triton",
-                            config=config, output_final_state=True)  # fmt: skip
-        assert seen[-1] == torch.float32, seen
-    finally:
-        mp.undo()
+    monkeypatch.setattr(packed_call, "FP16_SP", packed_call.HALF_SP)
+    o = rk.linear_attention(**leaves, feature_map=case.fm, normalize=True, backend="triton",
+                            config=config)  # fmt: skip
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
+    (o.double() * do.double()).sum().backward()
+    seg_dtypes = [args[6].dtype for args, _ in launches]  # Sst: fwd, prefix, suffix
+    assert seg_dtypes == [torch.float16] * 3, seg_dtypes
+    rk.linear_attention(**kw, feature_map=case.fm, normalize=True, backend="triton",
+                        config=config, output_final_state=True)  # fmt: skip
+    assert launches[-1][0][6].dtype == torch.float32
     ref = oracle(case, ref_leaves)[0]
     (ref * do.double()).sum().backward()
     tol = feature_form_tolerance(torch.float16, kappa(case, kw))
