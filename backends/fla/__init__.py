@@ -48,6 +48,10 @@ class FlaBackend(Backend):
         return None
 
     def unsupported_reason(self, problem: Problem) -> str | None:
+        from ..triton.launch import interpreter_dtype_reason
+
+        if reason := interpreter_dtype_reason(problem.dtype):
+            return reason
         if problem.attention.feature_map.powers != (2,):
             return "computes only c2 (scale q'.k')^2 (fla's parallel_rebased): c0 = c1 = 0"
         return super().unsupported_reason(problem)

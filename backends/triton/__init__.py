@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from rebased_kernels.backend import Backend, Inputs, Outputs, register
+from rebased_kernels.backend import Backend, Inputs, Outputs, Problem, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
 from . import packed_call, walk
-from .launch import INTERPRET, params, triton_cdiv, triton_next_pow2
+from .launch import INTERPRET, interpreter_dtype_reason, params, triton_cdiv, triton_next_pow2
 
 MAX_D = 64
 VARIANTS = ("packed", "walk", "tiles")
@@ -192,6 +192,9 @@ class TritonBackend(Backend):
         if not INTERPRET and not torch.cuda.is_available():
             return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
         return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        return interpreter_dtype_reason(problem.dtype) or super().unsupported_reason(problem)
 
     def forward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True

@@ -10,6 +10,19 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def interpreter_dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why a Triton kernel cannot take ``dtype`` under ``TRITON_INTERPRET=1`` (None when it
+    can): the interpreter runs programs in numpy, which has no bfloat16, and returns wrong
+    numbers for it without an error (an ``o`` of 7.8e8 against the oracle's 0.1 for a T = 2
+    rebased call, session 15)."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return (
+            "runs under the Triton interpreter (TRITON_INTERPRET=1), which has no bfloat16 "
+            "and computes wrong results for it: use float16 or float32 on the CPU"
+        )
+    return None
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
