@@ -145,7 +145,7 @@ def _state(attn: LinearAttention, B: int, H: int, D: int, Dv: int, seed: int):
 
 
 def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
-                   init: bool, seed: int) -> None:  # fmt: skip
+                   init: bool, seed: int, segment: int = 0) -> None:  # fmt: skip
     """o, S, z of ``call.forward`` (C target, float32) on random inputs (and a random
     initial state when ``init``) against ``reference.quadratic`` on the same float32-rounded
     inputs, at the float32 tolerance."""
@@ -156,18 +156,18 @@ def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: in
     ours = call.forward(
         Inputs(x["q"].float(), x["k"].float(), x["v"].float(),
                *(None if p is None else p.float() for p in params), S0, z0),
-        attn, {"chunk_size": BC},
+        attn, {"chunk_size": BC, "segment": segment},
     )  # fmt: skip
     x32 = {n: t.float().double() for n, t in x.items()}
     state = None if S0 is None else (S0.double(), z0.double())
     ref = reference.quadratic(x32["q"], x32["k"], x32["v"], attn,
                               tuple(x32.get(n) for n in PARAMS), state)  # fmt: skip
     for out, want, what in zip(ours, ref, "oSz"):
-        assert_close(out, want, torch.float32, f"{label} BC={BC} {what}")
+        assert_close(out, want, torch.float32, f"{label} BC={BC} L={segment} {what}")
 
 
 def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
-                    init: bool, cot: bool, seed: int) -> None:  # fmt: skip
+                    init: bool, cot: bool, seed: int, segment: int = 0) -> None:  # fmt: skip
     """``call.backward`` (both sweeps on the C target, float32) against torch.autograd
     through ``reference.quadratic`` in float64 on the same float32-rounded inputs, with
     random cotangents for o (and for the final S, z when ``cot``; None otherwise: the state
@@ -194,7 +194,7 @@ def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: i
     inputs = Inputs(*(None if leaves.get(n) is None else leaves[n].detach().float()
                       for n in Inputs._fields))  # fmt: skip
     grads = Outputs(do, dS if cot else None, dz if cot else None)
-    ours = call.backward(inputs, attn, {"chunk_size": BC}, grads)
+    ours = call.backward(inputs, attn, {"chunk_size": BC, "segment": segment}, grads)
     # as in the property suite: a gradient 100x smaller than the largest one is
     # cancellation (dq at T = 1 normalised is O(eps)), checked against 1% of the largest
     floor = 1e-2 * max(t.grad.norm().item() for t in leaves.values())
@@ -203,7 +203,8 @@ def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: i
         assert (got is None) == (want is None), f"{label} d{n}: {got is None=}"
         if want is not None:
             assert got.dtype == torch.float32 and got.shape == want.shape, n
-            assert_close(got, want.grad, torch.float32, f"{label} BC={BC} d{n}", floor=floor)
+            assert_close(got, want.grad, torch.float32, f"{label} BC={BC} L={segment} d{n}",
+                         floor=floor)  # fmt: skip
 
 
 CASES = [
@@ -254,6 +255,34 @@ def test_c_target_gradients_match_the_oracle(
         _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T)
 
 
+SPLIT_CASES = [
+    # feature map, normalize, initial state, final-state cotangents, B, H, D, Dv, chunk,
+    # segment, lengths: whole segments only, segments and a tail, one segment (no split)
+    ("rebased", True, False, False, 2, 2, 16, 32, 16, 32, (96, 77, 20)),
+    ("based", True, True, True, 2, 1, 8, 24, 16, 48, (100,)),
+    ("norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "segment", "lengths"),
+    SPLIT_CASES,
+)
+def test_split_sequences_match_the_oracle(
+    name: str, normalize: bool, init: bool, cot: bool, B: int, H: int, D: int, Dv: int,
+    BC: int, segment: int, lengths: tuple[int, ...],
+) -> None:  # fmt: skip
+    """A sequence walked as segments of ``segment`` tokens, one program each (``split``):
+    o, the final state and every gradient against the float64 oracle, for T of whole
+    segments, segments and a tail, and T within one segment (no split); with an initial
+    state and final-state cotangents (the scans start from them), Based's three blocks,
+    segments shorter than a chunk (48 = 3 chunks, 16 = 1) and normalize=False."""
+    attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
+    for T in lengths:
+        _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T, segment=segment)
+        _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment)
+
+
 # Two problems of one compile class: the same powers present ({0, 2}), LayerNorm, normalised,
 # no state, BV = 16, BC = 16, float32; H, D, Dv, the scale, the coefficients, eps and the
 # affine differ (the second eps is large, so that it shows in o)
@@ -283,7 +312,8 @@ def test_runtime_values_share_one_compile() -> None:
     assert build.compiled.cache_info().misses == misses, "a runtime value recompiled"
     # another power set, normaliser or state flag is another key
     other = [Problem(LinearAttention(PRESETS["based"], 0.25), 16, 64, torch.float32, "cpu")]
-    assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 12
+    # (a float32 class: forward, state walk, dq, dk/dv; with a state: forward, dq, dk/dv)
+    assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 14
 
 
 def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
@@ -304,7 +334,7 @@ def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
     problems = [Problem(LinearAttention(PRESETS["rebased"], 0.25), 16, 16, torch.float32, "cpu")]
     keys = build.compile_classes(problems, [{"chunk_size": 16}], states=(False,))
     failed = build.precompile(keys, workers=2)
-    assert sorted(calls) == ["dkv", "dq", "dq", "forward"]
+    assert sorted(calls) == ["dkv", "dq", "dq", "forward", "state"]
     assert [key.kind for key in failed] == ["dkv"]
 
 

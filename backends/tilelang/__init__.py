@@ -4,7 +4,9 @@
 preset: ``rebased`` and its ablations, ``based``) as a ``T.prim_func``: pre-transform, chunk
 walk with the whole state on chip (one unscaled block per power present; an absent power
 costs nothing), fp32 normaliser or none (``normalize=False``), an optional initial state;
-one program per (batch, head), D <= 16, Dv <= 64. ``backward.dq_kernel`` and
+one program per (batch, head), D <= 16, Dv <= 64 (``split`` walks a long sequence as
+segments, one program each, from the states a torch scan of their sums gives them).
+``backward.dq_kernel`` and
 ``backward.dkv_kernel`` are its backward as two more walks (dq, d gamma_q, d beta_q and the
 per-token 1 / (den + eps) and r in order; dk, dv, d gamma_k, d beta_k and the initial
 state's gradient in reverse, from the final state's cotangent); the pieces of a walk live
@@ -48,18 +50,23 @@ class TileLangBackend(Backend):
         "chunk_size": (32, 64),
         "num_stages": (1, 2),
         "threads": (128, 256),
+        "segment": (0, 512, 2048),
     }
     """Compile-time, each: a configuration compiles the forward and both backward sweeps
     once per (BV, dtype, powers present, LayerNorm or not, normalize, state given or not);
     B, T, H, D, the coefficients, scale and eps are runtime values. Some do not build
     (chunk 32 at 256 threads does not lower in TileLang 0.1.15; fp32 at chunk 64 needs more
-    shared memory than Hopper has): the tuner records those as failed."""
+    shared memory than Hopper has): the tuner records those as failed. ``segment`` (tokens a
+    program walks; 0: a whole sequence) is read at launch (``split``)."""
+    runtime_tunables: ClassVar[tuple[str, ...]] = ("segment",)
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": None,
         "num_stages": None,
         "threads": None,
+        "segment": None,
     }
-    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32)."""
+    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32);
+    ``segment`` None: ``split.segment``'s automatic split (~4 programs per SM on a GPU)."""
     compiles: ClassVar[bool] = True
     float32_products: ClassVar[str] = "tf32"
     """TileLang's float32 ``T.gemm`` runs on Hopper's tensor cores in tf32 (wgmma has no
@@ -70,11 +77,13 @@ class TileLangBackend(Backend):
     state_cotangents_optional: ClassVar[bool] = True
 
     def test_configs(self) -> list[dict[str, Any]]:
-        """The default configuration only: every configuration compiles 36 kernels per dtype
-        for the property suite's draws (3 (powers, LayerNorm) classes x normalize x state x 3
-        kinds), ~15 s each. The tuner checks each configuration it times against the float64
-        oracle first (``autotune.tuner.check_config``)."""
-        return [dict(self.default_config)]
+        """The default configuration, and it split into segments of 48 tokens (``split``: the
+        property suite's T <= 160 stays within one automatic segment): every compiled
+        configuration builds ~50 kernels per dtype for the draws (3 (powers, LayerNorm)
+        classes x normalize x state x kinds), ~15 s each, a segment length none. The tuner
+        checks each configuration it times against the float64 oracle first
+        (``autotune.tuner.check_config``)."""
+        return [dict(self.default_config), {**self.default_config, "segment": 48}]
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("tilelang") is None:

@@ -61,8 +61,10 @@ _PARSE_LOCK = threading.Lock()
 """Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
 AST_RACE = "AST constructor recursion depth mismatch"
 """CPython's spurious ``SystemError`` of concurrent ``ast`` use (gh-106905): retried."""
-KINDS = ("forward", "dq", "dkv")
-"""The kernels: ``kernels.forward_kernel``, ``backward.dq_kernel`` and ``backward.dkv_kernel``."""
+KINDS = ("forward", "state", "dq", "dkv")
+"""The kernels: ``kernels.forward_kernel``, ``kernels.state_kernel`` (the forward's walk
+without its output: the segments' sums of a split sequence, ``call``),
+``backward.dq_kernel`` and ``backward.dkv_kernel``."""
 SWEEP_DTYPE = torch.float32
 """The gradient sweeps' operand dtype for every input dtype: bf16 / fp16 inputs are widened
 to float32 (tf32 products, ``FP32_CONFIG``), as triton's sweeps take tf32 operands. On an
@@ -71,13 +73,14 @@ H200 (session 10) the half sweeps measured 1.5e-2 (bf16, d gamma_q) and 1.04e-2 
 (``chunk_size``, ``num_stages``, ``threads``) applies to the forward."""
 
 
-def kernel_dtype(kind: str, dtype: torch.dtype, state: bool) -> torch.dtype:
+def kernel_dtype(kind: str, dtype: torch.dtype, carried: bool) -> torch.dtype:
     """The operand dtype kernel ``kind`` runs in for inputs of ``dtype``: ``SWEEP_DTYPE`` for
-    the gradient sweeps and for a forward that reads a caller's state (``state``), whose
-    products an arbitrary state's entries need exact (triton's ``CARRIED_SP`` is tf32 too: on
-    an H200, session 11, bf16 products of a carried state measured 1.13e-2 on o at T = 1
-    against the 1e-2 rule); else the inputs' own."""
-    return SWEEP_DTYPE if kind != "forward" or state else dtype
+    the gradient sweeps and for a forward (or state walk) whose state carries a caller's
+    (``carried``), whose products an arbitrary state's entries need exact (triton's
+    ``CARRIED_SP`` is tf32 too: on an H200, session 11, bf16 products of a carried state
+    measured 1.13e-2 on o at T = 1 against the 1e-2 rule); else the inputs' own (a segment's
+    initial state summed from the call's own tokens, as triton's ``HALF_SP``)."""
+    return SWEEP_DTYPE if kind in ("dq", "dkv") or carried else dtype
 
 
 def default_config(dtype: str) -> dict[str, Any]:
@@ -120,18 +123,20 @@ class CompileKey(NamedTuple):
     opt: KernelOptions
 
 
-def compile_key(kind: str, problem: Problem, state: bool, config: dict | None) -> CompileKey:
+def compile_key(kind: str, problem: Problem, state: bool, config: dict | None,
+                carried: bool | None = None) -> CompileKey:  # fmt: skip
     """The ``CompileKey`` of kernel ``kind`` for ``problem`` in ``config``, ``state`` as in
-    ``KernelOptions`` (the forward and the dq sweep: an initial state is given; the dk/dv
-    sweep: a final-state cotangent is). Raises ``ValueError`` for what
-    ``unsupported_reason`` names."""
+    ``KernelOptions`` (the forward, the state walk and the dq sweep: an initial state is
+    given; the dk/dv sweep: a final-state cotangent is); ``carried`` (default: ``state``):
+    that state holds a caller's (``kernel_dtype``), not only sums of the call's own
+    segments. Raises ``ValueError`` for what ``unsupported_reason`` names."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     attn, D, Dv, dtype = problem.attention, problem.D, problem.Dv, problem.dtype
     reason = unsupported_reason(attn, D, Dv, dtype)
     if reason:
         raise ValueError(f"the tilelang {kind} kernel {reason}")
-    wide = kernel_dtype(kind, dtype, state)
+    wide = kernel_dtype(kind, dtype, state if carried is None else carried)
     if wide != dtype:  # widened: its own defaults
         dtype, config = wide, None
     opt = options(attn, dtype, problem.device_type, state, config)
@@ -142,15 +147,27 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
                     states: Iterable[bool] = (False, True),
                     kinds: Iterable[str] = KINDS) -> list[CompileKey]:  # fmt: skip
     """The distinct ``CompileKey`` that running ``problems`` needs, in first-seen order: each
-    of ``kinds`` (forward and both backward sweeps by default) in each of ``configs``, with
-    and without a state (``states``). Raises ``ValueError`` as ``compile_key``."""
+    of ``kinds`` (every kernel by default) in each of ``configs``, with and without a state
+    (``states``), and what a split sequence (``split``) adds: a forward reading a state of
+    the call's own segments (the input dtype, not widened) and the state walk on the sweeps'
+    operands (the backward's segment sums); a state walk always starts from zero. Raises
+    ``ValueError`` as ``compile_key``."""
     configs, states, kinds = list(configs), list(states), list(kinds)
     keys: dict[CompileKey, None] = {}
     for problem in problems:
+        sweeps = Problem(problem.attention, problem.D, problem.Dv, SWEEP_DTYPE,
+                         problem.device_type)  # fmt: skip
         for config in configs:
             for state in states:
                 for kind in kinds:
+                    if kind == "state" and state:
+                        continue
                     keys[compile_key(kind, problem, state, config)] = None
+                    if kind == "forward" and state:
+                        keys[compile_key(kind, problem, True, config, carried=False)] = None
+                    if kind == "state":  # a half config does not apply to float32
+                        own = config if problem.dtype == SWEEP_DTYPE else None
+                        keys[compile_key(kind, sweeps, False, own)] = None
     return list(keys)
 
 
@@ -158,11 +175,13 @@ def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
     """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
     (``layout.padded_value_dim``), built with ``opt``."""
     from .backward import dkv_kernel, dq_kernel
-    from .kernels import forward_kernel
+    from .kernels import forward_kernel, state_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    return {"forward": forward_kernel, "dq": dq_kernel, "dkv": dkv_kernel}[kind](BV, opt)
+    builders = {"forward": forward_kernel, "state": state_kernel, "dq": dq_kernel,
+                "dkv": dkv_kernel}  # fmt: skip
+    return builders[kind](BV, opt)
 
 
 @functools.cache

@@ -30,9 +30,10 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .build import compile_key, compiled, kernel_dtype
+from .build import compile_key, compiled, kernel_dtype, unsupported_reason
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
+from .split import Split, segment
 
 
 def scalars(attn: LinearAttention, D: int) -> Scalars:
@@ -43,11 +44,23 @@ def scalars(attn: LinearAttention, D: int) -> Scalars:
     return Scalars(*w, attn.eps, D)
 
 
-def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool):
-    """``build.compiled`` for this call's ``build.compile_key``; raises ``ValueError`` for
-    what ``build.unsupported_reason`` names."""
-    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
-    return compiled(*compile_key(kind, problem, state, config))
+def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool,
+            carried: bool | None = None, dtype: torch.dtype | None = None):  # fmt: skip
+    """``build.compiled`` for this call's ``build.compile_key`` (``state``, ``carried`` as
+    there; ``dtype``: the operands', default v's); raises ``ValueError`` for what
+    ``build.unsupported_reason`` names."""
+    if dtype is not None and dtype != x.v.dtype:  # a half config does not apply to float32
+        config = None
+    dtype = x.v.dtype if dtype is None else dtype
+    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], dtype, x.q.device.type)
+    return compiled(*compile_key(kind, problem, state, config, carried))
+
+
+def _check(x: Inputs, attn: LinearAttention) -> None:
+    """Raises ``ValueError`` for what ``build.unsupported_reason`` names, before any buffer."""
+    reason = unsupported_reason(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype)
+    if reason:
+        raise ValueError(f"the tilelang kernels {reason}")
 
 
 @functools.cache
@@ -200,18 +213,39 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     ``ValueError`` for what ``build.unsupported_reason`` names. The kernel takes 16 feature
     columns and a multiple of 16 value columns: q, k (D < 16) and v (Dv not a multiple of
     16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
+    A sequence longer than the configuration's ``segment`` (``split.Split``) is walked by one
+    program per segment: ``state_kernel`` sums each segment's state, a torch scan (on the
+    device) turns the sums into each segment's initial state, and ``forward_kernel`` walks
+    every segment from its own; the tail (T past the last whole segment) from the total.
     """
-    (B, _, H, D), Dv = x.q.shape, x.v.shape[-1]
-    state = x.S0 is not None
-    kernel = _kernel("forward", x, attn, config, state)
+    (B, T, H, D), Dv = x.q.shape, x.v.shape[-1]
+    _check(x, attn)
+    carried = x.S0 is not None
+    sp = Split(B, T, H, segment(config, x.q.device, B * H, T))
     # [B, T, H, 16] twice, [B, T, H, BV]; widened to fp32 when a state is read (kernel_dtype)
-    q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, state))
-    o = torch.empty_like(v)
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)
-    sc = scalars(attn, D)
-    kernel(q, k, v, *_params(x, attn), *sc, o, S, z)  # reads the initial S, z if any
-    o = _cut(o, Dv).to(x.v.dtype)
+    q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, carried))
+    params, sc = _params(x, attn), scalars(attn, D)
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+    outs = []
+    if sp.n:
+        body, sums = [sp.body(t) for t in (q, k, v)], sp.empty_states(S, z)
+        _kernel("state", x, attn, config, False, carried)(*body, *params, *sc, body[2], *sums)
+        S_b, z_b = (sp.starts(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
+        o_b = sp.empty_body(v)
+        _kernel("forward", x, attn, config, True, carried)(*body, *params, *sc, o_b, S_b, z_b)
+        outs.append(o_b)
+        S, z = sp.last(S_b), sp.last(z_b)  # each segment's final state: the last, the total
+    if sp.rem:
+        o_t = sp.empty_tail(v)
+        _kernel("forward", x, attn, config, carried or sp.n > 0, carried)(
+            *map(sp.tail, (q, k, v)), *params, *sc, o_t, S, z)  # reads S, z if any  # fmt: skip
+        outs.append(o_t)
+    o = _cut(sp.join(outs), Dv).to(x.v.dtype)
     return Outputs(o, *canonical_state(S[..., :Dv], z, attn, D))
+
+
+PARAM_GRADS = ("dqw", "dqb", "dkw", "dkb")
+"""The sweeps' per-program ``[B, H, 16]`` d gamma / d beta of q and k."""
 
 
 def _param_grad(g: torch.Tensor, like: torch.Tensor | None, used: bool) -> torch.Tensor | None:
@@ -240,25 +274,57 @@ def backward(
     """
     B, T, H, D = x.q.shape
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
-    final = grads.S is not None or grads.z is not None
-    dq_kernel = _kernel("dq", x, attn, config, x.S0 is not None)
-    dkv_kernel = _kernel("dkv", x, attn, config, final)
+    _check(x, attn)
+    carried, final = x.S0 is not None, grads.S is not None or grads.z is not None
+    sp = Split(B, T, H, segment(config, dev, B * H, T))
     # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.kernel_dtype)
     q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False))
     params, sc = _params(x, attn), scalars(attn, D)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
-    dq, dk, dv = (
-        new(q.shape, dtype=q.dtype, device=dev),
-        new(q.shape, dtype=q.dtype, device=dev),
-        torch.empty_like(v),
-    )
-    dqw, dqb, dkw, dkb = (new(B, H, DK, dtype=torch.float32, device=dev) for _ in range(4))
-    inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
 
-    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)
-    dq_kernel(q, k, v, do, *params, *sc, S, z, dq, dqw, dqb, inv, r)
-    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)
-    dkv_kernel(q, k, v, do, *params, *sc, inv, r, Sg, zr, dk, dv, dkw, dkb)  # Sg, zr: in and out
+    def part_of(ops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A part's operands (q, k, v, dO of its [B', T', H, ..]) and its outputs' buffers."""
+        (Bp, Tp, _, _), v_ = ops[0].shape, ops[2]
+        g = {n: new(ops[0].shape, dtype=q.dtype, device=dev) for n in ("dq", "dk")}
+        g |= {n: new(Bp, H, DK, dtype=torch.float32, device=dev) for n in PARAM_GRADS}
+        g |= {n: torch.empty(Bp, Tp, H, dtype=torch.float32, device=dev) for n in ("inv", "r")}
+        return {"ops": ops, "dv": torch.empty_like(v_), **g}
+
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+    parts = []  # the body (the segments) and / or the tail, in order
+    if sp.n:  # the segments' initial states, summed on the sweeps' operands
+        body, sums = part_of([sp.body(t) for t in (q, k, v, do)]), sp.empty_states(S, z)
+        _kernel("state", x, attn, config, False, dtype=q.dtype)(
+            *body["ops"][:3], *params, *sc, body["ops"][2], *sums)  # fmt: skip
+        starts = [sp.starts(t, t0 if carried else None) for t, t0 in zip(sums, (S, z))]
+        S, z = (sp.total(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
+        parts.append((body, starts, True))
+    if sp.rem:
+        parts.append((part_of([sp.tail(t) for t in (q, k, v, do)]), (S, z), carried or sp.n > 0))
+    for p, (S_in, z_in), state in parts:
+        _kernel("dq", x, attn, config, state)(*p["ops"], *params, *sc, S_in, z_in, p["dq"],
+                                              p["dqw"], p["dqb"], p["inv"], p["r"])  # fmt: skip
+
+    # the dk/dv sweep walks back: the tail from the final state's cotangent, each segment from
+    # the cotangent its later segments and the tail leave at its end
+    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)  # in, then out
+    cot = final
+    for i, (p, _, _) in reversed(list(enumerate(parts))):
+        segments = sp.n > 0 and i == 0
+        rows = (*p["ops"], *params, *sc, p["inv"], p["r"])
+        if segments:  # each segment's own cotangent sum (dk, dv, dkw, dkb discarded)
+            sums, scratch = sp.empty_states(Sg, zr), part_of(p["ops"])
+            _kernel("dkv", x, attn, config, False)(
+                *rows, *sums, *(scratch[n] for n in ("dk", "dv", "dkw", "dkb")))  # fmt: skip
+            Sg, zr = (sp.starts(t, t0 if cot else None, reverse=True)
+                      for t, t0 in zip(sums, (Sg, zr)))  # fmt: skip
+            cot = True
+        _kernel("dkv", x, attn, config, cot)(*rows, Sg, zr, p["dk"], p["dv"], p["dkw"], p["dkb"])
+        if segments:
+            Sg, zr = sp.first(Sg), sp.first(zr)  # the first segment's: the initial state's
+        cot = True
+    dq, dk, dv = (sp.join([p[n] for p, _, _ in parts]) for n in ("dq", "dk", "dv"))
+    dqw, dqb, dkw, dkb = (torch.cat([p[n] for p, _, _ in parts]) for n in PARAM_GRADS)
 
     dS0 = dz0 = None
     if x.S0 is not None:

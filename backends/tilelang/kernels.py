@@ -63,8 +63,12 @@ from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
 
 
-def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``).
+def forward_kernel(
+    BV: int, opt: KernelOptions = DEFAULT_OPTIONS, output: bool = True
+) -> T.PrimFunc:
+    """The forward of ``sim = c0 + c1 s + c2 s^2`` (``s = scale q' . k'``, ``c_p >= 0``);
+    without ``output`` the walk's state alone (``state_kernel``: q is not read, o not
+    written, only S and z).
 
     Arguments of the returned ``prim_func`` (B, T and H are symbolic: one compile serves
     every batch size, length and head count; the tail chunk is masked)::
@@ -116,13 +120,14 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
         with T.Kernel(H, B, threads=opt.threads) as (i_h, i_b):
             sc = Scalars(w_0, w_1, w_2, eps, D)
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV]
-            b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
-            b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] q'k'^T, then A
-            b_o = T.alloc_fragment((BC, BV), ACC)  # [BC, BV] numerator
-            b_den = T.alloc_fragment((BC,), ACC)  # [BC] denominator
-            # den in shared memory for the store: a half kernel's tf32 scores give b_den a
-            # fragment layout that conflicts with b_o's (bf16 products) in one loop
-            b_dsh = T.alloc_shared((BC,), ACC, scope=smem)  # [BC]
+            if output:
+                b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A as an operand
+                b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] q'k'^T, then A
+                b_o = T.alloc_fragment((BC, BV), ACC)  # [BC, BV] numerator
+                b_den = T.alloc_fragment((BC,), ACC)  # [BC] denominator
+                # den in shared memory for the store: a half kernel's tf32 scores give b_den a
+                # fragment layout that conflicts with b_o's (bf16 products) in one loop
+                b_dsh = T.alloc_shared((BC,), ACC, scope=smem)  # [BC]
             b_q = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] q' (unread if c0 only)
             b_k = T.alloc_shared((BC, DK), dtype, scope=smem)  # [BC, 16] k' (unread if c0 only)
             b_phi = None
@@ -132,7 +137,7 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                 b_mean = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm mean
                 b_rstd = T.alloc_fragment((BC,), ACC)  # [BC] LayerNorm 1 / sqrt(var + eps)
             b_q32 = b_k32 = None  # the scores' fp32 operands of a half kernel (else b_q, b_k)
-            if m.uses_x and dtype != ACC:
+            if output and m.uses_x and dtype != ACC:
                 b_q32 = T.alloc_shared((BC, DK), ACC, scope=smem)  # [BC, 16] q' unrounded
                 b_k32 = T.alloc_shared((BC, DK), ACC, scope=smem)  # [BC, 16] k' unrounded
             st = {}  # the state S_p, z_p, w_p S_p per present power (tiles.Block)
@@ -150,33 +155,43 @@ def forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = n * BC
                 if m.uses_x:
-                    T.copy(q[i_b, t0 : t0 + BC, i_h, :], b_qr)
+                    if output:
+                        T.copy(q[i_b, t0 : t0 + BC, i_h, :], b_qr)
                     T.copy(k[i_b, t0 : t0 + BC, i_h, :], b_kr)
                 T.copy(v[i_b, t0 : t0 + BC, i_h, :], b_v)
                 if m.uses_x:
-                    m.pre_transform(sc, b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0, b_q32)
+                    if output:
+                        m.pre_transform(sc, b_qr, qw, qb, b_q, b_mean, b_rstd, i_h, t0, b_q32)
                     m.pre_transform(sc, b_kr, kw, kb, b_k, b_mean, b_rstd, i_h, t0, b_k32)
 
-                # num = A v + sum_p Q^(p) w_p S_p, den = A 1 + sum_p w_p Q^(p) z_p
-                if b_q32 is None:
-                    m.scores(b_q, b_k, b_s)
-                else:  # tf32 scores of the unrounded q', k': bf16 ones measured 2.8e-2 on o
-                    m.scores(b_q32, b_k32, b_s)
-                m.similarities(sc, b_s, b_A, b_den if normalize else None, False)
-                m.attend(sc, b_A, b_v, b_q, b_phi, st, b_o)
-                if normalize:
-                    m.inter_den(sc, b_den, st, b_q, t0)
-                    T.copy(b_den, b_dsh)
-                for i, e in T.Parallel(BC, BV):
-                    if t0 + i < Tn:
-                        if normalize:
-                            o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_dsh[i] + sc.eps)
-                        else:
-                            o[i_b, t0 + i, i_h, e] = b_o[i, e]
+                if output:  # num = A v + sum_p Q^(p) w_p S_p, den = A 1 + sum_p w_p Q^(p) z_p
+                    if b_q32 is None:
+                        m.scores(b_q, b_k, b_s)
+                    else:  # tf32 scores of the unrounded q', k': bf16 ones measured 2.8e-2 on o
+                        m.scores(b_q32, b_k32, b_s)
+                    m.similarities(sc, b_s, b_A, b_den if normalize else None, False)
+                    m.attend(sc, b_A, b_v, b_q, b_phi, st, b_o)
+                    if normalize:
+                        m.inter_den(sc, b_den, st, b_q, t0)
+                        T.copy(b_den, b_dsh)
+                    for i, e in T.Parallel(BC, BV):
+                        if t0 + i < Tn:
+                            if normalize:
+                                o[i_b, t0 + i, i_h, e] = b_o[i, e] / (b_dsh[i] + sc.eps)
+                            else:
+                                o[i_b, t0 + i, i_h, e] = b_o[i, e]
 
                 # state update: S_p += K^(p)T V, z_p += K^(p)T 1
-                m.update(sc, st, b_k, b_v, None, b_phi, t0, True)
+                m.update(sc, st, b_k, b_v, None, b_phi, t0, True, output)
 
             m.store_state(S, z, st, i_b, i_h)
 
     return rebased_forward
+
+
+def state_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """``forward_kernel`` without its output: each (batch, head) program's final state
+    ``S, z`` (from its initial state with ``opt.state``) and nothing else; ``q`` and ``o``
+    stay in the signature, unread and unwritten. ``call`` runs it on a sequence's segments
+    (one program each) for the sums it scans into their initial states."""
+    return forward_kernel(BV, opt, output=False)

@@ -258,9 +258,10 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
                         b_zp[r] += feature(p, b_y, j, r, t0) * b_w[j]
 
     @T.macro
-    def update(sc, st, b_y, b_W, b_w, b_phi, t0, with_z):
+    def update(sc, st, b_y, b_W, b_w, b_phi, t0, with_z, operands=True):
         """The state after this chunk: ``S_p += Y^(p)T W`` (``S_2`` on the tensor cores),
-        ``z_p += Y^(p)T w`` when ``with_z``, and the operands ``w_p S_p`` refreshed."""
+        ``z_p += Y^(p)T w`` when ``with_z``, and the operands ``w_p S_p`` refreshed (unless
+        not ``operands``: a walk that never multiplies by its state)."""
         for p in st:  # (binding a tile to a new name inside a macro would rename it)
             if p == 2:
                 features(b_y, b_phi)
@@ -268,7 +269,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
                 accumulate(None, st[2].z if with_z else None, 2, b_y, b_W, b_w, t0)
             else:
                 accumulate(st[p].S, st[p].z if with_z else None, p, b_y, b_W, b_w, t0)
-            if p != 0:
+            if p != 0 and operands:
                 operand(sc, st[p].S, st[p].op, p)
 
     return SimpleNamespace(
