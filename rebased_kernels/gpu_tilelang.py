@@ -67,6 +67,11 @@ def _precompile(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
     return build.precompile_problems(problems)
 
 
+SEGMENTS = (0, 512, 2048, None)
+"""The segment lengths timed (``tilelang.split``): 0 walks a whole sequence per program,
+None is the automatic split (the default)."""
+
+
 def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                    dtypes: tuple[torch.dtype, ...] | None = None,
                    triton_config: dict | None = None, timings: bool = True) -> None:  # fmt: skip
@@ -102,13 +107,14 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
         x = random_inputs(B, T, H, 16, 64, timed, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
-        row = dict(
-            T=T,
-            tilelang_fwd=ms(lambda inp=inp: call.forward(inp, attn)),
-            tilelang_fwd_bwd=ms(
-                lambda inp=inp, do=do: (call.forward(inp, attn), call.backward(inp, attn, None, do))
-            ),
-        )
+        row: dict = dict(T=T, by_segment={})
+        for segment in SEGMENTS:  # None (the automatic split) last: the row's own numbers
+            c = {"segment": segment}
+            fwd = ms(lambda inp=inp, c=c: call.forward(inp, attn, c))
+            fwd_bwd = ms(lambda inp=inp, do=do, c=c: (call.forward(inp, attn, c),
+                                                      call.backward(inp, attn, c, do)))  # fmt: skip
+            row["by_segment"][str(segment)] = [fwd, fwd_bwd]
+            row["tilelang_fwd"], row["tilelang_fwd_bwd"] = fwd, fwd_bwd
         if triton.unavailable_reason() is None and not small:  # (the interpreter: slow)
             row["triton_config"] = cfg
             row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))
