@@ -518,6 +518,23 @@ def _loads(name: str, src: str) -> bool:
     return re.search(rf"= (?:\*\(\w+\*\)\()?{name}(?:\[| \+)", src) is not None
 
 
+@pytest.mark.parametrize("kind", ["state"])
+def test_state_walk_lowers_to_one_hopper_wgmma(kind: str) -> None:
+    """The state walk of a split sequence (``kernels.state_kernel``) keeps the forward's
+    update alone: one wgmma (K^(2)T v, bf16 operands, fp32 accumulator), no scores (no
+    ``mma_sync``), k and v by TMA and q never loaded, o never written, S and z written and
+    not read (its walk starts from zero)."""
+    src = _hopper_source(kind)
+    calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
+    assert len(calls) == 1, f"expected 1 wgmma_ss call site, found {len(calls)}"
+    assert calls[0].startswith("tl::DataType::kBFloat16, tl::DataType::kBFloat16, "
+                               "tl::DataType::kFloat32"), calls[0]  # fmt: skip
+    assert "mma_sync" not in src
+    assert src.count("tl::tma_load(") == 2
+    assert _stores("S", src) and _stores("z", src)
+    assert not _loads("S", src) and not _loads("z", src) and not _stores("o", src)
+
+
 @pytest.mark.parametrize("kind", ["dq", "dkv"])
 def test_backward_lowers_to_hopper_wgmma(kind: str) -> None:
     """The kernel builder's bf16 sweeps (the backend runs the fp32 ones for half inputs since
