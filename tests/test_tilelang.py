@@ -312,8 +312,8 @@ def test_runtime_values_share_one_compile() -> None:
     assert build.compiled.cache_info().misses == misses, "a runtime value recompiled"
     # another power set, normaliser or state flag is another key
     other = [Problem(LinearAttention(PRESETS["based"], 0.25), 16, 64, torch.float32, "cpu")]
-    # (a float32 class: forward, state walk, dq, dk/dv; with a state: forward, dq, dk/dv)
-    assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 14
+    # (a float32 class: every kind; with a state: forward, dq, dk/dv)
+    assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 16
 
 
 def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
@@ -334,7 +334,7 @@ def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
     problems = [Problem(LinearAttention(PRESETS["rebased"], 0.25), 16, 16, torch.float32, "cpu")]
     keys = build.compile_classes(problems, [{"chunk_size": 16}], states=(False,))
     failed = build.precompile(keys, workers=2)
-    assert sorted(calls) == ["dkv", "dq", "dq", "forward", "state"]
+    assert sorted(calls) == ["cotangent", "dkv", "dq", "dq", "forward", "state"]
     assert [key.kind for key in failed] == ["dkv"]
 
 

@@ -427,8 +427,9 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     return rebased_dq
 
 
-def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
-    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H::
+def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS, output: bool = True) -> T.PrimFunc:
+    """The dk/dv sweep (module docstring) as a ``prim_func`` of symbolic B, T, H (without
+    ``output``: its state walk alone, ``cotangent_kernel``)::
 
         q, k, v, dO, qw, qb, kw, kb, w_0, w_1, w_2, eps, D   as ``dq_kernel``'s
         inv, r:         [B, T, H] float32         the dq sweep's (read only when normalize)
@@ -449,6 +450,29 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     B, Tn, H, R = m.B, m.T, m.H, m.R
     with_z = normalize or opt.state  # whether zr is ever non-zero
     exact = bw.exact  # v g^T split (``split``)
+
+    @T.macro
+    def rows(sc, t, st, dv, dk, kw, i_b, i_h, t0):
+        """This chunk's dv and dk (the sweep's outputs; the state is left to the walk)."""
+        # dv = A^T g + sum_p K^(p) (w_p Sg_p)
+        bw.scores(sc, t, True)
+        m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
+        for i, e in T.Parallel(BC, BV):
+            if t0 + i < Tn:
+                dv[i_b, t0 + i, i_h, e] = t.o[i, e]
+
+        # dk' = (P^T o sim') Q' + the state part (normalised: v g^T as tf32x3, as the dq
+        # sweep's g v^T); then the pre-transform's backward
+        if exact:
+            bw.split(t.v, t.v_hi, t.v_lo)
+            bw.split(t.g, t.g, t.g_lo)
+            bw.pair_grad(t, t.v_hi, t.g, None, t.r, True, (t.v_lo, t.g_lo))
+            bw.join(t.g, t.g_lo)  # the state update takes g whole
+        elif m.uses_x:
+            bw.pair_grad(t, t.v, t.g, None, t.r, True)
+        if m.uses_x:
+            bw.state_grad(sc, t, st, t.v, None, with_z)
+            bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
 
     @T.prim_func
     def rebased_dkv(
@@ -481,41 +505,34 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
             for n in T.Pipelined(T.ceildiv(Tn, BC), num_stages=opt.num_stages):
                 t0 = (T.ceildiv(Tn, BC) - 1 - n) * BC  # the last chunk first
                 if m.uses_x:
-                    T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
+                    if output:
+                        T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
                     T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.yr)
-                T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
+                if output:
+                    T.copy(v[i_b, t0 : t0 + BC, i_h, :], t.v)
                 T.copy(dO[i_b, t0 : t0 + BC, i_h, :], t.do)
                 if normalize:
                     bw.load_scalars(t, inv, r, i_b, i_h, t0)
                     bw.scale_rows(t)
                 if m.uses_x:
-                    m.pre_transform(sc, t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
+                    if output:
+                        m.pre_transform(sc, t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)
                     m.pre_transform(sc, t.yr, qw, qb, t.y, t.ymean, t.yrstd, i_h, t0)
-
-                # dv = A^T g + sum_p K^(p) (w_p Sg_p)
-                bw.scores(sc, t, True)
-                m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
-                for i, e in T.Parallel(BC, BV):
-                    if t0 + i < Tn:
-                        dv[i_b, t0 + i, i_h, e] = t.o[i, e]
-
-                # dk' = (P^T o sim') Q' + the state part (normalised: v g^T as tf32x3, as
-                # the dq sweep's g v^T); then the pre-transform's backward
-                if exact:
-                    bw.split(t.v, t.v_hi, t.v_lo)
-                    bw.split(t.g, t.g, t.g_lo)
-                    bw.pair_grad(t, t.v_hi, t.g, None, t.r, True, (t.v_lo, t.g_lo))
-                    bw.join(t.g, t.g_lo)  # the state update takes g whole
-                elif m.uses_x:
-                    bw.pair_grad(t, t.v, t.g, None, t.r, True)
-                if m.uses_x:
-                    bw.state_grad(sc, t, st, t.v, None, with_z)
-                    bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
-
-                m.update(sc, st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize)
+                if output:
+                    rows(sc, t, st, dv, dk, kw, i_b, i_h, t0)
+                m.update(sc, st, t.y, t.g, t.r if normalize else None, t.phi, t0, normalize,
+                         output)  # fmt: skip
 
             m.store_state(S, z, st, i_b, i_h)
-            if m.uses_x:
+            if m.uses_x and output:
                 bw.store_params(t, dkw, dkb, i_b, i_h)
 
     return rebased_dkv
+
+
+def cotangent_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
+    """``dkv_kernel`` without its outputs: each (batch, head) program's ``(Sg_p, zr_p)`` from
+    its final-state cotangent (zero without ``opt.state``) over its tokens, nothing else (k
+    and v are not read; dk, dv, dkw, dkb stay in the signature, unwritten). ``call`` runs it
+    on a split sequence's segments for the sums it scans into their end cotangents."""
+    return dkv_kernel(BV, opt, output=False)

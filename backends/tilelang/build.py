@@ -61,10 +61,13 @@ _PARSE_LOCK = threading.Lock()
 """Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
 AST_RACE = "AST constructor recursion depth mismatch"
 """CPython's spurious ``SystemError`` of concurrent ``ast`` use (gh-106905): retried."""
-KINDS = ("forward", "state", "dq", "dkv")
+KINDS = ("forward", "state", "dq", "dkv", "cotangent")
 """The kernels: ``kernels.forward_kernel``, ``kernels.state_kernel`` (the forward's walk
-without its output: the segments' sums of a split sequence, ``call``),
-``backward.dq_kernel`` and ``backward.dkv_kernel``."""
+without its output: the segments' sums of a split sequence, ``split``),
+``backward.dq_kernel``, ``backward.dkv_kernel`` and ``backward.cotangent_kernel`` (the dk/dv
+sweep's walk without its outputs: the segments' cotangent sums)."""
+SWEEPS = ("dq", "dkv", "cotangent")
+"""The kernels of the backward, on ``SWEEP_DTYPE`` operands."""
 SWEEP_DTYPE = torch.float32
 """The gradient sweeps' operand dtype for every input dtype: bf16 / fp16 inputs are widened
 to float32 (tf32 products, ``FP32_CONFIG``), as triton's sweeps take tf32 operands. On an
@@ -80,7 +83,7 @@ def kernel_dtype(kind: str, dtype: torch.dtype, carried: bool) -> torch.dtype:
     ``CARRIED_SP`` is tf32 too: on an H200, session 11, bf16 products of a carried state
     measured 1.13e-2 on o at T = 1 against the 1e-2 rule); else the inputs' own (a segment's
     initial state summed from the call's own tokens, as triton's ``HALF_SP``)."""
-    return SWEEP_DTYPE if kind in ("dq", "dkv") or carried else dtype
+    return SWEEP_DTYPE if kind in SWEEPS or carried else dtype
 
 
 def default_config(dtype: str) -> dict[str, Any]:
@@ -160,8 +163,8 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
         for config in configs:
             for state in states:
                 for kind in kinds:
-                    if kind == "state" and state:
-                        continue
+                    if kind in ("state", "cotangent") and state:
+                        continue  # a segment's own sums start from zero
                     keys[compile_key(kind, problem, state, config)] = None
                     if kind == "forward" and state:
                         keys[compile_key(kind, problem, True, config, carried=False)] = None
@@ -174,13 +177,13 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
 def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
     """The ``T.prim_func`` of kernel ``kind`` (one of ``KINDS``) for BV value columns
     (``layout.padded_value_dim``), built with ``opt``."""
-    from .backward import dkv_kernel, dq_kernel
+    from .backward import cotangent_kernel, dkv_kernel, dq_kernel
     from .kernels import forward_kernel, state_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     builders = {"forward": forward_kernel, "state": state_kernel, "dq": dq_kernel,
-                "dkv": dkv_kernel}  # fmt: skip
+                "dkv": dkv_kernel, "cotangent": cotangent_kernel}  # fmt: skip
     return builders[kind](BV, opt)
 
 

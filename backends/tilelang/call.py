@@ -312,10 +312,10 @@ def backward(
     for i, (p, _, _) in reversed(list(enumerate(parts))):
         segments = sp.n > 0 and i == 0
         rows = (*p["ops"], *params, *sc, p["inv"], p["r"])
-        if segments:  # each segment's own cotangent sum (dk, dv, dkw, dkb discarded)
-            sums, scratch = sp.empty_states(Sg, zr), part_of(p["ops"])
-            _kernel("dkv", x, attn, config, False)(
-                *rows, *sums, *(scratch[n] for n in ("dk", "dv", "dkw", "dkb")))  # fmt: skip
+        if segments:  # each segment's own cotangent sum (dk, dv, dkw, dkb: unwritten)
+            sums, unused = sp.empty_states(Sg, zr), p["dkw"].new_empty(p["dkw"].shape)
+            _kernel("cotangent", x, attn, config, False)(
+                *rows, *sums, p["dk"], p["dv"], unused, unused)  # fmt: skip
             Sg, zr = (sp.starts(t, t0 if cot else None, reverse=True)
                       for t, t0 in zip(sums, (Sg, zr)))  # fmt: skip
             cot = True
