@@ -3,7 +3,7 @@
 # TileLang's split sequences timed beside triton (2k / 8k / 16k, segment 0 / 512 / 2048 /
 # auto), the profile of the CPU-prepared triton keys (state_fused, segment_half, x2) beside
 # tiles 64 x 4 x3 at 16k, side-by-side timings at 2k / 16k / 32k, then the triton property
-# suite (gpu profile) in the time left (the call ends by ~480 s: the device budget left after failed starts).
+# suite (gpu profile) in the time left (the call ends by ~440 s: the device budget left after failed starts).
 START=$SECONDS
 make gpu-install WHEELS=.whl-gpu OUT=$OUT > $OUT/install.log 2>&1
 E="env -u PYTHONDONTWRITEBYTECODE PYTHONPATH=/tmp/site PYTHONPYCACHEPREFIX=/tmp/pycache"
@@ -20,7 +20,7 @@ grep "^profile\|^decode\|Error" $OUT/p.log | cut -c1-240; echo "[$((SECONDS-STAR
 $E timeout 90 python3 -m rebased_kernels.gpu_check --out $OUT/t --stages timings \
   --Ts 2048,16384,32768 --config "{$T4}" > $OUT/t.log 2>&1
 grep -A4 "timings$" $OUT/t.log; echo "[$((SECONDS-START)) s]"
-LEFT=$((470 - (SECONDS - START)))
+LEFT=$((430 - (SECONDS - START)))
 $E $G timeout -s INT $LEFT python3 -m pytest -q -rf -p no:cacheprovider -n 12 \
   tests/test_properties.py tests/test_triton.py -k "triton or split_runs or refuses_bf" \
   > $OUT/props.txt 2>&1
