@@ -464,7 +464,7 @@ def _hopper_source(kind: str, dtype: str = "bfloat16", based: bool = False) -> s
 @pytest.mark.parametrize(
     ("kind", "dtype"),
     [("forward", "bfloat16"), ("dq", "bfloat16"), ("dkv", "bfloat16"), ("dq", "float32"),
-     ("dkv", "float32")],
+     ("dkv", "float32"), ("cotangent", "float32")],
 )  # fmt: skip
 def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
     """Each kernel's launch in its dtype's default configuration asks for no more dynamic
