@@ -67,9 +67,9 @@ def _precompile(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
     return build.precompile_problems(problems)
 
 
-SEGMENTS = (0, 512, 2048, None)
-"""The segment lengths timed (``tilelang.split``): 0 walks a whole sequence per program,
-None is the automatic split (the default)."""
+SEGMENTS = (0, 512, 2048, "auto")
+"""The segment lengths timed (``tilelang.split``): 0 walks a whole sequence per program (the
+default until a GPU run checks the split), "auto" the automatic split."""
 
 
 def check_and_time(log: dict, device: str, small: bool, ms: Callable,
@@ -108,7 +108,7 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
         row: dict = dict(T=T, by_segment={})
-        for segment in SEGMENTS:  # None (the automatic split) last: the row's own numbers
+        for segment in SEGMENTS:  # the automatic split last: the row's own numbers
             c = {"segment": segment}
             fwd = ms(lambda inp=inp, c=c: call.forward(inp, attn, c))
             fwd_bwd = ms(lambda inp=inp, do=do, c=c: (call.forward(inp, attn, c),

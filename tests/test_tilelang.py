@@ -283,6 +283,32 @@ def test_split_sequences_match_the_oracle(
         _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment)
 
 
+def test_segment_lengths(monkeypatch) -> None:
+    """``split.segment``: a given token count as is, None the default (no split), "auto" on
+    an H100-sized GPU (132 SMs) the power-of-two fraction of T for ~4 programs per SM (16k at
+    B H = 64: 16 segments of 1024; 2k: at least 256 tokens; B H >= 528: none) and no split on
+    the CPU; anything else refused."""
+    from types import SimpleNamespace
+
+    from rebased_kernels.backends.tilelang.split import DEFAULT_SEGMENT, segment
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert segment({"segment": 48}, cpu, 64, 1000) == 48
+    assert (
+        segment(None, cpu, 64, 1000) == segment({"segment": None}, gpu, 4, 10**5) == DEFAULT_SEGMENT
+    )
+    assert segment({"segment": "auto"}, cpu, 64, 16384) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(multi_processor_count=132))  # fmt: skip
+    auto = {"segment": "auto"}
+    assert segment(auto, gpu, 64, 16384) == 1024
+    assert segment(auto, gpu, 64, 2048) == 256
+    assert segment(auto, gpu, 528, 16384) == 0
+    for bad in (-1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="token count"):
+            segment({"segment": bad}, cpu, 64, 100)
+
+
 # Two problems of one compile class: the same powers present ({0, 2}), LayerNorm, normalised,
 # no state, BV = 16, BC = 16, float32; H, D, Dv, the scale, the coefficients, eps and the
 # affine differ (the second eps is large, so that it shows in o)

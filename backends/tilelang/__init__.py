@@ -50,7 +50,7 @@ class TileLangBackend(Backend):
         "chunk_size": (32, 64),
         "num_stages": (1, 2),
         "threads": (128, 256),
-        "segment": (0, 512, 2048),
+        "segment": (0, 512, 2048, "auto"),
     }
     """Compile-time, each: a configuration compiles the forward and both backward sweeps
     once per (BV, dtype, powers present, LayerNorm or not, normalize, state given or not);
@@ -65,8 +65,9 @@ class TileLangBackend(Backend):
         "threads": None,
         "segment": None,
     }
-    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32);
-    ``segment`` None: ``split.segment``'s automatic split (~4 programs per SM on a GPU)."""
+    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32)
+    and ``split.DEFAULT_SEGMENT`` (no split until a GPU run has checked and timed it; the GPU
+    property suite draws segments of 48 tokens, ``test_configs``)."""
     compiles: ClassVar[bool] = True
     float32_products: ClassVar[str] = "tf32"
     """TileLang's float32 ``T.gemm`` runs on Hopper's tensor cores in tf32 (wgmma has no

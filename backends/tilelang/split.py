@@ -23,23 +23,29 @@ from dataclasses import dataclass
 import torch
 
 SEGMENT_PROGRAMS = 4
-"""The automatic split (``segment`` None) aims at this many programs per SM."""
+"""The automatic split (``segment`` "auto") aims at this many programs per SM."""
 MIN_SEGMENT = 256
 """The automatic split keeps segments at least this long (four 64-token chunks: shorter ones
 would spend more on the state sums and scans than their walk saves)."""
+DEFAULT_SEGMENT: int | str = 0
+"""``segment`` where a configuration leaves it None: no split. "auto" is meant to replace it
+once a GPU run has passed the property suite with a split configuration and timed it
+(the C-target oracle tests pass; every earlier first GPU run of these kernels found
+something the CPU could not)."""
 
 
 def segment(config: dict | None, device: torch.device, programs: int, T: int) -> int:
-    """Tokens per segment for a call of ``programs`` (B * H) sequences of length T:
-    ``config["segment"]`` when given (0: no split, one program walks a whole sequence); else
-    on a CUDA device the power-of-two fraction of T that makes ~``SEGMENT_PROGRAMS``
-    programs per SM, at least ``MIN_SEGMENT`` tokens; 0 (no split) on the CPU, where the C
-    target runs programs one after the other. Raises ``ValueError`` for a negative or
-    non-integer ``segment``."""
+    """Tokens per segment for a call of ``programs`` (B * H) sequences of length T, from
+    ``config["segment"]`` (None or absent: ``DEFAULT_SEGMENT``): a token count (0: no split,
+    one program walks a whole sequence), or "auto": on a CUDA device the power-of-two
+    fraction of T that makes ~``SEGMENT_PROGRAMS`` programs per SM, at least
+    ``MIN_SEGMENT`` tokens; 0 on the CPU, where the C target runs programs one after the
+    other. Raises ``ValueError`` for anything else."""
     given = (config or {}).get("segment")
-    if given is not None:
+    given = DEFAULT_SEGMENT if given is None else given
+    if given != "auto":
         if isinstance(given, bool) or not isinstance(given, int) or given < 0:
-            raise ValueError(f"tilelang segment {given!r} is not a token count >= 0")
+            raise ValueError(f"tilelang segment {given!r} is not a token count >= 0 or 'auto'")
         return given
     if device.type != "cuda":
         return 0
