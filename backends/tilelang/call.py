@@ -312,14 +312,14 @@ def backward(
     for i, (p, _, _) in reversed(list(enumerate(parts))):
         segments = sp.n > 0 and i == 0
         rows = (*p["ops"], *params, *sc, p["inv"], p["r"])
-        if segments:  # each segment's own cotangent sum (dk, dv, dkw, dkb: unwritten)
-            sums, unused = sp.empty_states(Sg, zr), p["dkw"].new_empty(p["dkw"].shape)
-            _kernel("cotangent", x, attn, config, False)(
-                *rows, *sums, p["dk"], p["dv"], unused, unused)  # fmt: skip
+        outs = (p["dk"], p["dv"], p["dkw"], p["dkb"])
+        if segments:  # each segment's own cotangent sum (outs unwritten: the dkv call's)
+            sums = sp.empty_states(Sg, zr)
+            _kernel("cotangent", x, attn, config, False)(*rows, *sums, *outs)
             Sg, zr = (sp.starts(t, t0 if cot else None, reverse=True)
                       for t, t0 in zip(sums, (Sg, zr)))  # fmt: skip
             cot = True
-        _kernel("dkv", x, attn, config, cot)(*rows, Sg, zr, p["dk"], p["dv"], p["dkw"], p["dkb"])
+        _kernel("dkv", x, attn, config, cot)(*rows, Sg, zr, *outs)
         if segments:
             Sg, zr = sp.first(Sg), sp.first(zr)  # the first segment's: the initial state's
         cot = True
