@@ -215,13 +215,14 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     16) are copied with zero columns added where they have fewer (none at D = 16, Dv = 64).
     A sequence longer than the configuration's ``segment`` (``split.Split``) is walked by one
     program per segment: ``state_kernel`` sums each segment's state, a torch scan (on the
-    device) turns the sums into each segment's initial state, and ``forward_kernel`` walks
-    every segment from its own; the tail (T past the last whole segment) from the total.
+    device) turns the sums into each segment's initial state and their total, and
+    ``forward_kernel`` walks every segment from its own; the tail (T past the last whole
+    segment) from the total.
     """
     (B, T, H, D), Dv = x.q.shape, x.v.shape[-1]
     _check(x, attn)
     carried = x.S0 is not None
-    sp = Split(B, T, H, segment(config, x.q.device, B * H, T))
+    sp = Split(B, T, segment(config, x.q.device, B * H, T))
     # [B, T, H, 16] twice, [B, T, H, BV]; widened to fp32 when a state is read (kernel_dtype)
     q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, carried))
     params, sc = _params(x, attn), scalars(attn, D)
@@ -230,11 +231,10 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     if sp.n:
         body, sums = [sp.body(t) for t in (q, k, v)], sp.empty_states(S, z)
         _kernel("state", x, attn, config, False, carried)(*body, *params, *sc, body[2], *sums)
-        S_b, z_b = (sp.starts(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
+        (S_b, S), (z_b, z) = (sp.scan(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
         o_b = sp.empty_body(v)
         _kernel("forward", x, attn, config, True, carried)(*body, *params, *sc, o_b, S_b, z_b)
         outs.append(o_b)
-        S, z = sp.last(S_b), sp.last(z_b)  # each segment's final state: the last, the total
     if sp.rem:
         o_t = sp.empty_tail(v)
         _kernel("forward", x, attn, config, carried or sp.n > 0, carried)(
@@ -276,7 +276,7 @@ def backward(
     Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
     _check(x, attn)
     carried, final = x.S0 is not None, grads.S is not None or grads.z is not None
-    sp = Split(B, T, H, segment(config, dev, B * H, T))
+    sp = Split(B, T, segment(config, dev, B * H, T))
     # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.kernel_dtype)
     q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False))
     params, sc = _params(x, attn), scalars(attn, D)
@@ -296,9 +296,8 @@ def backward(
         body, sums = part_of([sp.body(t) for t in (q, k, v, do)]), sp.empty_states(S, z)
         _kernel("state", x, attn, config, False, dtype=q.dtype)(
             *body["ops"][:3], *params, *sc, body["ops"][2], *sums)  # fmt: skip
-        starts = [sp.starts(t, t0 if carried else None) for t, t0 in zip(sums, (S, z))]
-        S, z = (sp.total(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
-        parts.append((body, starts, True))
+        (S_b, S), (z_b, z) = (sp.scan(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
+        parts.append((body, (S_b, z_b), True))
     if sp.rem:
         parts.append((part_of([sp.tail(t) for t in (q, k, v, do)]), (S, z), carried or sp.n > 0))
     for p, (S_in, z_in), state in parts:
@@ -316,12 +315,12 @@ def backward(
         if segments:  # each segment's own cotangent sum (outs unwritten: the dkv call's)
             sums = sp.empty_states(Sg, zr)
             _kernel("cotangent", x, attn, config, False)(*rows, *sums, *outs)
-            Sg, zr = (sp.starts(t, t0 if cot else None, reverse=True)
-                      for t, t0 in zip(sums, (Sg, zr)))  # fmt: skip
+            (Sg, Sg_0), (zr, zr_0) = (sp.scan(t, t0 if cot else None, reverse=True)
+                                      for t, t0 in zip(sums, (Sg, zr)))  # fmt: skip
             cot = True
         _kernel("dkv", x, attn, config, cot)(*rows, Sg, zr, *outs)
-        if segments:
-            Sg, zr = sp.first(Sg), sp.first(zr)  # the first segment's: the initial state's
+        if segments:  # the scan's total: the initial state's gradient
+            Sg, zr = Sg_0, zr_0
         cot = True
     dq, dk, dv = (sp.join([p[n] for p, _, _ in parts]) for n in ("dq", "dk", "dv"))
     dqw, dqb, dkw, dkb = (torch.cat([p[n] for p, _, _ in parts]) for n in PARAM_GRADS)

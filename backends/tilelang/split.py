@@ -12,7 +12,7 @@ as a batch of B (``tail``). Linear attention composes over segments through the 
 
 where ``S_own[s]`` is segment s's state summed from zero (``kernels.state_kernel``) and
 ``G_own[s]`` its own final-state cotangent sum (``backward.dkv_kernel`` from zero). The scans
-(``starts``, ``total``) are torch cumsums in float32 on the device: the one piece of a split
+(``scan``) are torch cumsums in float32 on the device: the one piece of a split
 call that is not TileLang.
 """
 
@@ -59,11 +59,10 @@ def segment(config: dict | None, device: torch.device, programs: int, T: int) ->
 
 @dataclass(frozen=True)
 class Split:
-    """``T = n L + rem`` for a ``[B, T, H, ...]`` call (``L = 0``: no split, n = 0)."""
+    """``T = n L + rem`` for a ``[B, T, ...]`` call (``L = 0``: no split, n = 0)."""
 
     B: int
     T: int
-    H: int
     L: int
 
     @property
@@ -107,34 +106,24 @@ class Split:
         return (torch.empty((n, *S.shape[1:]), dtype=S.dtype, device=S.device),
                 torch.empty((n, *z.shape[1:]), dtype=z.dtype, device=z.device))  # fmt: skip
 
-    def _per_sequence(self, own: torch.Tensor) -> torch.Tensor:
-        return own.reshape(self.B, self.n, *own.shape[1:])  # [B, n, ...]
-
-    def starts(self, own: torch.Tensor, start: torch.Tensor | None,
-               reverse: bool = False) -> torch.Tensor:  # fmt: skip
-        """Each segment's initial state ``[B n, ...]`` (contiguous, float32) from the segments'
-        own sums ``own [B n, ...]`` and the sequence's ``start [B, ...]`` (None: zero): the
-        exclusive prefix, or with ``reverse`` the exclusive suffix (a cotangent entering each
-        segment's end from ``start`` at the sequence's)."""
-        own = self._per_sequence(own)
-        out = torch.zeros_like(own)
+    def scan(self, own: torch.Tensor, start: torch.Tensor | None,
+             reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """From the segments' own sums ``own [B n, ...]`` and the sequence's ``start [B, ...]``
+        (None: zero): each segment's initial state ``[B n, ...]`` (contiguous, float32), the
+        exclusive prefix, or with ``reverse`` the exclusive suffix (the cotangent entering
+        each segment's end from ``start`` at the sequence's end); and the total ``[B, ...]``,
+        ``start`` plus every segment's sum (the final state; reversed, the initial state's
+        gradient)."""
+        own = own.reshape(self.B, self.n, *own.shape[1:])  # [B, n, ...]
+        inclusive = own.flip(1).cumsum(1).flip(1) if reverse else own.cumsum(1)
+        starts = torch.zeros_like(own)
         if reverse:
-            out[:, :-1] = own.flip(1).cumsum(1).flip(1)[:, 1:]
+            starts[:, :-1] = inclusive[:, 1:]
+            total = inclusive[:, 0]
         else:
-            out[:, 1:] = own.cumsum(1)[:, :-1]
+            starts[:, 1:] = inclusive[:, :-1]
+            total = inclusive[:, -1]
         if start is not None:
-            out += start[:, None]
-        return out.reshape(self.B * self.n, *out.shape[2:])
-
-    def total(self, own: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
-        """``start`` (None: zero) plus every segment's own sum: ``[B, ...]``."""
-        tot = self._per_sequence(own).sum(1)
-        return tot if start is None else tot + start
-
-    def last(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """The last segment's entry of ``[B n, ...]``: ``[B, ...]``, contiguous."""
-        return self._per_sequence(per_segment)[:, -1].contiguous()
-
-    def first(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """The first segment's entry of ``[B n, ...]``: ``[B, ...]``, contiguous."""
-        return self._per_sequence(per_segment)[:, 0].contiguous()
+            starts += start[:, None]
+            total = total + start
+        return starts.reshape(self.B * self.n, *own.shape[2:]), total.contiguous()
