@@ -7,7 +7,8 @@ without a state. The pre-transform (LayerNorm, gamma, beta) runs in PyTorch; ``c
 ``scale`` are folded into q'; an initial state, the final state and the normaliser's state
 term go through the explicit features (``rebased_kernels.features``) in float32. Supports
 kernels ``c2 s^2`` only (c0 = c1 = 0), D <= 128, float16 / bfloat16 (fla multiplies float32
-in tf32, outside our float32 tolerance). On CPU it runs under ``TRITON_INTERPRET=1``.
+in tf32, outside our float32 tolerance). On CPU it runs under ``TRITON_INTERPRET=1``, in
+float16 only (the interpreter has no bfloat16: ``triton.launch.interpreter_dtype_reason``).
 """
 
 from __future__ import annotations
