@@ -127,21 +127,24 @@ class CompileKey(NamedTuple):
 
 
 def compile_key(kind: str, problem: Problem, state: bool, config: dict | None,
-                carried: bool | None = None) -> CompileKey:  # fmt: skip
+                carried: bool | None = None, wide: bool = False) -> CompileKey:  # fmt: skip
     """The ``CompileKey`` of kernel ``kind`` for ``problem`` in ``config``, ``state`` as in
     ``KernelOptions`` (the forward, the state walk and the dq sweep: an initial state is
     given; the dk/dv sweep: a final-state cotangent is); ``carried`` (default: ``state``):
     that state holds a caller's (``kernel_dtype``), not only sums of the call's own
-    segments. Raises ``ValueError`` for what ``unsupported_reason`` names."""
+    segments; ``wide``: on the sweeps' operands whatever ``kernel_dtype`` says (the state
+    walk of a backward). Raises ``ValueError`` for what ``unsupported_reason`` names."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     attn, D, Dv, dtype = problem.attention, problem.D, problem.Dv, problem.dtype
     reason = unsupported_reason(attn, D, Dv, dtype)
     if reason:
         raise ValueError(f"the tilelang {kind} kernel {reason}")
-    wide = kernel_dtype(kind, dtype, state if carried is None else carried)
-    if wide != dtype:  # widened: its own defaults
-        dtype, config = wide, None
+    operands = (
+        SWEEP_DTYPE if wide else kernel_dtype(kind, dtype, state if carried is None else carried)
+    )
+    if operands != dtype:  # widened: its own defaults
+        dtype, config = operands, None
     opt = options(attn, dtype, problem.device_type, state, config)
     return CompileKey(kind, padded_value_dim(Dv, dtype.itemsize), opt)
 
@@ -158,8 +161,6 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
     configs, states, kinds = list(configs), list(states), list(kinds)
     keys: dict[CompileKey, None] = {}
     for problem in problems:
-        sweeps = Problem(problem.attention, problem.D, problem.Dv, SWEEP_DTYPE,
-                         problem.device_type)  # fmt: skip
         for config in configs:
             for state in states:
                 for kind in kinds:
@@ -168,9 +169,8 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
                     keys[compile_key(kind, problem, state, config)] = None
                     if kind == "forward" and state:
                         keys[compile_key(kind, problem, True, config, carried=False)] = None
-                    if kind == "state":  # a half config does not apply to float32
-                        own = config if problem.dtype == SWEEP_DTYPE else None
-                        keys[compile_key(kind, sweeps, False, own)] = None
+                    if kind == "state":
+                        keys[compile_key(kind, problem, False, config, wide=True)] = None
     return list(keys)
 
 

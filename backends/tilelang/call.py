@@ -45,15 +45,11 @@ def scalars(attn: LinearAttention, D: int) -> Scalars:
 
 
 def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, state: bool,
-            carried: bool | None = None, dtype: torch.dtype | None = None):  # fmt: skip
-    """``build.compiled`` for this call's ``build.compile_key`` (``state``, ``carried`` as
-    there; ``dtype``: the operands', default v's); raises ``ValueError`` for what
-    ``build.unsupported_reason`` names."""
-    if dtype is not None and dtype != x.v.dtype:  # a half config does not apply to float32
-        config = None
-    dtype = x.v.dtype if dtype is None else dtype
-    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], dtype, x.q.device.type)
-    return compiled(*compile_key(kind, problem, state, config, carried))
+            carried: bool | None = None, wide: bool = False):  # fmt: skip
+    """``build.compiled`` for this call's ``build.compile_key`` (``state``, ``carried``,
+    ``wide`` as there); raises ``ValueError`` for what ``build.unsupported_reason`` names."""
+    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
+    return compiled(*compile_key(kind, problem, state, config, carried, wide))
 
 
 def _check(x: Inputs, attn: LinearAttention) -> None:
@@ -294,7 +290,7 @@ def backward(
     parts = []  # the body (the segments) and / or the tail, in order
     if sp.n:  # the segments' initial states, summed on the sweeps' operands
         body, sums = part_of([sp.body(t) for t in (q, k, v, do)]), sp.empty_states(S, z)
-        _kernel("state", x, attn, config, False, dtype=q.dtype)(
+        _kernel("state", x, attn, config, False, wide=True)(
             *body["ops"][:3], *params, *sc, body["ops"][2], *sums)  # fmt: skip
         (S_b, S), (z_b, z) = (sp.scan(t, t0 if carried else None) for t, t0 in zip(sums, (S, z)))
         parts.append((body, (S_b, z_b), True))
