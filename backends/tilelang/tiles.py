@@ -234,11 +234,27 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
 
     @T.macro
     def inter_den(sc, b_den, st, b_x, t0):
-        """``b_den += sum_p w_p X^(p) z_p`` in fp32."""
+        """``b_den += sum_p w_p X^(p) z_p`` in fp32. For p = 2 as ``x'^T Z x'`` with
+        ``Z [16, 16] = z_2``: ``u_a = x'_a sum_b Z_ab x'_b`` on every (row, a) at once, then
+        ``sum_a u_a`` per row (two 16-term loops a thread; one 256-term loop per row,
+        repeated on the 4 lanes that share b_den's rows, measured the forward's longest
+        serial chain in the sm_90a source)."""
         for p in st:
-            for i in T.Parallel(BC):
-                for r in T.serial(ROWS[p]):
-                    b_den[i] += sc[p] * feature(p, b_x, i, r, t0) * st[p].z[r]
+            if p == 2:
+                b_u = T.alloc_shared((DK, BC), ACC, scope=smem)  # [16, BC] u^T
+                # one expression (no sum in shared memory); a outermost: a thread's elements
+                # take different rows of Z, used one after the other (rows outermost, they
+                # share one row, which nvcc kept in 16 registers: a Based forward spilled)
+                for a, i in T.Parallel(DK, BC):
+                    Zx = [st[2].z[DK * a + b] * T.cast(b_x[i, b], ACC) for b in range(DK)]
+                    b_u[a, i] = sum(Zx[1:], Zx[0]) * T.cast(b_x[i, a], ACC)
+                for i in T.Parallel(BC):
+                    for a in T.serial(DK):
+                        b_den[i] += sc[2] * b_u[a, i]
+            else:
+                for i in T.Parallel(BC):
+                    for r in T.serial(ROWS[p]):
+                        b_den[i] += sc[p] * feature(p, b_x, i, r, t0) * st[p].z[r]
 
     @T.macro
     def accumulate(b_Sp, b_zp, p, b_y, b_W, b_w, t0):
