@@ -77,6 +77,11 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
             return T.cast(b_x[j, r], ACC)
         return T.cast(b_x[j, r // DK], ACC) * T.cast(b_x[j, r % DK], ACC)
 
+    def total(terms):
+        """The terms' sum as one expression (a sum over a chunk's rows into shared memory, 16
+        rows ``16 n .. 16 n + 15`` at a time, takes 1/16 of a serial loop's read-modify-writes)."""
+        return sum(terms[1:], terms[0])
+
     def similarity(sc, g):
         """``sim = sum_p w_p g^p`` for ``g = x' . y'`` (absent powers left out)."""
         terms = [sc[0]] if has0 else []
@@ -84,7 +89,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
             terms.append(sc[1] * g)
         if has2:
             terms.append(sc[2] * g * g)
-        return sum(terms[1:], terms[0])
+        return total(terms)
 
     def derivative(sc, g):
         """``d sim / dg = w_1 + 2 w_2 g`` (absent powers left out)."""
@@ -247,7 +252,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
                 # share one row, which nvcc kept in 16 registers: a Based forward spilled)
                 for a, i in T.Parallel(DK, BC):
                     Zx = [st[2].z[DK * a + b] * T.cast(b_x[i, b], ACC) for b in range(DK)]
-                    b_u[a, i] = sum(Zx[1:], Zx[0]) * T.cast(b_x[i, a], ACC)
+                    b_u[a, i] = total(Zx) * T.cast(b_x[i, a], ACC)
                 for i in T.Parallel(BC):
                     for a in T.serial(DK):
                         b_den[i] += sc[2] * b_u[a, i]
@@ -263,15 +268,18 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         in fp32."""
         if b_Sp is not None:
             for r, e in T.Parallel(ROWS[p], BV):
-                for j in T.serial(BC):
-                    b_Sp[r, e] += feature(p, b_y, j, r, t0) * T.cast(b_W[j, e], ACC)
+                for n in T.serial(BC // 16):
+                    rows = [16 * n + u for u in range(16)]
+                    b_Sp[r, e] += total([feature(p, b_y, j, r, t0) * T.cast(b_W[j, e], ACC)
+                                         for j in rows])  # fmt: skip
         if b_zp is not None:
             for r in T.Parallel(ROWS[p]):
-                for j in T.serial(BC):
+                for n in T.serial(BC // 16):
+                    rows = [16 * n + u for u in range(16)]
                     if b_w is None:
-                        b_zp[r] += feature(p, b_y, j, r, t0)
+                        b_zp[r] += total([feature(p, b_y, j, r, t0) for j in rows])
                     else:
-                        b_zp[r] += feature(p, b_y, j, r, t0) * b_w[j]
+                        b_zp[r] += total([feature(p, b_y, j, r, t0) * b_w[j] for j in rows])
 
     @T.macro
     def update(sc, st, b_y, b_W, b_w, b_phi, t0, with_z, operands=True):
