@@ -131,13 +131,16 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         for i in T.Parallel(BC):
             b_mean[i] = 0.0
             b_rstd[i] = 0.0
-            if norm:
+            if norm:  # (one division a sum, not one a term)
                 for d in T.serial(sc.D):
-                    b_mean[i] += T.cast(b_xr[i, d], ACC) / T.cast(sc.D, ACC)
+                    b_mean[i] += T.cast(b_xr[i, d], ACC)
+                b_mean[i] = b_mean[i] / T.cast(sc.D, ACC)
                 for d in T.serial(sc.D):
                     centred = T.cast(b_xr[i, d], ACC) - b_mean[i]
-                    b_rstd[i] += centred * centred / T.cast(sc.D, ACC)
-            b_rstd[i] = T.rsqrt(b_rstd[i] + LAYER_NORM_EPS) if norm else 1.0
+                    b_rstd[i] += centred * centred
+                b_rstd[i] = T.rsqrt(b_rstd[i] / T.cast(sc.D, ACC) + LAYER_NORM_EPS)
+            else:
+                b_rstd[i] = 1.0
         for i, d in T.Parallel(BC, DK):
             xn = (T.cast(b_xr[i, d], ACC) - b_mean[i]) * b_rstd[i]
             xp = gamma[i_h, d] * xn + beta[i_h, d]
