@@ -107,9 +107,17 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
         x = random_inputs(B, T, H, 16, 64, timed, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
-        row: dict = dict(T=T, by_segment={})
+        row: dict = dict(T=T, by_segment={}, split_vs_whole={})
+        whole = None  # o and the gradients of segment 0 (one program a sequence)
         for segment in SEGMENTS:  # the automatic split last: the row's own numbers
             c = {"segment": segment}
+            got = [call.forward(inp, attn, c).o, *call.backward(inp, attn, c, do)]
+            if whole is None:
+                whole = got
+            else:  # a split that broke shows O(1); bf16's reordered sums ~1e-3
+                row["split_vs_whole"][str(segment)] = max(
+                    rel_err(a, b) for a, b in zip(got, whole) if a is not None
+                )
             fwd = ms(lambda inp=inp, c=c: call.forward(inp, attn, c))
             fwd_bwd = ms(lambda inp=inp, do=do, c=c: (call.forward(inp, attn, c),
                                                       call.backward(inp, attn, c, do)))  # fmt: skip
