@@ -179,15 +179,17 @@ def schedule(backends: list, quick: bool) -> list[tuple[Any, dict]]:
 
 
 def _time(be, attn, config, sets, objective: str, device: str) -> float:
-    """Median ms of one call, rotating over the input sets."""
+    """Median ms of one call, rotating over the input sets: training's call (no final state)
+    for ``forward_backward``, a prefill's (with it) for ``forward``."""
     state = {"i": 0}
+    final = objective == "forward"
     grads = []
     for x in sets:
-        grads.append(random_grads(be.forward(x, attn, config, None)))
+        grads.append(random_grads(be.forward(x, attn, config, None, final)))
 
     def call():
         i = state["i"] = (state["i"] + 1) % len(sets)
-        out = be.forward(sets[i], attn, config, None)
+        out = be.forward(sets[i], attn, config, None, final)
         if objective == "forward_backward":
             be.backward(sets[i], attn, config, None, grads[i])
         return out

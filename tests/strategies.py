@@ -205,13 +205,15 @@ def make_inputs(case: Case, T: int | None = None, B: int | None = None) -> dict:
 PARAM_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias")
 
 
-def run(case: Case, kw: dict, **extra):
-    """``rk.linear_attention`` on the case's backend, returning (o, S, z)."""
-    o, state = rk.linear_attention(
+def run(case: Case, kw: dict, final_state: bool = True, **extra):
+    """``rk.linear_attention`` on the case's backend, returning (o, S, z), or (o,) without
+    ``final_state`` (training's call: a backend may take another path, e.g. triton's
+    ``parallel`` variant or its bf16 state products)."""
+    out = rk.linear_attention(
         **kw, feature_map=case.fm, normalize=case.normalize, backend=case.backend,
-        config=dict(case.config), output_final_state=True, **extra,
+        config=dict(case.config), output_final_state=final_state, **extra,
     )  # fmt: skip
-    return o, state.S, state.z
+    return (out[0], out[1].S, out[1].z) if final_state else (out,)
 
 
 def kappa(case: Case, kw: dict) -> float:

@@ -30,16 +30,16 @@ import torch
 from rebased_kernels.backend import Backend, Inputs, Outputs, Problem, register
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from . import packed_call, walk
+from . import packed_call, parallel, walk
 from .launch import INTERPRET, interpreter_dtype_reason, params, triton_cdiv, triton_next_pow2
 
 MAX_D = 64
-VARIANTS = ("packed", "walk", "tiles")
+VARIANTS = ("packed", "walk", "tiles", "parallel")
 
 
 def _variant(x: Inputs, config: dict) -> ModuleType:
-    """The host module of the call's variant: ``packed`` and ``tiles`` run D <= 16 (larger D
-    walks)."""
+    """The host module of the call's chunked variant: ``packed`` and ``tiles`` run D <= 16
+    (larger D walks); a ``parallel`` call that needs a state runs ``packed``'s."""
     name = config.get("variant", "walk")
     if name not in VARIANTS:
         raise ValueError(f"triton variant {name!r} is not one of {VARIANTS}")
@@ -91,7 +91,7 @@ class TritonBackend(Backend):
     max_D: ClassVar[int | None] = MAX_D
     max_Dv: ClassVar[int | None] = 64
     tuning_space: ClassVar[dict[str, tuple]] = {
-        "variant": ("packed", "tiles"),
+        "variant": ("packed", "tiles", "parallel"),
         "chunk_size": (32, 64),
         "exact": ("fma", "x3"),
         "chunks_per_segment": (2, 4, 8, 16, 32),
@@ -115,6 +115,19 @@ class TritonBackend(Backend):
     ``packed_call.TILES_STAGES``); ``walk`` is a named configuration
     only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
+
+    def configs(self) -> list[dict[str, Any]]:
+        """The tuning space's product, ``parallel`` once per chunk size and ``exact``: it has
+        no segments."""
+        seen, out = set(), []
+        for c in super().configs():
+            if c["variant"] == "parallel":
+                c = {k: v for k, v in c.items() if k != "chunks_per_segment"}
+            key = tuple(sorted(c.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
 
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 32,
@@ -199,11 +212,15 @@ class TritonBackend(Backend):
     def forward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True
     ) -> Outputs:
+        if config.get("variant") == "parallel" and parallel.uses_pairs(x, final_state):
+            return parallel.forward(x, attn, config)
         return _variant(x, config).forward(x, attn, config, final_state)
 
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
+        if config.get("variant") == "parallel" and parallel.uses_pairs(x, False, grads):
+            return parallel.backward(x, attn, config, grads)
         return _variant(x, config).backward(x, attn, config, grads)
 
     def decode_step(

@@ -84,6 +84,23 @@ def _pre_backward(dxp, xh, rstd, g_ptr, offs_d, D, NORM, EVEN: tl.constexpr = Fa
 
 
 @triton.jit
+def _columns(Y, yg, yb, W, Wsc, j, tok, offs_c, offs_d, offs_v, vmask, T, H, D, Dv, NORM,
+             BC: tl.constexpr, HAS_WSC: tl.constexpr):  # fmt: skip
+    """Column chunk j of a (b, h): ``(y' [BC, BD], W [BC, BV] fp32, w [BC], valid [BC])``
+    (``w`` 1 on valid columns without ``Wsc``); ``yg``, ``yb``: this head's gamma, beta."""
+    cols = j * BC + offs_c  # [BC]
+    cmask = cols < T
+    y, _, _ = _pre(Y + tok * D, yg, yb, cols, cmask, offs_d, D, H * D, NORM)
+    Wt = tl.load(W + (tok + cols[:, None] * H) * Dv + offs_v[None, :],
+                 mask=cmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_WSC:
+        wc = tl.load(Wsc + tok + cols * H, mask=cmask, other=0.0)  # [BC]
+    else:
+        wc = cmask.to(tl.float32)
+    return y, Wt, wc, cmask
+
+
+@triton.jit
 def _outer(x, BC: tl.constexpr, BD: tl.constexpr):
     """``x (x) x`` row by row: ``[BC, BD] -> [BC, BD * BD]`` (index ``a * BD + b``)."""
     return tl.reshape(x[:, :, None] * x[:, None, :], (BC, BD * BD))
@@ -547,16 +564,9 @@ def segment_state_kernel(
     z2 = tl.zeros([BD, BD], tl.float32)
     base = (bh * NSEG + seg) * RF
     for i in range(NCS):
-        rows = (seg * NCS + i) * BC + offs_c
-        rmask = rows < T
-        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask,
-                       offs_d, D, H * D, NORM)  # fmt: skip
-        Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :],
-                     mask=rmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        if HAS_WSC:
-            wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
-        else:
-            wc = rmask.to(tl.float32)
+        y, Wt, wc, _ = _columns(Y, YG + h * pgy_stride, YB + h * pgy_stride, W, Wsc,
+                                seg * NCS + i, tok, offs_c, offs_d, offs_v, vmask, T, H, D,
+                                Dv, NORM, BC, HAS_WSC)  # fmt: skip
         S0, S1, S2, z0, z1, z2 = _update(S0, S1, S2, z0, z1, z2, y, Wt, wc, Sst, base, offs_v,
                                          vmask, Dv, DOT, BC, BD, BA, HAS_C2)  # fmt: skip
     tl.store(Sst + base * Dv + offs_v, S0, mask=vmask)
@@ -607,14 +617,9 @@ def sweep_kernel(
         c, rows, rmask, tv_mask = _walk_rows(seg, i, NCS, BC, offs_c, T, vmask, REVERSE)
         x, xh, rstd = _pre(X + tok * D, XG + h * pgx_stride, XB + h * pgx_stride, rows, rmask,
                            offs_d, D, H * D, NORM)  # fmt: skip
-        y, _, _ = _pre(Y + tok * D, YG + h * pgy_stride, YB + h * pgy_stride, rows, rmask,
-                       offs_d, D, H * D, NORM)  # fmt: skip
-        Wt = tl.load(W + (tok + rows[:, None] * H) * Dv + offs_v[None, :], mask=tv_mask,
-                     other=0.0).to(tl.float32)  # [BC, BV]  # fmt: skip
-        if HAS_WSC:
-            wc = tl.load(Wsc + tok + rows * H, mask=rmask, other=0.0)  # [BC]
-        else:
-            wc = rmask.to(tl.float32)
+        y, Wt, wc, _ = _columns(Y, YG + h * pgy_stride, YB + h * pgy_stride, W, Wsc, c, tok,
+                                offs_c, offs_d, offs_v, vmask, T, H, D, Dv, NORM, BC,
+                                HAS_WSC)  # [BC, BD], [BC, BV], [BC]  # fmt: skip
         mask = _keep(c, c, rmask, offs_c, REVERSE)  # the diagonal chunk
         s, A = _sim(x, y, mask, sc, C0, C1, C2, DOT)  # [BC, BC]
         out, den, xz = _phi_state(x, S0, S1, S2, z0, z1, z2, Sst, base, offs_v, vmask, Dv, sc,

@@ -1,0 +1,69 @@
+"""triton's ``parallel`` variant (quadratic, no state) against the float64 oracle, on the CPU
+under TRITON_INTERPRET=1 or on a GPU with REBASED_KERNELS_TEST_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import pytest
+from rebased_kernels.backends.triton import parallel
+from test_triton import _available, _check_against_the_oracle
+
+pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
+
+
+class _Launches:
+    """``parallel.pairs_kernel`` wrapped: the MODE of each launch, in order."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.modes = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.modes.append(kwargs["MODE"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch) -> _Launches:
+    wrapped = _Launches(parallel.pairs_kernel)
+    monkeypatch.setattr(parallel, "pairs_kernel", wrapped)
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("D", "name", "normalize", "T", "Dv", "BC"),
+    [(16, "rebased", True, 45, 8, 16), (8, "based", True, 70, 5, 32),
+     (24, "rebased", False, 33, 16, 16), (64, "x2", True, 20, 8, 16),
+     (16, "rebased", True, 64, 24, 32)],
+)  # fmt: skip
+def test_parallel_training_calls_match_the_oracle(launches, D, name, normalize, T, Dv, BC):
+    """o and every gradient of training's call (no state in or out), the rows' blocks against
+    all earlier column blocks: T over several blocks, a last block cut short or whole, D > 16
+    (no state, so no D <= 16 limit), Based's constant and linear terms, unnormalised."""
+    config = {"variant": "parallel", "chunk_size": BC}
+    _check_against_the_oracle(D, name, normalize, T, Dv, config, seed=T + D, state_io=False)
+    assert launches.modes == [0, 1, 2]
+
+
+def test_parallel_calls_with_a_state_run_the_chunked_kernels(launches) -> None:
+    """An initial state, a final state and its cotangents: the chunked variant runs (the pairs
+    alone cannot form a state), and matches the oracle."""
+    config = {"variant": "parallel", "chunk_size": 16, "chunks_per_segment": 2}
+    _check_against_the_oracle(16, "rebased", True, 40, 8, config, seed=3, state_io=True)
+    assert launches.modes == []
+
+
+def test_the_tuner_searches_parallel_once_per_chunk_and_exact() -> None:
+    """``parallel`` has no segments: one configuration per (chunk_size, exact), not one per
+    ``chunks_per_segment``."""
+    from rebased_kernels.backend import get_backend
+
+    be = get_backend("triton")
+    mine = [c for c in be.configs() if c["variant"] == "parallel"]
+    space = be.tuning_space
+    assert len(mine) == len(space["chunk_size"]) * len(space["exact"])
+    assert all("chunks_per_segment" not in c for c in mine)
+    assert len([c for c in be.configs() if c["variant"] == "tiles"]) == (
+        len(space["chunk_size"]) * len(space["exact"]) * len(space["chunks_per_segment"])
+    )
