@@ -10,6 +10,7 @@ when it has a native kernel. Registering a backend enrols it in the property tes
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -164,16 +165,20 @@ class Backend:
         """``forward_dense``, or one call per packed sequence when ``cu_seqlens`` is given.
         ``final_state=False``: the caller drops S and z (a ``final_state_optional`` backend
         is told, and may return None for them)."""
+        lean = not final_state and self.final_state_optional
         if cu_seqlens is None:
-            if not final_state and self.final_state_optional:
+            if lean:
                 return self.forward_dense(x, attn, config, final_state=False)
             return self.forward_dense(x, attn, config)
+        dense = (
+            functools.partial(self.forward_dense, final_state=False) if lean else self.forward_dense
+        )
         parts = [
-            empty_sequence(part, attn)
-            if part.q.shape[1] == 0
-            else self.forward_dense(part, attn, config)
+            empty_sequence(part, attn) if part.q.shape[1] == 0 else dense(part, attn, config)
             for part in split_sequences(x, cu_seqlens)
         ]
+        if lean:  # each sequence's own call without its final state, as a dense one
+            return Outputs(torch.cat([p.o for p in parts], dim=1), None, None)
         return Outputs(*(torch.cat(t, dim=d) for t, d in zip(zip(*parts), (1, 0, 0))))
 
     def backward(

@@ -67,3 +67,29 @@ def test_the_tuner_searches_parallel_once_per_chunk_and_exact() -> None:
     assert len([c for c in be.configs() if c["variant"] == "tiles"]) == (
         len(space["chunk_size"]) * len(space["exact"]) * len(space["chunks_per_segment"])
     )
+
+
+def test_packed_sequences_run_the_pairs_each(launches) -> None:
+    """``cu_seqlens`` in training's call: each sequence runs the pairs on its own (an empty
+    one none), and o is each sequence's alone against the oracle."""
+    import torch
+    from strategies import DEVICE
+
+    import rebased_kernels as rk
+    from rebased_kernels import reference
+    from rebased_kernels.spec import PRESETS, LinearAttention
+    from rebased_kernels.testing import assert_close, random_inputs
+
+    fm, lengths = PRESETS["rebased"], (5, 0, 40)
+    x = random_inputs(1, sum(lengths), 2, 16, 8, torch.float32, DEVICE, fm, seed=11,
+                      requires_grad=False)  # fmt: skip
+    bounds = torch.tensor([0, 5, 5, 45], dtype=torch.int32, device=DEVICE)
+    o = rk.linear_attention(**x, feature_map=fm, backend="triton", cu_seqlens=bounds,
+                            config={"variant": "parallel", "chunk_size": 16})  # fmt: skip
+    assert launches.modes == [0, 0]
+    attn = LinearAttention(fm, 16**-0.5)
+    params = tuple(x[n].double() for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
+    for a, b in ((0, 5), (5, 45)):
+        qkv = (x[n][:, a:b].double() for n in "qkv")
+        ref = reference.quadratic(*qkv, attn, params)[0]
+        assert_close(o[:, a:b], ref, torch.float32, f"o of tokens {a}..{b}")
