@@ -14,7 +14,9 @@ full ``1 + BD + BD^2`` state layout (S_2 in memory for D > 16); ``packed`` (the 
 D <= 16; ``packed.py``, ``packed_call.py``) keeps the quadratic state as 144 cyclic-pair rows
 built on the tensor cores and walks like ``walk``; ``tiles`` (D <= 16) is ``packed`` with one
 program per chunk: its segment's stored prefix state plus the segment's earlier chunks
-quadratically, no walk. Larger D runs ``walk`` whatever the variant.
+quadratically, no walk. Larger D runs ``walk`` whatever the variant. ``parallel``
+(``parallel.py``, any D <= 64) is quadratic in T with no state at all: training's call
+(no state in or out) runs it, any other call runs ``packed``'s kernels.
 Supported: D <= 64, Dv <= 64, float32 / float16 / bfloat16. The decode kernel covers
 D <= 16 (larger D decode through the protocol's default). On CPU it runs under
 ``TRITON_INTERPRET=1``."""
@@ -102,7 +104,8 @@ class TritonBackend(Backend):
     argument. The searched variants are the two that won somewhere on the H200: ``packed``
     (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
     fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
-    ``docs/results/h200-s9/``). A configuration may also name ``num_warps`` and, for
+    ``docs/results/h200-s9/``), and ``parallel`` for short sequences (once per chunk size and
+    ``exact``: ``configs``). A configuration may also name ``num_warps`` and, for
     ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
@@ -185,6 +188,7 @@ class TritonBackend(Backend):
             "segment_half": True,
         },
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
+        {"variant": "parallel", "chunk_size": 16, "exact": "x2"},
         {
             "variant": "walk",
             "chunk_size": 32,
