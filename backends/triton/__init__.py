@@ -93,7 +93,7 @@ class TritonBackend(Backend):
     max_D: ClassVar[int | None] = MAX_D
     max_Dv: ClassVar[int | None] = 64
     tuning_space: ClassVar[dict[str, tuple]] = {
-        "variant": ("packed", "tiles", "parallel"),
+        "variant": ("packed", "tiles"),
         "chunk_size": (32, 64),
         "exact": ("fma", "x3"),
         "chunks_per_segment": (2, 4, 8, 16, 32),
@@ -104,8 +104,11 @@ class TritonBackend(Backend):
     argument. The searched variants are the two that won somewhere on the H200: ``packed``
     (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
     fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
-    ``docs/results/h200-s9/``), and ``parallel`` for short sequences (once per chunk size and
-    ``exact``: ``configs``). A configuration may also name ``num_warps`` and, for
+    ``docs/results/h200-s9/``). ``parallel`` is not searched: on an H100 (session 17,
+    ``docs/results/h100-s17/``) its training call was 2.5x (T = 1024) and 4.8x (T = 2048)
+    slower forward+backward than tiles 64 x 4 x3, its ~fp32 pair products taken over all
+    T^2 / 2 pairs instead of a chunk's; it is a named configuration. A configuration may
+    also name ``num_warps`` and, for
     ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
     program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
@@ -118,19 +121,6 @@ class TritonBackend(Backend):
     ``packed_call.TILES_STAGES``); ``walk`` is a named configuration
     only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
-
-    def configs(self) -> list[dict[str, Any]]:
-        """The tuning space's product, ``parallel`` once per chunk size and ``exact``: it has
-        no segments."""
-        seen, out = set(), []
-        for c in super().configs():
-            if c["variant"] == "parallel":
-                c = {k: v for k, v in c.items() if k != "chunks_per_segment"}
-            key = tuple(sorted(c.items()))
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
-        return out
 
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": 32,
@@ -189,6 +179,7 @@ class TritonBackend(Backend):
         },
         {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 4, **NARROW, "tile_rows": 128},
         {"variant": "parallel", "chunk_size": 16, "exact": "x2"},
+        {"variant": "parallel", "chunk_size": 64, "exact": "x2"},
         {
             "variant": "walk",
             "chunk_size": 32,
@@ -218,6 +209,7 @@ class TritonBackend(Backend):
     ) -> Outputs:
         if config.get("variant") == "parallel" and parallel.uses_pairs(x, final_state):
             return parallel.forward(x, attn, config)
+        config = {**self.default_config, **config}  # a parallel one names no segments
         return _variant(x, config).forward(x, attn, config, final_state)
 
     def backward_dense(
@@ -225,6 +217,7 @@ class TritonBackend(Backend):
     ) -> Inputs:
         if config.get("variant") == "parallel" and parallel.uses_pairs(x, False, grads):
             return parallel.backward(x, attn, config, grads)
+        config = {**self.default_config, **config}
         return _variant(x, config).backward(x, attn, config, grads)
 
     def decode_step(
