@@ -15,8 +15,9 @@ D <= 16; ``packed.py``, ``packed_call.py``) keeps the quadratic state as 144 cyc
 built on the tensor cores and walks like ``walk``; ``tiles`` (D <= 16) is ``packed`` with one
 program per chunk: its segment's stored prefix state plus the segment's earlier chunks
 quadratically, no walk. Larger D runs ``walk`` whatever the variant. ``parallel``
-(``parallel.py``, any D <= 64) is quadratic in T with no state at all: training's call
-(no state in or out) runs it, any other call runs ``packed``'s kernels.
+(``parallel.py``, any D <= 64) is a forward quadratic in T with no state at all: a
+forward with no state in or out runs it; any other call, and every backward, runs
+``packed``'s kernels (``walk``'s for D > 16).
 Supported: D <= 64, Dv <= 64, float32 / float16 / bfloat16. The decode kernel covers
 D <= 16 (larger D decode through the protocol's default). On CPU it runs under
 ``TRITON_INTERPRET=1``."""
@@ -105,9 +106,10 @@ class TritonBackend(Backend):
     (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
     fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
     ``docs/results/h200-s9/``). ``parallel`` is not searched: on an H100 (session 17,
-    ``docs/results/h100-s17/``) its training call was 2.5x (T = 1024) and 4.8x (T = 2048)
-    slower forward+backward than tiles 64 x 4 x3, its ~fp32 pair products taken over all
-    T^2 / 2 pairs instead of a chunk's; it is a named configuration. A configuration may
+    ``docs/results/h100-s17/``) its forward beat tiles 64 x 4 only at T = 1024 (0.048
+    against 0.063 ms; 0.157 against 0.122 at 2048), and the tuner's objectives are a
+    prefill's forward (with a final state, which it does not form) and training's
+    forward+backward; it is a named configuration. A configuration may
     also name ``num_warps`` and, for
     ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and
     ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
@@ -215,9 +217,7 @@ class TritonBackend(Backend):
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
-        if config.get("variant") == "parallel" and parallel.uses_pairs(x, False, grads):
-            return parallel.backward(x, attn, config, grads)
-        config = {**self.default_config, **config}
+        config = {**self.default_config, **config}  # parallel: the chunked backward
         return _variant(x, config).backward(x, attn, config, grads)
 
     def decode_step(
