@@ -6,30 +6,15 @@ from __future__ import annotations
 
 import pytest
 from rebased_kernels.backends.triton import parallel
-from test_triton import _available, _check_against_the_oracle
+from test_triton import _available, _check_against_the_oracle, _record_launches
 
 pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
 
 
-class _Launches:
-    """``parallel.pairs_kernel`` wrapped: the grid of each launch, in order."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel, self.grids = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.grids.append(grid)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.fixture
-def launches(monkeypatch) -> _Launches:
-    wrapped = _Launches(parallel.pairs_kernel)
-    monkeypatch.setattr(parallel, "pairs_kernel", wrapped)
-    return wrapped
+def launches(monkeypatch) -> list:
+    """``parallel.pairs_kernel``'s launches, ``(args, kwargs)`` each; the kernel runs."""
+    return _record_launches(monkeypatch, parallel, "pairs_kernel", run=True)
 
 
 @pytest.mark.parametrize(
@@ -40,12 +25,12 @@ def launches(monkeypatch) -> _Launches:
 )  # fmt: skip
 def test_parallel_training_calls_match_the_oracle(launches, D, name, normalize, T, Dv, BC):
     """o and every gradient of training's call (no state in or out): the forward's row blocks
-    against all earlier column blocks (one launch, a program per block), the chunked backward:
+    against all earlier column blocks (one launch), the chunked backward:
     T over several blocks, a last block cut short or whole, D > 16 (no state, so no D <= 16
     limit), Based's constant and linear terms, unnormalised."""
     config = {"variant": "parallel", "chunk_size": BC}
     _check_against_the_oracle(D, name, normalize, T, Dv, config, seed=T + D, state_io=False)
-    assert [g[:2] for g in launches.grids] == [(-(-T // BC), 2 if D > 16 else 6)]
+    assert [kw["BC"] for _, kw in launches] == [BC]
 
 
 def test_parallel_calls_with_a_state_run_the_chunked_kernels(launches) -> None:
@@ -53,7 +38,7 @@ def test_parallel_calls_with_a_state_run_the_chunked_kernels(launches) -> None:
     alone cannot form a state), and matches the oracle."""
     config = {"variant": "parallel", "chunk_size": 16, "chunks_per_segment": 2}
     _check_against_the_oracle(16, "rebased", True, 40, 8, config, seed=3, state_io=True)
-    assert launches.grids == []
+    assert launches == []
 
 
 def test_a_parallel_call_with_a_state_takes_the_default_segments(launches) -> None:
@@ -73,7 +58,7 @@ def test_a_parallel_call_with_a_state_takes_the_default_segments(launches) -> No
     )
     config = {"variant": "parallel", "chunk_size": 16}
     out = get_backend("triton").forward_dense(inp, LinearAttention(fm, 0.25), config)
-    assert out.S is not None and launches.grids == []
+    assert out.S is not None and launches == []
 
 
 def test_packed_sequences_run_the_pairs_each(launches) -> None:
@@ -93,7 +78,7 @@ def test_packed_sequences_run_the_pairs_each(launches) -> None:
     bounds = torch.tensor([0, 5, 5, 45], dtype=torch.int32, device=DEVICE)
     o = rk.linear_attention(**x, feature_map=fm, backend="triton", cu_seqlens=bounds,
                             config={"variant": "parallel", "chunk_size": 16})  # fmt: skip
-    assert len(launches.grids) == 2
+    assert len(launches) == 2
     attn = LinearAttention(fm, 16**-0.5)
     params = tuple(x[n].double() for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
     for a, b in ((0, 5), (5, 45)):
