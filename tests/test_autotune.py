@@ -212,3 +212,34 @@ def test_search_skips_slow_backends_and_static_compiles_that_do_not_fit() -> Non
     assert _not_searched(fast, defaults, 0.0) == "time budget"
     broken = SimpleNamespace(name="broken", compiles_per_shape=False)
     assert _not_searched(broken, defaults, 10.0) == "its default did not run"
+
+
+class _Lean(Backend):
+    """Records the ``final_state`` of each forward the tuner times."""
+
+    name = "lean-test"
+    final_state_optional = True
+    default_config = {}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+
+    def forward_dense(self, x, attn, config, final_state=True):
+        self.asked.append(final_state)
+        out = get_backend("torch").forward_dense(x, attn, {"chunk_size": 64})
+        return out if final_state else Outputs(out.o, None, None)
+
+    def backward_dense(self, x, attn, config, grads):
+        return get_backend("torch").backward_dense(x, attn, {"chunk_size": 64}, grads)
+
+
+@pytest.mark.parametrize("objective, final", [("forward_backward", False), ("forward", True)])
+def test_the_tuner_times_training_call_or_prefill(objective: str, final: bool) -> None:
+    """forward_backward times training's call (no final state: a backend may skip forming
+    it), forward a prefill's (with it)."""
+    be = _Lean()
+    attn = LinearAttention(PRESETS["rebased"], 0.25)
+    sets = [tuner_module._inputs(1, 32, 2, 16, 8, torch.float32, "cpu", PRESETS["rebased"], s)[0]
+            for s in range(2)]  # fmt: skip
+    assert tuner_module._time(be, attn, {}, sets, objective, "cpu") > 0
+    assert be.asked and set(be.asked) == {final}
