@@ -42,7 +42,8 @@ VARIANTS = ("packed", "walk", "tiles", "parallel")
 
 def _variant(x: Inputs, config: dict) -> ModuleType:
     """The host module of the call's chunked variant: ``packed`` and ``tiles`` run D <= 16
-    (larger D walks); a ``parallel`` call that needs a state runs ``packed``'s."""
+    (larger D walks); ``parallel``'s backward, and its forward with a state in or out, run
+    ``packed``'s."""
     name = config.get("variant", "walk")
     if name not in VARIANTS:
         raise ValueError(f"triton variant {name!r} is not one of {VARIANTS}")
@@ -99,29 +100,26 @@ class TritonBackend(Backend):
         "exact": ("fma", "x3"),
         "chunks_per_segment": (2, 4, 8, 16, 32),
     }
-    """The variant, the chunk length and ``exact`` (``launch.EXACT``: how the gradient sweeps
-    of half inputs form their ~fp32 products) compile a kernel per value; the segment length
-    (chunks one program walks, i.e. how many programs split a sequence) is a run-time
-    argument. The searched variants are the two that won somewhere on the H200: ``packed``
-    (the default; fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``:
-    fastest forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
+    """The variant, the chunk length and ``exact`` (``launch.EXACT``: how the gradient sweeps of
+    half inputs form their ~fp32 products) compile a kernel per value; the segment length
+    (chunks one program walks, i.e. how many programs split a sequence) is a run-time argument.
+    The searched variants are the two that won somewhere on the H200: ``packed`` (the default;
+    fastest forward+backward at T = 2048) and ``tiles`` (64 x 4 with ``x3``: fastest
+    forward+backward at T = 16384 and 1.41x the default at MQAR's T = 256,
     ``docs/results/h200-s9/``). ``parallel`` is not searched: on an H100 (session 17,
-    ``docs/results/h100-s17/``) its forward beat tiles 64 x 4 only at T = 1024 (0.048
-    against 0.063 ms; 0.157 against 0.122 at 2048), and the tuner's objectives are a
-    prefill's forward (with a final state, which it does not form) and training's
-    forward+backward; it is a named configuration. A configuration may
-    also name ``num_warps`` and, for
-    ``packed`` and ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and
-    ``tile_rows`` (rows of the quadratic block per product in the state kernel and in a tile
-    program's read of the state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows
-    per product; it takes the gcd with the segment length) and ``state_warps`` (the state
-    kernel's, None: the call's), ``state_fused`` (``packed_call.STATE_FUSED``) and
-    ``segment_half`` (``packed_call.SEGMENT_HALF``); every
-    variant takes the software-pipelining depths
+    ``docs/results/h100-s17/``) its forward beat tiles 64 x 4 only at T = 1024 (0.048 against
+    0.063 ms; 0.157 against 0.122 at 2048), and the tuner's objectives are a prefill's forward
+    (with a final state, which it does not form) and training's forward+backward; it is a named
+    configuration. A configuration may also name ``num_warps`` and, for ``packed`` and
+    ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and ``tile_rows`` (rows
+    of the quadratic block per product in the state kernel and in a tile program's read of the
+    state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows per product; it takes the
+    gcd with the segment length) and ``state_warps`` (the state kernel's, None: the call's),
+    ``state_fused`` (``packed_call.STATE_FUSED``) and ``segment_half``
+    (``packed_call.SEGMENT_HALF``); every variant takes the software-pipelining depths
     ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
     one of ``launch.STAGES`` or None for Triton's default (``tiles``' tile kernels:
-    ``packed_call.TILES_STAGES``); ``walk`` is a named configuration
-    only."""
+    ``packed_call.TILES_STAGES``); ``walk`` is a named configuration only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
 
     default_config: ClassVar[dict[str, Any]] = {
