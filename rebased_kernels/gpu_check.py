@@ -138,12 +138,14 @@ class _Calls(NamedTuple):
 
 
 def _ours(B: int, T: int, H: int, config: dict, Dv: int = 64) -> _Calls:
-    """Timed closures on one set of inputs (``_Calls``)."""
-    from rebased_kernels.backend import Inputs, Outputs
+    """Timed closures on one set of inputs (``_Calls``); ``config`` completed from the
+    backend's default and checked, as the public API does (``decode_config``)."""
+    from rebased_kernels.backend import Inputs, Outputs, decode_config, encode_config
 
     fm = PRESETS["rebased"]
     x = random_inputs(B, T, H, 16, Dv, bench_dtype(), DEVICE, fm, requires_grad=False)
     be = get_backend("triton")
+    config = decode_config(be, encode_config(config))
     inp = Inputs(x["q"], x["k"], x["v"], *(x[n] for n in PARAM_NAMES))
     attn = LinearAttention(fm, 0.25)
     out = be.forward_dense(inp, attn, config)

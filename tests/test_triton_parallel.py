@@ -5,8 +5,15 @@ REBASED_KERNELS_TEST_DEVICE=cuda."""
 from __future__ import annotations
 
 import pytest
+import torch
 from rebased_kernels.backends.triton import parallel
+from strategies import DEVICE
 from test_triton import _available, _check_against_the_oracle, _record_launches
+
+import rebased_kernels as rk
+from rebased_kernels import gpu_check, reference
+from rebased_kernels.spec import PRESETS, LinearAttention
+from rebased_kernels.testing import assert_close, random_inputs
 
 pytestmark = pytest.mark.skipif(not _available(), reason="triton cannot run on this device")
 
@@ -41,37 +48,25 @@ def test_parallel_calls_with_a_state_run_the_chunked_kernels(launches) -> None:
     assert launches == []
 
 
-def test_a_parallel_call_with_a_state_takes_the_default_segments(launches) -> None:
+def test_a_parallel_call_with_a_state_takes_the_default_segments(launches, monkeypatch):
     """A ``parallel`` configuration names no segments: its chunked fallback (here a final
-    state) takes the default's (session 17's GPU profile stopped at a KeyError there)."""
-    import torch
-    from strategies import DEVICE
-
-    from rebased_kernels.backend import Inputs, get_backend
-    from rebased_kernels.spec import PRESETS, LinearAttention
-    from rebased_kernels.testing import random_inputs
-
+    state) takes the default's, completed where configurations enter (the API's
+    ``decode_config``; session 17's GPU profile stopped at a KeyError there)."""
     fm = PRESETS["rebased"]
     x = random_inputs(1, 20, 2, 16, 8, torch.float32, DEVICE, fm, seed=5, requires_grad=False)
-    inp = Inputs(
-        x["q"], x["k"], x["v"], *(x[n] for n in ("q_weight", "q_bias", "k_weight", "k_bias"))
-    )
     config = {"variant": "parallel", "chunk_size": 16}
-    out = get_backend("triton").forward_dense(inp, LinearAttention(fm, 0.25), config)
-    assert out.S is not None and launches == []
+    _, state = rk.linear_attention(**x, feature_map=fm, backend="triton", config=config,
+                                   output_final_state=True)  # fmt: skip
+    assert state.S is not None and launches == []
+    monkeypatch.setattr(gpu_check, "DEVICE", DEVICE)
+    monkeypatch.setattr(gpu_check, "SMALL", not DEVICE.startswith("cuda"))  # fp16 on the CPU
+    calls = gpu_check._ours(1, 20, 2, config, 8)  # the GPU scripts' entry, same completion
+    assert calls.fwd_final_state().S is not None and launches == []
 
 
 def test_packed_sequences_run_the_pairs_each(launches) -> None:
     """``cu_seqlens`` in training's call: each sequence runs the pairs on its own (an empty
     one none), and o is each sequence's alone against the oracle."""
-    import torch
-    from strategies import DEVICE
-
-    import rebased_kernels as rk
-    from rebased_kernels import reference
-    from rebased_kernels.spec import PRESETS, LinearAttention
-    from rebased_kernels.testing import assert_close, random_inputs
-
     fm, lengths = PRESETS["rebased"], (5, 0, 40)
     x = random_inputs(1, sum(lengths), 2, 16, 8, torch.float32, DEVICE, fm, seed=11,
                       requires_grad=False)  # fmt: skip

@@ -209,13 +209,11 @@ class TritonBackend(Backend):
     ) -> Outputs:
         if config.get("variant") == "parallel" and parallel.uses_pairs(x, final_state):
             return parallel.forward(x, attn, config)
-        config = {**self.default_config, **config}  # a parallel one names no segments
         return _variant(x, config).forward(x, attn, config, final_state)
 
     def backward_dense(
         self, x: Inputs, attn: LinearAttention, config: dict, grads: Outputs
     ) -> Inputs:
-        config = {**self.default_config, **config}  # parallel: the chunked backward
         return _variant(x, config).backward(x, attn, config, grads)
 
     def decode_step(
