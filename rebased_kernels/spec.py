@@ -109,6 +109,14 @@ class FeatureMap:
         """The powers p with ``c_p != 0``: the blocks of the feature layout, in order."""
         return tuple(p for p, c in enumerate(self.coeffs) if c != 0.0)
 
+    @property
+    def quadratic_coeffs(self) -> tuple[float, float, float]:
+        """``(c_0, c_1, c_2)``, zeros for absent powers: the polynomial of a degree <= 2 kernel
+        as the fused kernels take it; ValueError above degree 2."""
+        if self.degree > 2:
+            raise ValueError(f"feature map {self.name!r} has degree {self.degree} > 2")
+        return (*self.coeffs, 0.0, 0.0, 0.0)[:3]
+
     def num_features(self, D: int) -> int:
         """F, the length of ``phi(x)`` for feature dim D: ``sum_p C(D + p - 1, p)``."""
         return sum(math.comb(D + p - 1, p) for p in self.powers)

@@ -128,3 +128,14 @@ def test_bad_affine_and_unknown_preset() -> None:
         PreTransform(True, "beta")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown feature map"):
         rk.get_feature_map("rebase")
+
+
+def test_quadratic_coeffs_pad_absent_powers_and_refuse_higher_degrees() -> None:
+    """The fused kernels' ``(c_0, c_1, c_2)``: Based's Taylor terms, ReBased's square alone, a
+    linear map's zeros above it; a cubic has no such triple."""
+    assert PRESETS["based"].quadratic_coeffs == (1.0, 1.0, 0.5)
+    assert PRESETS["rebased"].quadratic_coeffs == (0.0, 0.0, 1.0)
+    linear = FeatureMap("lin", PRESETS["rebased"].pre, (0.0, 1.0))
+    assert linear.quadratic_coeffs == (0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="degree 3 > 2"):
+        _ = CUBIC.quadratic_coeffs

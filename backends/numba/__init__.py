@@ -34,7 +34,7 @@ def _layout(fm: FeatureMap, D: int, scale: float, eps: float, dtype: torch.dtype
     i0 = np.array([p[0] for p in pairs], dtype=np.int64)
     i1 = np.array([p[1] for p in pairs], dtype=np.int64)
     w = np.array(feature_weights(fm, D, scale), dtype=np_dt)
-    c0, c1, c2 = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
+    c0, c1, c2 = fm.quadratic_coeffs
     P = np.array([scale, eps, c0, c1, c2, 0.0, 2 * c2], dtype=np_dt)
     for a in (i0, i1, w, P):
         a.setflags(write=False)

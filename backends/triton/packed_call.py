@@ -177,7 +177,7 @@ class PackedCall:
         variant = "tiles" if self.tiles else "packed"
         self.num_warps = call_warps(config, NUM_WARPS, variant, x.v.dtype, backward and x.q.is_cuda)
         self.attn, self.fm, self.backward = attn, fm, backward
-        self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
+        self.C = fm.quadratic_coeffs
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"), x.q.is_cuda)
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D, dev = self.H, self.D, x.q.device

@@ -81,7 +81,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict) -> Outputs:
     o = torch.empty_like(v)
     pairs_kernel[(triton_cdiv(T, BC), B * H, triton_cdiv(Dv, BV))](
         q, qg, qb, k, kg, kb, v, o, T, H, D, Dv, qs, ks, int(fm.pre.norm), int(attn.normalize),
-        float(attn.scale), *(*fm.coeffs, 0.0, 0.0, 0.0)[:3], float(attn.eps),
+        float(attn.scale), *fm.quadratic_coeffs, float(attn.eps),
         BC=BC, BD=padded_dim(D), BV=BV, DOT=dot_precision(v.dtype, False),
         num_warps=call_warps(config, NUM_WARPS, "parallel", v.dtype, False),
         **stages(config, "num_stages"),

@@ -95,7 +95,7 @@ class _Call:
         self.stages = stages(config, "num_stages")  # the sweep kernel's
         self.state_stages = stages(config, "state_stages")
         self.attn, self.fm = attn, fm
-        self.C = (*fm.coeffs, 0.0, 0.0, 0.0)[:3]
+        self.C = fm.quadratic_coeffs
         self.dot = dot_precision(x.v.dtype, backward, config.get("exact", "fma"), x.q.is_cuda)
         self.q, self.k, self.v = x.q.contiguous(), x.k.contiguous(), x.v.contiguous()
         H, D = self.H, self.D
