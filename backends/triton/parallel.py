@@ -13,7 +13,9 @@ quadratic backward (the pairs' gradients, ~fp32 as the chunked kernels form the 
 chunk's) passed its GPU tests but took 4.4 ms at 2048 against tiles' ~0.8, and was removed.
 After that run the loop drops its masks and selects on every block but the diagonal one (a
 uniform branch): SASS of the loop (triton 3.6, sm_90a, 64 rows, 4 warps, bf16) from 480 to
-~356 instructions on an off-diagonal block, 185 to 148 registers; not yet timed on a GPU.
+~356 instructions on an off-diagonal block, 185 to 148 registers; and the row blocks run
+last-first (program 0 takes the last row block, which walks every column block), so the
+shortest programs fill the last wave. Neither yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def pairs_kernel(
     """Grid ``(cdiv(T, BC), B*H, cdiv(Dv, BV))``: row block c against column blocks 0..c,
     ``o`` stored for its rows and value columns."""
     c, _bh, h, tok, offs_c, offs_d, _f, offs_v, vmask = _program(T, H, Dv, BC, BD, BV)
+    c = tl.num_programs(0) - 1 - c  # the longest rows (c + 1 column blocks) launch first
     rows = c * BC + offs_c  # [BC]
     rmask = rows < T
     tv_mask = rmask[:, None] & vmask[None, :]  # [BC, BV]
