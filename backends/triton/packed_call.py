@@ -22,6 +22,7 @@ from .launch import (
     INTERPRET,
     call_warps,
     dot_precision,
+    param_grads,
     params,
     scan,
     stages,
@@ -305,13 +306,6 @@ class PackedCall:
         (``packed``) or per chunk (``tiles``)."""
         return self.NCH if self.tiles else self.NSEG
 
-    def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment (per-chunk) ``[B*H, n, 16]`` sums into p's shape."""
-        if not used or p is None:
-            return None
-        g = partial.reshape(self.B, self.H, -1, 16)[..., : self.D].sum((0, 2))
-        return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
-
 
 def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True) -> Outputs:
     """``o`` and, with ``final_state``, the final state in the canonical layout; without it
@@ -339,15 +333,14 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     inv = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     r = torch.empty_like(inv)
     dq = torch.empty_like(call.q)
-    dgq = torch.empty(B * H, call.partials(), 16, device=dev, dtype=torch.float32)
-    dbq = torch.empty_like(dgq)
+    partials = torch.empty(4, B * H, call.partials(), 16, device=dev, dtype=torch.float32)
+    dgq, dbq, dgk, dbk = partials  # d gamma / d beta sums: q's from the dq sweep, k's from dk/dv
     dO = grads.o.contiguous()
     call.sweep(1, prefix, carried_in, X=call.q, Y=call.k, W=call.v, DO=dO, INV=inv, ROUT=r,
                DX=dq, DG=dgq, DB=dbq)  # fmt: skip
     suffix = call.states(call.q, call.qg, call.qb, call.qg_stride, dO, inv, r,
                          (grads.S, grads.z), reverse=True, total=carried_in)  # fmt: skip
     dk, dv = torch.empty_like(call.k), torch.empty_like(call.v)
-    dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
     call.sweep(2, suffix, carried_out, X=call.k, Y=call.q, W=dO, WS=inv, Wsc=r, U=call.v,
                OUT=dv, DX=dk, DG=dgk, DB=dbk)  # fmt: skip
     (_, dS_total), (_, dz_total) = suffix
@@ -355,10 +348,7 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     pre = fm.pre
     return Inputs(
         dq, dk, dv,
-        call.param_grad(dgq, x.q_weight, pre.uses_gamma),
-        call.param_grad(dbq, x.q_bias, pre.uses_beta),
-        call.param_grad(dgk, x.k_weight, pre.uses_gamma),
-        call.param_grad(dbk, x.k_bias, pre.uses_beta),
+        *param_grads(partials, B, H, call.D, x, pre),
         None if dS0 is None else dS0.to(x.S0.dtype),
         None if dz0 is None else dz0.to(x.z0.dtype),
     )  # fmt: skip

@@ -19,6 +19,7 @@ from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, fe
 from .launch import (
     call_warps,
     dot_precision,
+    param_grads,
     params,
     scan,
     stages,
@@ -167,13 +168,6 @@ class _Call:
         shape = (self.B, self.H, c.shape[1]) + ((cols,) if cols is not None else ())
         return c.reshape(shape)
 
-    def param_grad(self, partial: torch.Tensor, p: torch.Tensor | None, used: bool):
-        """Sum the kernels' per-segment ``[B*H, NSEG, BD]`` sums into p's shape."""
-        if not used or p is None:
-            return None
-        g = partial.reshape(self.B, self.H, -1, self.BD)[..., : self.D].sum((0, 2))
-        return (g if p.dim() == 2 else g.sum(0)).to(p.dtype)
-
 
 def forward(x: Inputs, attn: LinearAttention, config: dict, final_state: bool = True) -> Outputs:
     """``o`` and the final state (canonical), or ``Outputs(o, None, None)`` without
@@ -206,8 +200,8 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     g = torch.empty(B, T, H, Dv, device=dev, dtype=torch.float32)
     r = torch.empty(B, T, H, device=dev, dtype=torch.float32)
     dq = torch.empty_like(call.q)
-    dgq = torch.empty(B * H, call.NSEG, call.BD, device=dev, dtype=torch.float32)
-    dbq = torch.empty_like(dgq)
+    partials = torch.empty(4, B * H, call.NSEG, call.BD, device=dev, dtype=torch.float32)
+    dgq, dbq, dgk, dbk = partials  # d gamma / d beta sums: q's from the dq sweep, k's from dk/dv
     call.sweep(1, prefix, x.S0 is not None or x.z0 is not None, X=call.q, Y=call.k,
                W=call.v, DO=grads.o.contiguous(), GOUT=g, ROUT=r, DX=dq, DG=dgq, DB=dbq,
                BV=BV)  # fmt: skip
@@ -217,7 +211,6 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
     )  # fmt: skip
     dk = torch.empty_like(call.k)
     dv = torch.empty_like(call.v)
-    dgk, dbk = torch.empty_like(dgq), torch.empty_like(dgq)
     carried = grads.S is not None or grads.z is not None
     call.sweep(2, suffix, carried, X=call.k, Y=call.q, W=g, Wsc=r, U=call.v, OUT=dv, DX=dk,
                DG=dgk, DB=dbk, BV=BV)  # fmt: skip
@@ -227,10 +220,7 @@ def backward(x: Inputs, attn: LinearAttention, config: dict, grads: Outputs) -> 
         dq,
         dk,
         dv,
-        call.param_grad(dgq, x.q_weight, fm.pre.uses_gamma),
-        call.param_grad(dbq, x.q_bias, fm.pre.uses_beta),
-        call.param_grad(dgk, x.k_weight, fm.pre.uses_gamma),
-        call.param_grad(dbk, x.k_bias, fm.pre.uses_beta),
+        *param_grads(partials, B, H, call.D, x, fm.pre),
         call.canonical(dS_total, Dv).to(x.S0.dtype) if has_state else None,
         call.canonical(dz_total, None).to(x.z0.dtype) if has_state else None,
     )
