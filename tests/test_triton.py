@@ -96,6 +96,32 @@ def test_prefix_over_segments_matches_cumsum(NSEG: int, reverse: bool) -> None:
     torch.testing.assert_close(total, incl[:, -1] + init, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("affine", ["gamma_beta", "gamma", "none"])
+def test_param_grads_sum_each_parameter_over_batch_and_blocks(shared: bool, affine) -> None:
+    """``launch.param_grads``: the four partial sums ``[4, B*H, n, W]`` in one reduction give
+    each parameter its own sum over batch and blocks (and heads when shared), columns past D
+    dropped, None where the parameter is absent or unused."""
+    from rebased_kernels.backends.triton.launch import param_grads
+
+    B, H, n, W, D = 2, 3, 5, 16, 9
+    g = torch.Generator().manual_seed(7)
+    partials = torch.randn(4, B * H, n, W, generator=g)
+    shape = (D,) if shared else (H, D)
+    p = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    x = Inputs(None, None, None, *p)
+    fm = PreTransform(affine=affine)
+    got = param_grads(partials, B, H, D, x, fm)
+    for i, (gi, used) in enumerate(zip(got, (fm.uses_gamma, fm.uses_beta) * 2)):
+        if not used:
+            assert gi is None
+            continue
+        want = partials[i].reshape(B, H, n, W)[..., :D].double().sum((0, 2))
+        want = want.sum(0) if shared else want
+        assert gi.dtype == torch.float64 and gi.shape == shape
+        torch.testing.assert_close(gi, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "variant, rows, state_chunk, tile_rows",
     [("packed", 128, 128, 32), ("packed", 64, 256, 32), ("tiles", 128, 64, 128),

@@ -215,6 +215,9 @@ def param_grads(partials: torch.Tensor, B: int, H: int, D: int, x, pre) -> tuple
     if all(p is None or not u for p, u in zip(ps, used)):
         return (None,) * 4
     g = partials.reshape(4, B, H, -1, partials.shape[-1])[..., :D].sum((1, 3))  # [4, H, D]
+    dtypes = {p.dtype for p in ps if p is not None}
+    if len(dtypes) == 1 and all(p is None or p.dim() == 2 for p in ps):
+        g = g.to(dtypes.pop())  # one conversion, not one a parameter
     return tuple(
         None if p is None or not u else (gi if p.dim() == 2 else gi.sum(0)).to(p.dtype)
         for gi, p, u in zip(g, ps, used)
