@@ -97,7 +97,7 @@ class TritonBackend(Backend):
     tuning_space: ClassVar[dict[str, tuple]] = {
         "variant": ("packed", "tiles"),
         "chunk_size": (32, 64),
-        "exact": ("fma", "x3"),
+        "exact": ("fma", "x3", "x2"),
         "chunks_per_segment": (2, 4, 8, 16, 32),
     }
     """The variant, the chunk length and ``exact`` (``launch.EXACT``: how the gradient sweeps of
@@ -110,7 +110,10 @@ class TritonBackend(Backend):
     ``docs/results/h100-s17/``) its forward beat tiles 64 x 4 only at T = 1024 (0.048 against
     0.063 ms; 0.157 against 0.122 at 2048), and the tuner's objectives are a prefill's forward
     (with a final state, which it does not form) and training's forward+backward; it is a named
-    configuration. A configuration may also name ``num_warps`` and, for ``packed`` and
+    configuration. ``exact`` "x2" joined the space after session 18's H100 profile
+    (``docs/results/h100-s18/``): tiles 64 x 4 forward+backward at T = 16384 in 5.79 ms
+    against x3's 6.76 (the gradient tile kernels 4.41 against 5.44 ms). A configuration may
+    also name ``num_warps`` and, for ``packed`` and
     ``tiles``, ``features`` (``packed_call.FEATURES``), ``state_rows`` and ``tile_rows`` (rows
     of the quadratic block per product in the state kernel and in a tile program's read of the
     state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows per product; it takes the

@@ -150,8 +150,10 @@ def _dot(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif DOT == "bf16" or DOT == "fp16":
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
+    elif DOT == "tf32x3":  # ~fp32: a gradient sweep's products with a carried state
+        return _dot_x3(a, b, "x3")
     else:  # a gradient sweep: tf32, whatever its ~fp32 products (``_dot_exact``) are
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+        return _dot_tf32_of(a.to(tl.float32), b.to(tl.float32), None, INTERPRET)
 
 
 @triton.jit
@@ -160,7 +162,7 @@ def _dot_scores(a, b, DOT: tl.constexpr):
     (DOT "tf32"), where dq ~ s (x) k' carries s's cancellation: tf32 scores measured dq
     errors of 1.6e-2 on an H100 (bf16, x2, T = 1)."""
     if DOT == "bf16" or DOT == "fp16":
-        return tl.dot(a, b, input_precision="tf32")
+        return _dot_tf32_of(a, b, None, INTERPRET)
     else:
         return _dot_exact(a, b, DOT)
 
@@ -278,8 +280,10 @@ def _dot_tf32(a, b, DOT: tl.constexpr):
     on an H100 when a bf16 run continued from a carried state)."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == "tf32x3":
+        return _dot_x3(a, b, "x3")
     else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+        return _dot_tf32_of(a.to(tl.float32), b.to(tl.float32), None, INTERPRET)
 
 
 @triton.jit

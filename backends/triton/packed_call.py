@@ -47,6 +47,15 @@ contracts it with later queries: bf16 operands rounded it to 2^-9 (the rule allo
 inputs' products 2^-11), and on an H100 (session 14, ``docs/results/h100-s14/``) a bf16
 split run's o missed the kappa-scaled rule at 1.84e-2 against 1.48e-2 (packed 32 x 2, T = 2,
 D = 8, Dv = 1, unnormalised)."""
+CARRIED_GRAD_SP = "tf32x3"
+"""State products of a gradient sweep whose state carries the caller's (an initial state in
+the dq sweep, a final-state cotangent in dk/dv): ~fp32, three tf32 passes, as ``walk``'s
+``X3``. There the state's part of a row's gradient meets the normaliser's (``U . S`` against
+``u z``), terms that cancel; tf32 operands (``CARRIED_SP``) measured d gamma_Q 1.025e-2
+against the 1e-2 rule on an H100 (session 18, ``docs/results/h100-s18/``: fp16, T = 1,
+D = 8, Dv = 1, an initial state; packed 16 x2), and so does the interpreter since it rounds
+tf32 operands as the tensor cores do (``kernels._dot_tf32_of``). Training's call carries no
+state and never takes these."""
 FP16_SP = "tf32"
 """State products of float16 inputs: tf32, as exact as their inputs. bf16 operands rounded
 fp16's exact v and features to 8 bits (u = 2^-8 against the rule's 2^-11): on an H200
@@ -213,14 +222,14 @@ class PackedCall:
         (``kernels._below``): T a multiple of ``rows``, D = 16, Dv = BV."""
         return self.T % rows == 0 and self.D == 16 and self.Dv == self.BV
 
-    def sp(self, carried: bool) -> str:
+    def sp(self, carried: bool, sweep: bool = False) -> str:
         """The state products' operands: exact for fp32 inputs, ``CARRIED_SP`` when the state
-        starts from the caller's (``carried``), ``FP16_SP`` for fp16 inputs, else ``BWD_SP`` /
-        ``HALF_SP``."""
+        starts from the caller's (``carried``; ``CARRIED_GRAD_SP`` in a gradient ``sweep``),
+        ``FP16_SP`` for fp16 inputs, else ``BWD_SP`` / ``HALF_SP``."""
         if self.dot == "ieee":
             return "ieee"
         if carried:
-            return CARRIED_SP
+            return CARRIED_GRAD_SP if sweep and self.backward else CARRIED_SP
         if self.v.dtype == torch.float16:
             return FP16_SP
         return BWD_SP if self.backward else HALF_SP
@@ -298,7 +307,7 @@ class PackedCall:
             self.T, self.H, self.D, self.Dv, xs, ys, self.NSEG, self.NCS, int(fm.pre.norm),
             int(attn.normalize), float(attn.scale), *self.C, float(attn.eps),
             BC=self.BC, BV=self.BV, MODE=mode, HAS_WS="WS" in t, HAS_WSC="Wsc" in t,
-            DOT=self.dot, SP=self.sp(carried), **self.flags, **self.stages, **extra,
+            DOT=self.dot, SP=self.sp(carried, sweep=True), **self.flags, **self.stages, **extra,
         )  # fmt: skip
 
     def partials(self) -> int:
