@@ -73,10 +73,15 @@ def build_tilelang_kernels() -> dict:
     dtype under test, in its test configurations; B, T, H, D and the coefficients are read at
     launch), built once per process on every core (``build.precompile_problems``) before
     its first property test; a lazy build per draw would compile one at a time. Run the
-    TileLang suite in one process (``PROPS_N=0``): the builds live in its memory. Returns the
-    failures of its report."""
+    TileLang suite in one process (``PROPS_N=0``): the builds live in its memory, and a
+    pytest-xdist worker raises ``RuntimeError`` saying so. Returns the failures of its report."""
     from rebased_kernels.backends.tilelang import build
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # session 18: 4 workers, no test in 243 s
+        raise RuntimeError(
+            "run the TileLang GPU property suite in one process (pytest -n 0, PROPS_N=0): "
+            "each pytest-xdist worker would build every TileLang kernel itself"
+        )
     be = registered()["tilelang"]
     problems = [Problem(LinearAttention(fm, 0.25, normalize), 16, 16, dtype, "cuda")
                 for dtype in dtypes_under_test("tilelang") for fm in FEATURE_MAPS
