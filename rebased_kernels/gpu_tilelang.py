@@ -72,6 +72,24 @@ SEGMENTS = (0, 512, 2048, "auto")
 default until a GPU run checks the split), "auto" the automatic split."""
 
 
+KERNEL_TABLES = (0, "auto")
+"""The segment lengths whose device time per kernel is recorded at the longest T (session 18:
+the automatic split made forward+backward 1.5x faster at 16k, the forward no faster; the
+table says whether the state sums, the scan or the walk take it)."""
+
+
+def _kernel_tables(call, inp: Inputs, attn: LinearAttention, c: dict, do: Outputs,
+                   device: str) -> dict:  # fmt: skip
+    """``gpu_profile.kernel_table`` of one forward and of one forward+backward."""
+    from rebased_kernels.gpu_profile import kernel_table
+
+    return dict(
+        fwd=kernel_table(lambda: call.forward(inp, attn, c), device, calls=3),
+        fwd_bwd=kernel_table(lambda: (call.forward(inp, attn, c),
+                                      call.backward(inp, attn, c, do)), device, calls=3),
+    )  # fmt: skip
+
+
 def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                    dtypes: tuple[torch.dtype, ...] | None = None,
                    triton_config: dict | None = None, timings: bool = True) -> None:  # fmt: skip
@@ -102,7 +120,8 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
     attn = LinearAttention(fm, 0.25)
     triton = get_backend("triton")
     cfg = {**triton.default_config, **(triton_config or {})}
-    for T in (64,) if small else (2048, 8192, 16384):
+    Ts = (64,) if small else (2048, 8192, 16384)
+    for T in Ts:
         B, H = (1, 2) if small else (4, 16)
         x = random_inputs(B, T, H, 16, 64, timed, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
@@ -123,6 +142,10 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                                                       call.backward(inp, attn, c, do)))  # fmt: skip
             row["by_segment"][str(segment)] = [fwd, fwd_bwd]
             row["tilelang_fwd"], row["tilelang_fwd_bwd"] = fwd, fwd_bwd
+            if T == Ts[-1] and segment in KERNEL_TABLES:
+                row.setdefault("kernels", {})[str(segment)] = _kernel_tables(
+                    call, inp, attn, c, do, device
+                )
         if triton.unavailable_reason() is None and not small:  # (the interpreter: slow)
             row["triton_config"] = cfg
             row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))

@@ -66,7 +66,7 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     """The TileLang stage (its first GPU check) on the CPU: TileLang's C target, float32; its
     kernels precompiled first (rebased and based, each kind with and without a state: 8 keys
     each in float32, ``build.compile_classes``); each length timed at every segment length of
-    ``gpu_tilelang.SEGMENTS``."""
+    ``gpu_tilelang.SEGMENTS``, with per-kernel tables at the longest."""
     pytest.importorskip("tilelang")
     from rebased_kernels import gpu_check
 
@@ -81,6 +81,9 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
         r["tilelang_fwd"] > 0 and r["tilelang_fwd_bwd"] > 0 for r in log["tilelang"]["timings"]
     )
     assert all(len(r["by_segment"]) == 4 for r in log["tilelang"]["timings"])
+    tables = log["tilelang"]["timings"][-1]["kernels"]  # per kernel, unsplit and auto
+    assert set(tables) == {"0", "auto"}
+    assert all(t["fwd"] and t["fwd_bwd"] for t in tables.values())
 
 
 def test_gpu_check_probe_stage_dry_run(tmp_path, monkeypatch) -> None:
