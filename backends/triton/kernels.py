@@ -190,11 +190,16 @@ def _dot_x3(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _tf32_trunc(x):
+    """x with the low 13 bits of its mantissa cleared: tf32's leading bits."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tf32_split(x):
-    """``(hi, lo)`` with ``hi + lo = x`` exactly: ``hi`` keeps tf32's leading bits (the low
-    13 of the mantissa cleared), ``lo`` the rest (itself rounded to tf32 by a product: ~2^-22
-    of x)."""
-    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    """``(hi, lo)`` with ``hi + lo = x`` exactly: ``hi`` keeps tf32's leading bits
+    (``_tf32_trunc``), ``lo`` the rest (itself rounded to tf32 by a product: ~2^-22 of x)."""
+    hi = _tf32_trunc(x)
     return hi, x - hi
 
 
@@ -204,8 +209,8 @@ def _dot_tf32_of(a, b, acc, EMULATE: tl.constexpr):
     interpreter, whose tf32 product is exact fp32) truncates them to tf32 first, as the
     tensor cores read them."""
     if EMULATE:
-        a, _ = _tf32_split(a)
-        b, _ = _tf32_split(b)
+        a = _tf32_trunc(a)
+        b = _tf32_trunc(b)
     return tl.dot(a, b, acc, input_precision="tf32")
 
 
