@@ -150,10 +150,8 @@ def _dot(a, b, DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif DOT == "bf16" or DOT == "fp16":
         return tl.dot(_cast(a, DOT), _cast(b, DOT))
-    elif DOT == "tf32x3":  # ~fp32: a gradient sweep's products with a carried state
-        return _dot_x3(a, b, "x3")
-    else:  # a gradient sweep: tf32, whatever its ~fp32 products (``_dot_exact``) are
-        return _dot_tf32_of(a.to(tl.float32), b.to(tl.float32), None, INTERPRET)
+    else:  # a gradient sweep: tf32 whatever its ~fp32 products (``_dot_exact``) are, or
+        return _dot_tf32(a, b, DOT)  # "tf32x3" (~fp32: a state carried in a gradient sweep)
 
 
 @triton.jit
@@ -285,7 +283,7 @@ def _dot_tf32(a, b, DOT: tl.constexpr):
     on an H100 when a bf16 run continued from a carried state)."""
     if DOT == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == "tf32x3":
+    elif DOT == "tf32x3":  # ~fp32: a gradient sweep's products with a carried state
         return _dot_x3(a, b, "x3")
     else:
         return _dot_tf32_of(a.to(tl.float32), b.to(tl.float32), None, INTERPRET)
