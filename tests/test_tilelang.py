@@ -283,6 +283,24 @@ def test_split_sequences_match_the_oracle(
         _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment)
 
 
+@pytest.mark.parametrize(("B", "T", "L"), [(2, 49, 48), (3, 96, 32), (2, 100, 48), (1, 40, 16)])
+def test_split_operands_are_packed(B: int, T: int, L: int) -> None:
+    """``Split.body`` / ``tail`` hand the kernels packed (contiguous) operands holding the
+    right tokens (a view of whole segments, not copied): one whole segment and a tail at B > 1
+    (n = 1) made ``reshape`` return a strided view, which the C target took and the CUDA
+    kernels' stride check refused (session 19, H100: B = 2, T = 49, L = 48)."""
+    from rebased_kernels.backends.tilelang.split import Split
+
+    sp = Split(B, T, L)
+    x = torch.randn(B, T, 3, 5)
+    body, tail = sp.body(x), sp.tail(x)
+    assert body.is_contiguous() and tail.is_contiguous()
+    assert body.shape == (B * sp.n, L, 3, 5) and tail.shape == (B, sp.rem, 3, 5)
+    torch.testing.assert_close(sp.join([body, tail]), x, rtol=0, atol=0)
+    if T == sp.n * L:
+        assert body.data_ptr() == x.data_ptr()  # whole segments: no copy
+
+
 def test_segment_lengths(monkeypatch) -> None:
     """``split.segment``: a given token count as is, None the default (no split), "auto" on
     an H100-sized GPU (132 SMs) the power-of-two fraction of T for ~4 programs per SM (16k at

@@ -76,9 +76,11 @@ class Split:
         return self.T - self.n * self.L
 
     def body(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, T, ...]`` -> the segments as a batch ``[B n, L, ...]`` (a view when T = n L,
-        else a copy of the first ``n L`` tokens)."""
-        return t[:, : self.n * self.L].reshape(self.B * self.n, self.L, *t.shape[2:])
+        """``[B, T, ...]`` -> the segments as a batch ``[B n, L, ...]``, contiguous (the
+        kernels take packed operands): a view when T = n L, else a copy of the first ``n L``
+        tokens. (``reshape`` alone returns a strided view when n = 1 < B: session 19's H100
+        property run, B = 2, T = 49, L = 48, stopped at TileLang's stride check.)"""
+        return t[:, : self.n * self.L].reshape(self.B * self.n, self.L, *t.shape[2:]).contiguous()
 
     def tail(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, T, ...]`` -> its last ``rem`` tokens ``[B, rem, ...]``, contiguous."""
