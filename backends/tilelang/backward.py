@@ -96,6 +96,7 @@ class Tiles(NamedTuple):
     v_hi: Any  # [BC, BV] fp32 hi(v), v_lo: v - hi(v)
     v_lo: Any
     g_lo: Any  # [BC, BV] fp32 g - hi(g) (g itself holds hi(g) after the split)
+    xs: Any  # [BC, 16] fp32 x' split for the power-1 state product (``exact_state``, Based)
 
 
 def _gradient(m: SimpleNamespace) -> SimpleNamespace:
@@ -147,6 +148,9 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         b_den = T.alloc_fragment((BC,), ACC)
         b_red = T.alloc_fragment((BC,), ACC)
         b_lo = (None, None, None, None)
+        b_xs = None
+        if m.exact_state and m.has1:
+            b_xs = T.alloc_shared((BC, DK), ACC, scope=smem)
         if exact:  # the cancelling pair products' split tiles (``split``)
             b_lo = (T.alloc_shared((BC, BC), ACC, scope=smem),  # [BC, BC] A_lo
                     T.alloc_shared((BC, BV), ACC, scope=smem),  # [BC, BV] v_hi
@@ -161,7 +165,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         return Tiles(
             b_xr, b_yr, b_x, b_y, b_yt, b_mean, b_rstd, b_ymean, b_yrstd, b_v, b_do,
             b_g if m.normalize else b_do, b_inv, b_r, b_s, b_ds, b_P, b_A, b_o, b_den, b_red,
-            b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E, *b_lo,
+            b_dx, b_dxs, b_sum1, b_sum2, b_dg, b_db, b_dgs, b_dbs, b_phi, b_U, b_E, *b_lo, b_xs,
         )  # fmt: skip
 
     @T.macro
@@ -257,20 +261,34 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.dx[i, a] = 0.0
         T.gemm(t.A, t.yt, t.dx, transpose_B=True)
 
+    def quad_grad(sc, t, st, b_u, with_z, i, f):
+        """``2 (U + u (w_2 z_2))[i, f] x'[i, f % 16]``: row i's term f of the power-2 state
+        part of dx' (fp32; ``z_2 u`` only ``with_z``)."""
+        Uz = t.U[i, f] + one(b_u, i) * sc[2] * st[2].z[f] if with_z else t.U[i, f]
+        return 2.0 * Uz * T.cast(t.x[i, f % DK], ACC)
+
     @T.macro
-    def state_grad(sc, t, st, b_U, b_u, with_z):
+    def state_grad(sc, t, st, b_U, b_u, with_z, b_U_lo=None):
         """``t.dx += sum_p w_p d x^(p)/dx' . (S_p U_i + z_p u_i)`` for the rows ``b_U``
-        (``z_p u_i`` only ``with_z``; u = None is 1)."""
+        (``z_p u_i`` only ``with_z``; u = None is 1). With ``m.exact_state`` (b_U, b_U_lo:
+        the hi and lo parts of U) ~fp32: ``U S^T`` in three tf32 products
+        (``walk.state_product``) and the sum over E of both parts of ``2 (U + u z) x'``."""
         if m.has2:
             for i, f in T.Parallel(BC, F):
                 t.U[i, f] = 0.0
-            T.gemm(b_U, st[2].op, t.U, transpose_B=True)
-            for i, f in T.Parallel(BC, F):
-                Uz = t.U[i, f] + one(b_u, i) * sc[2] * st[2].z[f] if with_z else t.U[i, f]
-                t.phi[i, f] = T.cast(2.0 * Uz * T.cast(t.x[i, f % DK], ACC), dtype)
+            m.state_product(sc, st, 2, b_U, b_U_lo, t.U, True)
+            if m.exact_state:  # E is one-hot, exact: hi and lo each summed as they are
+                for i, f in T.Parallel(BC, F):
+                    t.phi[i, f] = m.tf32_hi(quad_grad(sc, t, st, b_u, with_z, i, f))
+                T.gemm(t.phi, t.E, t.dx, transpose_B=True)
+                for i, f in T.Parallel(BC, F):
+                    t.phi[i, f] = m.part(quad_grad(sc, t, st, b_u, with_z, i, f), "lo")
+            else:
+                for i, f in T.Parallel(BC, F):
+                    t.phi[i, f] = T.cast(quad_grad(sc, t, st, b_u, with_z, i, f), dtype)
             T.gemm(t.phi, t.E, t.dx, transpose_B=True)
         if m.has1:
-            T.gemm(b_U, st[1].op, t.dx, transpose_B=True)
+            m.state_product(sc, st, 1, b_U, b_U_lo, t.dx, True)
             if with_z:
                 for i, a in T.Parallel(BC, DK):
                     t.dx[i, a] += one(b_u, i) * sc[1] * st[1].z[a]
@@ -326,6 +344,18 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
     )  # fmt: skip
 
 
+def exact_state(opt: KernelOptions) -> bool:
+    """Whether a gradient sweep multiplies by its state to ~fp32 (``walk``'s
+    ``exact_state``): where the state carries the caller's (``opt.state``: the dq sweep's
+    initial state, the dk/dv sweep's final-state cotangent) in a normalised fp32 sweep of a
+    map that reads q', k'. There the state's part of P (``g . S q^(p)``) meets r's (``r z``)
+    and they cancel: tf32 state products measured d gamma_q errors of 1.2e-2 (fp32) and
+    2.3e-2 (bf16, fp16) against the float64 oracle on an H100 (session 19; T = 11, D = 4,
+    gamma_x2), as triton's did in session 18 (``packed_call.CARRIED_GRAD_SP``)."""
+    uses_x = any(p in opt.powers for p in (1, 2))
+    return opt.state and opt.normalize and opt.dtype == "float32" and uses_x
+
+
 def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
     """The ``{p: Block}`` state of a sweep, loaded from S, z (``load``) or zero."""
     st = {}
@@ -351,7 +381,7 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 (q', k' never enter) dq, dqw
     and dqb are not written (they are zero).
     """
-    m = walk(BV, opt)
+    m = walk(BV, opt, exact_state(opt))
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
@@ -401,7 +431,7 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                 if exact:
                     bw.split(t.A, t.A, t.A_lo)
                     bw.split(t.v, t.v_hi, t.v_lo)
-                    m.attend(sc, t.A, t.v_hi, t.x, t.phi, st, t.o, (t.A_lo, t.v_lo))
+                    m.attend(sc, t.A, t.v_hi, t.x, t.phi, st, t.o, (t.A_lo, t.v_lo), t.xs)
                 else:
                     m.attend(sc, t.A, t.v, t.x, t.phi, st, t.o)
                 if normalize:
@@ -412,11 +442,12 @@ def dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                 if exact:
                     bw.split(t.g, t.g, t.g_lo)
                     bw.pair_grad(t, t.g, t.v_hi, t.r, None, False, (t.g_lo, t.v_lo))
-                    bw.join(t.g, t.g_lo)  # the state part takes g whole
+                    if not m.exact_state:
+                        bw.join(t.g, t.g_lo)  # the state part takes g whole
                 elif m.uses_x:
                     bw.pair_grad(t, t.g, t.v, t.r, None, False)
-                if m.uses_x:
-                    bw.state_grad(sc, t, st, t.g, t.r, normalize)
+                if m.uses_x:  # (exact_state: g split, the last use of this chunk's g)
+                    bw.state_grad(sc, t, st, t.g, t.r, normalize, t.g_lo)
                     bw.pre_transform_backward(sc, t, qw, dq, i_b, i_h, t0)
 
                 m.update(sc, st, t.y, t.v, None, t.phi, t0, normalize)
@@ -444,7 +475,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS, output: bool = Tru
 
     Arguments as ``kernels.forward_kernel``'s. For sim = c0 dk, dkw and dkb are not written.
     """
-    m = walk(BV, opt)
+    m = walk(BV, opt, output and exact_state(opt))
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     bw = _gradient(m)
     B, Tn, H, R = m.B, m.T, m.H, m.R
@@ -456,7 +487,7 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS, output: bool = Tru
         """This chunk's dv and dk (the sweep's outputs; the state is left to the walk)."""
         # dv = A^T g + sum_p K^(p) (w_p Sg_p)
         bw.scores(sc, t, True)
-        m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o)
+        m.attend(sc, t.A, t.g, t.x, t.phi, st, t.o, None, t.xs)
         for i, e in T.Parallel(BC, BV):
             if t0 + i < Tn:
                 dv[i_b, t0 + i, i_h, e] = t.o[i, e]
@@ -470,8 +501,11 @@ def dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS, output: bool = Tru
             bw.join(t.g, t.g_lo)  # the state update takes g whole
         elif m.uses_x:
             bw.pair_grad(t, t.v, t.g, None, t.r, True)
-        if m.uses_x:
-            bw.state_grad(sc, t, st, t.v, None, with_z)
+        if m.uses_x:  # (exact_state: v's split parts)
+            if m.exact_state:
+                bw.state_grad(sc, t, st, t.v_hi, None, with_z, t.v_lo)
+            else:
+                bw.state_grad(sc, t, st, t.v, None, with_z)
             bw.pre_transform_backward(sc, t, kw, dk, i_b, i_h, t0)
 
     @T.prim_func

@@ -44,12 +44,15 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
-def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
+def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
     Constants: ``BV, BC, R, dtype, norm, normalize, target, smem`` (the shared scope),
     ``powers``, ``offsets`` (each block's first row in the stacked state), ``has0, has1,
-    has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0) and the symbolic sizes ``B, T, H``.
+    has2``, ``uses_x`` (q', k' enter: c1 or c2 != 0), ``exact_state`` and the symbolic sizes
+    ``B, T, H``. With ``exact_state`` (a float32 gradient sweep whose state carries the
+    caller's: ``backward``) the state's operands ``st[p].op`` hold ``tf32_hi(w_p S_p)`` and
+    ``attend`` multiplies by the state in three tf32 products (``tf32_hi``), ~fp32.
     Raises ``ValueError`` for value columns BV other than 16, 32, 48, 64 in fp32 and 32, 64 in
     bf16 / fp16 (``call`` pads v to them: ``layout.padded_value_dim``), a chunk length that is
     not a multiple of 16, or powers that are not a sorted non-empty subset of (0, 1, 2).
@@ -67,6 +70,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     has0, has1, has2 = (p in powers for p in range(3))
     offsets, R = block_offsets(powers)
     smem = "shared.dyn" if target == "cuda" else "shared"
+    op_part = "hi" if exact_state else None  # what ``operand`` keeps of w_p S_p
     B, Tn, H = T.dynamic("B, T, H")
 
     def feature(p, b_x, j, r, t0):
@@ -96,6 +100,21 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         if has1 and has2:
             return sc[1] + 2.0 * sc[2] * g
         return sc[1] if has1 else 2.0 * sc[2] * g
+
+    def tf32_hi(v):
+        """fp32 ``v`` with its 13 low mantissa bits cleared: what a tf32 product reads of it,
+        exactly; ``v - tf32_hi(v)`` is the rest, so ``a b ~ hi(a) hi(b) + hi(a) lo(b) +
+        lo(a) hi(b)`` in three tf32 products loses ~2^-22, not 2^-11."""
+        return T.reinterpret(T.reinterpret(v, "uint32") & T.uint32(0xFFFFE000), ACC)
+
+    def part(v, which):
+        """``v`` whole (``which`` None), ``tf32_hi(v)`` ("hi") or ``v - tf32_hi(v)`` ("lo");
+        "op": what ``operand`` keeps (hi with ``exact_state``, else whole)."""
+        if which == "op":
+            which = op_part
+        if which is None:
+            return v
+        return tf32_hi(v) if which == "hi" else v - tf32_hi(v)
 
     def causal(i, j, reverse):
         """Whether column j of chunk row i is a causal pair (``j >= i`` in a reverse walk)."""
@@ -149,16 +168,29 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
                 b_x32[i, d] = T.if_then_else(t0 + i < Tn, T.cast(xp, ACC), 0.0)
 
     @T.macro
-    def features(b_x, b_phi):
-        """``b_phi [BC, 256] = x^(2)`` of the rows ``b_x``, formed in fp32."""
+    def features(b_x, b_phi, which=None):
+        """``b_phi [BC, 256] = x^(2)`` of the rows ``b_x``, formed in fp32 (``part`` of it)."""
         for i, f in T.Parallel(BC, F):
-            b_phi[i, f] = T.cast(feature(2, b_x, i, f, 0), dtype)
+            b_phi[i, f] = T.cast(part(feature(2, b_x, i, f, 0), which), dtype)
 
     @T.macro
-    def operand(sc, b_Sp, b_Sop, p):
-        """``b_Sop = w_p S_p`` rounded to dtype: the state as a ``T.gemm`` operand."""
+    def operand(sc, b_Sp, b_Sop, p, which="op"):
+        """``b_Sop = w_p S_p`` rounded to dtype: the state as a ``T.gemm`` operand; with
+        ``exact_state`` its tf32 part, or ``which`` ("hi" / "lo") of it (``part``)."""
         for r, e in T.Parallel(ROWS[p], BV):
-            b_Sop[r, e] = T.cast(sc[p] * b_Sp[r, e], dtype)
+            b_Sop[r, e] = T.cast(part(sc[p] * b_Sp[r, e], which), dtype)
+
+    @T.macro
+    def state_product(sc, st, p, b_X, b_X_lo, b_out, transpose_B):
+        """``b_out += X (w_p S_p)`` (``transpose_B``: ``X (w_p S_p)^T``) from the operand
+        ``st[p].op``: one product, or with ``exact_state`` three (b_X, b_X_lo: the hi and lo
+        parts of X) with the operand turned to its lo part and back to hi in between."""
+        T.gemm(b_X, st[p].op, b_out, transpose_B=transpose_B)
+        if exact_state:
+            T.gemm(b_X_lo, st[p].op, b_out, transpose_B=transpose_B)
+            operand(sc, st[p].S, st[p].op, p, "lo")
+            T.gemm(b_X, st[p].op, b_out, transpose_B=transpose_B)
+            operand(sc, st[p].S, st[p].op, p, "hi")
 
     @T.macro
     def state_block(sc, S, z, p, i_b, i_h, load):
@@ -221,20 +253,39 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
         T.copy(b_s, b_A)
 
     @T.macro
-    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o, lo=None):
+    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o, lo=None, b_xs=None):
         """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator); with
         ``lo = (A_lo, W_lo)`` (a sweep's split tiles: b_A, b_W their hi parts) ``A W`` is
-        three products, ~fp32 exact."""
+        three products, ~fp32 exact; so is the state's part with ``exact_state``, where
+        ``b_xs [BC, 16]`` (fp32) takes x' hi then lo for the power-1 block."""
         for i, e in T.Parallel(BC, BV):
             b_o[i, e] = 0.0
         T.gemm(b_A, b_W, b_o)
         if lo is not None:
             T.gemm(lo[0], b_W, b_o)
             T.gemm(b_A, lo[1], b_o)
-        if has2:
+        if has2 and exact_state:  # hi(phi) takes both parts of S; lo(phi) S's hi part
+            features(b_x, b_phi, "hi")
+            T.gemm(b_phi, st[2].op, b_o)
+            operand(sc, st[2].S, st[2].op, 2, "lo")
+            T.gemm(b_phi, st[2].op, b_o)
+            operand(sc, st[2].S, st[2].op, 2, "hi")
+            features(b_x, b_phi, "lo")
+            T.gemm(b_phi, st[2].op, b_o)
+        elif has2:
             features(b_x, b_phi)
             T.gemm(b_phi, st[2].op, b_o)
-        if has1:
+        if has1 and exact_state:
+            for i, a in T.Parallel(BC, DK):
+                b_xs[i, a] = tf32_hi(b_x[i, a])
+            T.gemm(b_xs, st[1].op, b_o)
+            operand(sc, st[1].S, st[1].op, 1, "lo")
+            T.gemm(b_xs, st[1].op, b_o)
+            operand(sc, st[1].S, st[1].op, 1, "hi")
+            for i, a in T.Parallel(BC, DK):
+                b_xs[i, a] = b_x[i, a] - tf32_hi(b_x[i, a])
+            T.gemm(b_xs, st[1].op, b_o)
+        elif has1:
             T.gemm(b_x, st[1].op, b_o)
         if has0:
             for i, e in T.Parallel(BC, BV):
@@ -302,6 +353,7 @@ def walk(BV: int, opt: KernelOptions) -> SimpleNamespace:
     return SimpleNamespace(
         BV=BV, BC=BC, R=R, dtype=dtype, norm=norm, normalize=normalize,
         target=target, smem=smem, powers=powers, offsets=offsets, has0=has0, has1=has1,
+        exact_state=exact_state, tf32_hi=tf32_hi, part=part, state_product=state_product,
         has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
         features=features, operand=operand, state_block=state_block,
