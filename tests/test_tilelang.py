@@ -675,8 +675,10 @@ def test_half_forward_reading_a_state_compiles_the_float32_kernel() -> None:
         assert carried.opt.dtype == "float32" and carried.opt.state
 
 
-@pytest.mark.parametrize(("kind", "dtype", "based", "splits"),
-                         [("dq", "float32", True, 3 + 18), ("dkv", "float32", True, 2 + 18)])
+@pytest.mark.parametrize(
+    ("kind", "dtype", "based", "splits"),
+    [("dq", "float32", True, 3 + 18), ("dkv", "float32", True, 2 + 18)],
+)
 def test_hopper_carried_state_sweeps_multiply_by_the_state_in_tf32x3(
     kind: str, dtype: str, based: bool, splits: int
 ) -> None:
