@@ -249,17 +249,17 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             t.yt[d, j] = t.y[j, d]
         for i, j in T.Parallel(BC, BC):
             t.P[i, j] = 0.0
-        T.gemm(b_U, b_W, t.P, transpose_B=True)
+        m.mma(b_U, b_W, t.P, transpose_B=True)
         if lo is not None:
-            T.gemm(lo[0], b_W, t.P, transpose_B=True)
-            T.gemm(b_U, lo[1], t.P, transpose_B=True)
+            m.mma(lo[0], b_W, t.P, transpose_B=True)
+            m.mma(b_U, lo[1], t.P, transpose_B=True)
         for i, j in T.Parallel(BC, BC):
             dA = t.P[i, j] + one(b_u, i) * one(b_w, j) if m.normalize else t.P[i, j]
             keep = m.causal(i, j, reverse)
             t.A[i, j] = T.if_then_else(keep, T.cast(dA * t.ds[i, j], dtype), T.cast(0, dtype))
         for i, a in T.Parallel(BC, DK):
             t.dx[i, a] = 0.0
-        T.gemm(t.A, t.yt, t.dx, transpose_B=True)
+        m.mma(t.A, t.yt, t.dx, transpose_B=True)
 
     def quad_grad(sc, t, st, b_u, with_z, i, f):
         """``2 (U + u (w_2 z_2))[i, f] x'[i, f % 16]``: row i's term f of the power-2 state
@@ -280,13 +280,13 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             if m.exact_state:  # E is one-hot, exact: hi and lo each summed as they are
                 for i, f in T.Parallel(BC, F):
                     t.phi[i, f] = m.tf32_hi(quad_grad(sc, t, st, b_u, with_z, i, f))
-                T.gemm(t.phi, t.E, t.dx, transpose_B=True)
+                m.mma(t.phi, t.E, t.dx, transpose_B=True)
                 for i, f in T.Parallel(BC, F):
                     t.phi[i, f] = m.part(quad_grad(sc, t, st, b_u, with_z, i, f), "lo")
             else:
                 for i, f in T.Parallel(BC, F):
                     t.phi[i, f] = T.cast(quad_grad(sc, t, st, b_u, with_z, i, f), dtype)
-            T.gemm(t.phi, t.E, t.dx, transpose_B=True)
+            m.mma(t.phi, t.E, t.dx, transpose_B=True)
         if m.has1:
             m.state_product(sc, st, 1, b_U, b_U_lo, t.dx, True)
             if with_z:

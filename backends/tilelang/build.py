@@ -103,6 +103,11 @@ def unsupported_reason(attn: LinearAttention, D: int, Dv: int, dtype: torch.dtyp
     return None
 
 
+TF32_ON_C = False
+"""Whether a C-target kernel emulates tf32 products (``KernelOptions.tf32``): what the tests
+that check the GPU's numerics on the CPU set (``tests/test_tilelang.py``)."""
+
+
 def options(attn: LinearAttention, dtype: torch.dtype, device_type: str, state: bool,
             config: dict | None) -> KernelOptions:  # fmt: skip
     """The ``KernelOptions`` of a call: its attention, dtype and device type (``"cuda"``, or
@@ -115,6 +120,7 @@ def options(attn: LinearAttention, dtype: torch.dtype, device_type: str, state: 
         norm=fm.pre.norm, powers=fm.powers, normalize=attn.normalize, state=state,
         dtype=DTYPES[dtype], BC=cfg["chunk_size"], num_stages=cfg["num_stages"],
         threads=cfg["threads"], target="cuda" if device_type == "cuda" else "c",
+        tf32=TF32_ON_C and device_type != "cuda",
     )  # fmt: skip
 
 

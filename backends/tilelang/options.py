@@ -39,7 +39,11 @@ class KernelOptions:
     a multiple of 16), ``num_stages`` (``T.Pipelined`` stages: buffers of the chunk loads in
     flight), ``threads`` (compute threads per program; on Hopper TileLang adds a producer
     warpgroup that issues the loads by TMA). ``target``: ``"cuda"`` or TileLang's C backend
-    (``"c"``, which runs the walk serially and ignores ``num_stages`` and ``threads``)."""
+    (``"c"``, which runs the walk serially and ignores ``num_stages`` and ``threads``).
+    ``tf32``: on the C target, every fp32 ``T.gemm`` reads its operands rounded to tf32
+    (truncated, as Hopper's tensor cores read fp32 tiles; ``tiles.walk``'s ``mma``), so the
+    CPU computes what a GPU does; off, the C target multiplies fp32 exactly (tests set it
+    through ``build.TF32_ON_C``)."""
 
     norm: bool = True
     powers: tuple[int, ...] = (2,)
@@ -50,6 +54,7 @@ class KernelOptions:
     num_stages: int = 2
     threads: int = 256
     target: KernelTarget = "cuda"
+    tf32: bool = False
 
 
 DEFAULT_OPTIONS = KernelOptions()

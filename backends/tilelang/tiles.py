@@ -71,6 +71,7 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
     offsets, R = block_offsets(powers)
     smem = "shared.dyn" if target == "cuda" else "shared"
     op_part = "hi" if exact_state else None  # what ``operand`` keeps of w_p S_p
+    emulate = opt.tf32 and target == "c"  # tf32 products on the CPU (``mma``)
     B, Tn, H = T.dynamic("B, T, H")
 
     def feature(p, b_x, j, r, t0):
@@ -115,6 +116,23 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         if which is None:
             return v
         return tf32_hi(v) if which == "hi" else v - tf32_hi(v)
+
+    @T.macro
+    def mma(b_A, b_B, b_C, transpose_A=False, transpose_B=False):
+        """``T.gemm(b_A, b_B, b_C, ...)``; with ``opt.tf32`` on the C target, fp32 operands
+        read through tf32-truncated copies (``tf32_hi``), as a GPU's tensor cores read them."""
+        if emulate and b_A.dtype == ACC:
+            a_rows, a_cols = b_A.shape
+            b_rows, b_cols = b_B.shape
+            a_tf32 = T.alloc_shared((a_rows, a_cols), ACC, scope=smem)
+            b_tf32 = T.alloc_shared((b_rows, b_cols), ACC, scope=smem)
+            for i, j in T.Parallel(a_rows, a_cols):
+                a_tf32[i, j] = tf32_hi(b_A[i, j])
+            for i, j in T.Parallel(b_rows, b_cols):
+                b_tf32[i, j] = tf32_hi(b_B[i, j])
+            T.gemm(a_tf32, b_tf32, b_C, transpose_A=transpose_A, transpose_B=transpose_B)
+        else:
+            T.gemm(b_A, b_B, b_C, transpose_A=transpose_A, transpose_B=transpose_B)
 
     def causal(i, j, reverse):
         """Whether column j of chunk row i is a causal pair (``j >= i`` in a reverse walk)."""
@@ -185,11 +203,11 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         """``b_out += X (w_p S_p)`` (``transpose_B``: ``X (w_p S_p)^T``) from the operand
         ``st[p].op``: one product, or with ``exact_state`` three (b_X, b_X_lo: the hi and lo
         parts of X) with the operand turned to its lo part and back to hi in between."""
-        T.gemm(b_X, st[p].op, b_out, transpose_B=transpose_B)
+        mma(b_X, st[p].op, b_out, transpose_B=transpose_B)
         if exact_state:
-            T.gemm(b_X_lo, st[p].op, b_out, transpose_B=transpose_B)
+            mma(b_X_lo, st[p].op, b_out, transpose_B=transpose_B)
             operand(sc, st[p].S, st[p].op, p, "lo")
-            T.gemm(b_X, st[p].op, b_out, transpose_B=transpose_B)
+            mma(b_X, st[p].op, b_out, transpose_B=transpose_B)
             operand(sc, st[p].S, st[p].op, p, "hi")
 
     @T.macro
@@ -240,7 +258,7 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
                     for d in T.serial(DK):
                         b_s[i, j] += T.cast(b_x[i, d], ACC) * T.cast(b_y[j, d], ACC)
             else:
-                T.gemm(b_x, b_y, b_s, transpose_B=True)
+                mma(b_x, b_y, b_s, transpose_B=True)
 
     @T.macro
     def similarities(sc, b_s, b_A, b_den, reverse):
@@ -260,33 +278,33 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         ``b_xs [BC, 16]`` (fp32) takes x' hi then lo for the power-1 block."""
         for i, e in T.Parallel(BC, BV):
             b_o[i, e] = 0.0
-        T.gemm(b_A, b_W, b_o)
+        mma(b_A, b_W, b_o)
         if lo is not None:
-            T.gemm(lo[0], b_W, b_o)
-            T.gemm(b_A, lo[1], b_o)
+            mma(lo[0], b_W, b_o)
+            mma(b_A, lo[1], b_o)
         if has2 and exact_state:  # hi(phi) takes both parts of S; lo(phi) S's hi part
             features(b_x, b_phi, "hi")
-            T.gemm(b_phi, st[2].op, b_o)
+            mma(b_phi, st[2].op, b_o)
             operand(sc, st[2].S, st[2].op, 2, "lo")
-            T.gemm(b_phi, st[2].op, b_o)
+            mma(b_phi, st[2].op, b_o)
             operand(sc, st[2].S, st[2].op, 2, "hi")
             features(b_x, b_phi, "lo")
-            T.gemm(b_phi, st[2].op, b_o)
+            mma(b_phi, st[2].op, b_o)
         elif has2:
             features(b_x, b_phi)
-            T.gemm(b_phi, st[2].op, b_o)
+            mma(b_phi, st[2].op, b_o)
         if has1 and exact_state:
             for i, a in T.Parallel(BC, DK):
                 b_xs[i, a] = tf32_hi(b_x[i, a])
-            T.gemm(b_xs, st[1].op, b_o)
+            mma(b_xs, st[1].op, b_o)
             operand(sc, st[1].S, st[1].op, 1, "lo")
-            T.gemm(b_xs, st[1].op, b_o)
+            mma(b_xs, st[1].op, b_o)
             operand(sc, st[1].S, st[1].op, 1, "hi")
             for i, a in T.Parallel(BC, DK):
                 b_xs[i, a] = b_x[i, a] - tf32_hi(b_x[i, a])
-            T.gemm(b_xs, st[1].op, b_o)
+            mma(b_xs, st[1].op, b_o)
         elif has1:
-            T.gemm(b_x, st[1].op, b_o)
+            mma(b_x, st[1].op, b_o)
         if has0:
             for i, e in T.Parallel(BC, BV):
                 b_o[i, e] += sc[0] * st[0].S[0, e]
@@ -343,7 +361,7 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         for p in st:  # (binding a tile to a new name inside a macro would rename it)
             if p == 2:
                 features(b_y, b_phi)
-                T.gemm(b_phi, b_W, st[2].S, transpose_A=True)
+                mma(b_phi, b_W, st[2].S, transpose_A=True)
                 accumulate(None, st[2].z if with_z else None, 2, b_y, b_W, b_w, t0)
             else:
                 accumulate(st[p].S, st[p].z if with_z else None, p, b_y, b_W, b_w, t0)
@@ -355,7 +373,7 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         target=target, smem=smem, powers=powers, offsets=offsets, has0=has0, has1=has1,
         exact_state=exact_state, tf32_hi=tf32_hi, part=part, state_product=state_product,
         has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
-        derivative=derivative, causal=causal, row_sum=row_sum, pre_transform=pre_transform,
+        derivative=derivative, causal=causal, mma=mma, row_sum=row_sum, pre_transform=pre_transform,
         features=features, operand=operand, state_block=state_block,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
         inter_den=inter_den, update=update,
