@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= auto
 
-.PHONY: demo test lint format clean gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
+.PHONY: demo test lint format clean tilelang-cpu-props gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -109,6 +109,12 @@ gpu-ncu:
 gpu-props:
 	$(GPU_INSTALL)
 	$(PROPS_RUN)
+
+# The TileLang property suite on this machine's CPU: TileLang's C target with the GPU's tf32
+# products emulated (tests/conftest.py), the float32 draws; PROFILE=gpu for 200 a property.
+tilelang-cpu-props: $(STAMP)
+	REBASED_KERNELS_TILELANG_ON_CPU=1 REBASED_KERNELS_PROFILE=$(or $(PROFILE),dev) \
+	$(PY) -m pytest -v -rf -p no:cacheprovider tests/test_properties.py -k "tilelang and float32"
 
 # The tuner on the GPU: `rebased-kernels tune` cold and cached, auto vs the named winner, and
 # the asv suite (results filed under the commit in the carried .asvgit/repo.bundle).

@@ -32,3 +32,15 @@ settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
 settings.register_profile("gpu", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=8, **_common)
 settings.load_profile(os.environ.get("REBASED_KERNELS_PROFILE", "ci"))
+
+if os.environ.get("REBASED_KERNELS_TILELANG_ON_CPU") == "1":
+    # ``make tilelang-cpu-props``: the TileLang backend under test on the CPU, through
+    # TileLang's C target with its fp32 products rounded to tf32 as a GPU's tensor cores round
+    # them (``build.TF32_ON_C``): the GPU's numerics without a GPU (session 19: the H100's
+    # errors reproduced to four digits). Half-precision forwards do not build for the C target
+    # (TileLang 0.1.15), so the target runs the float32 draws.
+    from rebased_kernels.backends.tilelang import TileLangBackend, build
+
+    TileLangBackend.device_types = frozenset({"cuda", "cpu"})
+    TileLangBackend.unavailable_reason = lambda self: None
+    build.TF32_ON_C = True
