@@ -733,22 +733,25 @@ def test_carried_state_draws_of_session_19_match_the_oracle(
 
 @pytest.mark.parametrize(
     ("kind", "dtype", "based", "splits"),
-    [("dq", "float32", True, 3 + 18), ("dkv", "float32", True, 2 + 18)],
-)
-def test_hopper_carried_state_sweeps_multiply_by_the_state_in_tf32x3(
+    [("dq", "float32", True, 3 + 18), ("dkv", "float32", True, 2 + 18),
+     ("forward", "float32", True, 12)],
+)  # fmt: skip
+def test_hopper_carried_state_kernels_multiply_by_the_state_in_tf32x3(
     kind: str, dtype: str, based: bool, splits: int
 ) -> None:
     """A normalised fp32 sweep whose state carries the caller's (the dq sweep's initial
-    state, the dk/dv sweep's final-state cotangent; ``backward.exact_state``) multiplies by
-    it in three tf32 products: tf32 state products measured d gamma_q 1.2e-2 (fp32) and
-    2.3e-2 (bf16) on an H100 (session 19). Based's sweeps (powers 0, 1, 2) clear the low
-    mantissa bits 18 times more than the pair products' splits: the state operands' tf32
-    part (loaded and after each chunk's update: 2 x 2 blocks), ``attend``'s features and x'
-    (hi, lo) with each block's operand turned to its lo part and back (2 x 4),
-    ``state_grad``'s operand turned (2 x 2) and ``2 (U + u z) x'`` split (2). Every product
-    stays tf32 ``mma_sync`` and the launch fits a Hopper block's shared memory. The
-    numerics are the C target's (``test_c_target_gradients_match_the_oracle``, Based with a
-    state and cotangents)."""
+    state, the dk/dv sweep's final-state cotangent; ``backward.exact_state``) and an fp32
+    forward that reads a state (``kernels.exact_state``) multiply by it in three tf32
+    products (``CARRIED_STATE_DRAWS``: tf32 ones missed the rules on an H100 and on the CPU
+    with tf32 emulated, session 19). Based's sweeps (powers 0, 1, 2) clear the low mantissa
+    bits 18 times more than the pair products' splits: the state operands' tf32 part (loaded
+    and after each chunk's update: 2 x 2 blocks), ``attend``'s features and x' (hi, lo) with
+    each block's operand turned to its lo part and back (2 x 4), ``state_grad``'s operand
+    turned (2 x 2) and ``2 (U + u z) x'`` split (2); the forward 12 (the operands' 4 and
+    ``attend``'s 8). Every product stays tf32 ``mma_sync`` and the launch fits a Hopper
+    block's shared memory. The numerics are the C target's
+    (``test_c_target_gradients_match_the_oracle``, Based with a state and cotangents; the
+    draws above with tf32 emulated)."""
     from rebased_kernels.backends.tilelang.build import MAX_SHARED_BYTES
 
     lowered = _sm90a(kind, dtype, based)

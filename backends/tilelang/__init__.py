@@ -74,7 +74,9 @@ class TileLangBackend(Backend):
     float32 operands): float32 inputs keep float32 LayerNorm, sums and normaliser, and their
     products have 10-bit mantissas (o 1.1e-3, gradients up to 6.5e-3 against the float64
     oracle on an H200), as do the gradient sweeps of bf16 / fp16 inputs
-    (``build.SWEEP_DTYPE``). The triton backend multiplies float32 exactly."""
+    (``build.SWEEP_DTYPE``). The triton backend multiplies float32 exactly. Where a state
+    carries the caller's, its products are ~fp32 (three tf32 products: the forward's
+    ``kernels.exact_state``, the normalised sweeps' ``backward.exact_state``; session 19)."""
     state_cotangents_optional: ClassVar[bool] = True
 
     def test_configs(self) -> list[dict[str, Any]]:
