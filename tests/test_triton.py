@@ -5,6 +5,7 @@ REBASED_KERNELS_TEST_DEVICE=cuda)."""
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -732,3 +733,69 @@ def test_carried_state_gradients_of_session_18_match_the_oracle(variant: str) ->
     config = tuple(sorted({"chunk_size": 16, "exact": "x2", "variant": variant}.items()))
     case = Case("triton", 1, 1, 1, 8, 1, torch.float16, fm, True, True, "HD", True, config, 48)
     check.check(case, None)
+
+
+ONEPASS_CASES = [
+    # dtype, B, T, H, D, Dv, map, normalize, params, state, chunk, chunks a segment, seed
+    (torch.float16, 1, 150, 2, 16, 8, "rebased", True, True, False, 32, 2, 3),
+    (torch.float32, 1, 70, 1, 8, 5, "based", True, True, True, 16, 2, 4),
+    (torch.float16, 2, 45, 1, 8, 3, "rebased", False, False, True, 16, 2, 5),
+    (torch.float16, 1, 1, 1, 8, 1, "gamma_x2", True, True, True, 16, 2, 48),
+]
+
+
+@pytest.mark.parametrize("fields", ONEPASS_CASES)
+def test_one_pass_dq_matches_the_oracle(fields: tuple) -> None:
+    """``dq_onepass`` (``tiles``): the dq tile kernel's one pass over its key chunks, dq from
+    the sums of ``dO v^T``, ``A o P0``, ``(P0 o sim') y'`` and ``sim' y'`` combined at the end
+    (``packed._dq_one_pass``), through the property test against the float64 oracle: several
+    segments, an initial state, normalised or not, Based's three powers, and session 18's
+    carried-state GPU draw (T = 1), on the interpreter's tf32 rounding."""
+    from strategies import Case
+    from test_properties import test_forward_and_gradients_match_reference as check
+
+    dtype, B, T, H, D, Dv, name, normalize, params, state, BC, NCS, seed = fields
+    fm = {**PRESETS, "gamma_x2": FeatureMap("gamma_x2", PreTransform(False, "gamma"), (0, 0, 1))}
+    config = {"variant": "tiles", "chunk_size": BC, "chunks_per_segment": NCS, "exact": "x2",
+              "dq_onepass": True}  # fmt: skip
+    case = Case("triton", B, T, H, D, Dv, dtype, fm[name], normalize, params, "HD", state,
+                tuple(sorted(config.items())), seed)  # fmt: skip
+    for training in (False, True) if not state else (False,):  # (the draw of a stateless case)
+        check.check(case, SimpleNamespace(draw=lambda strategy, label=None, t=training: t))
+
+
+def test_one_pass_dq_is_a_tiles_key() -> None:
+    """``dq_onepass`` on another variant is refused with the reason."""
+    q, k, v = (torch.randn(1, 8, 1, d, device=DEVICE) for d in (8, 8, 4))
+    with pytest.raises(ValueError, match="dq_onepass is a tiles"):
+        rk.linear_attention(q, k, v, feature_map="rebased", backend="triton",
+                            config={"variant": "packed", "dq_onepass": True})  # fmt: skip
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_one_pass_dq_equals_the_two_pass_one(state: bool) -> None:
+    """The one-pass dq (``dq_onepass``) against the two-pass kernel on the same inputs: every
+    gradient within 1e-5 relative (the property test checks dq against 1% of the largest
+    gradient where it is small; here it is compared whole), normalised ``rebased`` over three
+    segments, with and without an initial state."""
+    fm = PRESETS["rebased"]
+    x = random_inputs(1, 150, 2, 16, 8, torch.float16, DEVICE, fm, seed=3, requires_grad=False)
+    if state:
+        F = fm.num_features(16)
+        x["initial_state"] = (
+            torch.rand(1, 2, F, 8, device=DEVICE),
+            torch.rand(1, 2, F, device=DEVICE) + 1,
+        )
+    grads = []
+    for one in (False, True):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items() if n != "initial_state"}
+        config = {"variant": "tiles", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x2",
+                  "dq_onepass": one}  # fmt: skip
+        o = rk.linear_attention(**leaves, initial_state=x.get("initial_state"), feature_map=fm,
+                                backend="triton", config=config)  # fmt: skip
+        weights = torch.linspace(-1, 1, o.numel(), device=o.device).reshape(o.shape)
+        (o.float() * weights).sum().backward()
+        grads.append({n: t.grad.float() for n, t in leaves.items()})
+    for n, want in grads[0].items():
+        err = float((grads[1][n] - want).norm() / want.norm())
+        assert err < 1e-5, (n, err)

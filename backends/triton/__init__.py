@@ -118,9 +118,11 @@ class TritonBackend(Backend):
     of the quadratic block per product in the state kernel and in a tile program's read of the
     state: 32, 64 or 128) and ``state_chunk`` (the state kernel's rows per product; it takes the
     gcd with the segment length) and ``state_warps`` (the state kernel's, None: the call's),
-    ``state_fused`` (``packed_call.STATE_FUSED``) and ``segment_half``
-    (``packed_call.SEGMENT_HALF``); every variant takes the software-pipelining depths
-    ``num_stages`` (the sweep and tile kernels) and ``state_stages`` (the state kernel), each
+    ``state_fused`` (``packed_call.STATE_FUSED``), ``segment_half``
+    (``packed_call.SEGMENT_HALF``) and ``dq_onepass`` (``tiles``: the dq tile kernel's one
+    pass over its key chunks, ``packed._dq_one_pass``; session 19, not yet timed on a GPU);
+    every variant takes the software-pipelining depths ``num_stages`` (the sweep and tile
+    kernels) and ``state_stages`` (the state kernel), each
     one of ``launch.STAGES`` or None for Triton's default (``tiles``' tile kernels:
     ``packed_call.TILES_STAGES``); ``walk`` is a named configuration only."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("chunks_per_segment",)
@@ -138,6 +140,7 @@ class TritonBackend(Backend):
         "state_warps": None,
         "state_fused": False,
         "segment_half": False,
+        "dq_onepass": False,
         "num_stages": None,
         "state_stages": None,
     }

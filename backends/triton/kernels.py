@@ -426,10 +426,16 @@ def _weights(out, den, DO, o_ptrs, tv_mask, ROUT, tok, rows, rmask, H, eps, NORM
     """The dq sweep's per-row weights ``(U = g = dO / (den + eps), u = r, inv)`` with
     ``r = -(dO . out) / (den + eps)^2`` stored (``dO``, 0 and 1 without normalising)."""
     dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+    return _weights_of(dO, tl.sum(dO * out, 1), den, ROUT, tok, rows, rmask, H, eps, NORMALIZE)
+
+
+@triton.jit
+def _weights_of(dO, dOo, den, ROUT, tok, rows, rmask, H, eps, NORMALIZE):
+    """``_weights`` from ``dO`` [BC, BV] and ``dO . out`` [BC]."""
     inv = 1.0 / (den + eps)
     if NORMALIZE:
         Ut = dO * inv[:, None]
-        u = -tl.sum(dO * out, 1) * inv * inv
+        u = -dOo * inv * inv
     else:
         Ut = dO
         u = inv * 0.0

@@ -37,7 +37,9 @@ from .kernels import (
     _below,
     _dot,
     _dot_A,
+    _dot_exact,
     _dot_tf32,
+    _dot_x2,
     _keep,
     _pair_grad,
     _pre_stats,
@@ -45,6 +47,7 @@ from .kernels import (
     _sim,
     _store_dx,
     _walk_rows,
+    _weights_of,
 )
 
 RS = tl.constexpr(161)  # state rows: S0 | S1 (16) | SA (128) | SB (16)
@@ -449,6 +452,56 @@ def _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c, offs_d, offs_v, 
     return y, Wt, wc, s, A, keep
 
 
+@triton.jit
+def _dq_pairs(den, dOo, acc_g, acc_r, dO, x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+              offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, sc, C0, C1, C2,
+              BC: tl.constexpr, HAS_WS: tl.constexpr, HAS_WSC: tl.constexpr, DOT: tl.constexpr,
+              EVEN: tl.constexpr, DIAG: tl.constexpr):  # fmt: skip
+    """``_dq_one_pass``'s sums ``(den, dO . out, acc_g, acc_r)`` with key chunk j added
+    (``DIAG``: j = c, the causal triangle)."""
+    y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c, offs_d,
+                                        offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, sc, C0,
+                                        C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, DIAG,
+                                        False)  # fmt: skip
+    P0 = _dot_x2(dO, tl.trans(Wt), DOT, 2)  # [BC, BC] dO . v_j, ~fp32 (v exact in tf32)
+    d = tl.where(keep, C1 + 2.0 * C2 * s, 0.0)  # [BC, BC] sim' on the kept pairs
+    acc_g += _dot_exact(P0 * d, y, DOT)
+    acc_r += _dot_exact(d * wc[None, :], y, DOT)
+    return den + tl.sum(A, 1), dOo + tl.sum(A * P0, 1), acc_g, acc_r
+
+
+@triton.jit
+def _dq_one_pass(out, den, x, c, lo, Y, YG, YB, W, WS, Wsc, DO, INV, ROUT, tok, h, rows, rmask,
+                 o_ptrs, tv_mask, offs_c, offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
+                 NORMALIZE, sc, C0, C1, C2, eps, BC: tl.constexpr, HAS_WS: tl.constexpr,
+                 HAS_WSC: tl.constexpr, DOT: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """A dq tile program's pairs in one pass over its key chunks (the diagonal last), from
+    the state's ``out`` [BC, BV] and ``den`` [BC]: ``(U = g, u = r, dx' of the pairs)``, with
+    r and ``1 / (den + eps)`` stored. dq is linear in (g, r), so with ``P0 = dO v^T`` (~fp32,
+    as ``_pair_grad``'s P) and ``sim'`` on the kept pairs::
+
+        den  = sum_j A_ij + den_state           dO . out = sum_j A_ij P0_ij + dO . out_state
+        dx'  = sc (inv sum_j P0_ij sim'_ij y'_j + r sum_j w_j sim'_ij y'_j)
+
+    which drops the two-pass form's ``A W`` product and its second scores."""
+    dO = tl.load(DO + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
+    dOo = tl.sum(dO * out, 1)  # [BC] dO . out of the state's part
+    acc_g = x * 0.0  # [BC, 16] sum_j P0 sim' y'
+    acc_r = x * 0.0  # [BC, 16] sum_j w sim' y'
+    for j in range(lo, c):
+        den, dOo, acc_g, acc_r = _dq_pairs(den, dOo, acc_g, acc_r, dO, x, j, c, Y, YG, YB, W,
+                                           WS, Wsc, tok, h, offs_c, offs_d, offs_v, vmask, T,
+                                           H, D, Dv, pgy_stride, NORM, sc, C0, C1, C2, BC,
+                                           HAS_WS, HAS_WSC, DOT, EVEN, False)  # fmt: skip
+    den, dOo, acc_g, acc_r = _dq_pairs(den, dOo, acc_g, acc_r, dO, x, c, c, Y, YG, YB, W, WS,
+                                       Wsc, tok, h, offs_c, offs_d, offs_v, vmask, T, H, D, Dv,
+                                       pgy_stride, NORM, sc, C0, C1, C2, BC, HAS_WS, HAS_WSC,
+                                       DOT, EVEN, True)  # fmt: skip
+    Ut, u, inv = _weights_of(dO, dOo, den, ROUT, tok, rows, rmask, H, eps, NORMALIZE)
+    tl.store(INV + tok + rows * H, inv, mask=rmask)
+    return Ut, u, sc * (acc_g * inv[:, None] + u[:, None] * acc_r)  # (unnormalised: 1, 0)
+
+
 @triton.jit(do_not_specialize=RUNTIME)
 def packed_tile_kernel(
     X, XG, XB, Y, YG, YB, W, WS, Wsc, U, DO, Sst, Zst,
@@ -457,7 +510,7 @@ def packed_tile_kernel(
     BC: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, HAS_WS: tl.constexpr,
     HAS_WSC: tl.constexpr, HAS_LIN: tl.constexpr, HAS_C2: tl.constexpr, DOT: tl.constexpr,
     SP: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr, STATE: tl.constexpr,
-    FB: tl.constexpr, EVEN: tl.constexpr = False,
+    FB: tl.constexpr, EVEN: tl.constexpr = False, ONEPASS: tl.constexpr = False,
 ):  # fmt: skip
     """Grid ``(cdiv(T, BC), B*H)``: the ``tiles`` variant, one chunk per program, no walk.
 
@@ -471,7 +524,8 @@ def packed_tile_kernel(
     caller's state) the first segment's prefix (the last one's suffix) is zero and its
     programs skip the state's part: a sequence of one segment is the quadratic form alone.
     Without ``STATE`` (one segment, no caller's state: no program reads a state) the state's
-    code is not compiled at all, which frees its registers for the pairs."""
+    code is not compiled at all, which frees its registers for the pairs. ``ONEPASS`` (MODE
+    1): one pass over the key chunks (``_dq_one_pass``) instead of two."""
     c, bh = tl.program_id(0), tl.program_id(1)
     h = bh % H
     tok = (bh // H) * T * H + h
@@ -504,7 +558,12 @@ def packed_tile_kernel(
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
         lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
-    if MODE != 2:  # first pass: out and den of the whole row, the diagonal chunk last
+    if MODE == 1 and ONEPASS:  # dq linear in (g, r): one pass, then combined
+        Ut, u, dxp = _dq_one_pass(out, den, x, c, lo, Y, YG, YB, W, WS, Wsc, DO, INV, ROUT, tok,
+                                  h, rows, rmask, o_ptrs, tv_mask, offs_c, offs_d, offs_v,
+                                  vmask, T, H, D, Dv, pgy_stride, NORM, NORMALIZE, sc, C0, C1,
+                                  C2, eps, BC, HAS_WS, HAS_WSC, DOT, EVEN)  # fmt: skip
+    elif MODE != 2:  # first pass: out and den of the whole row, the diagonal chunk last
         for j in range(lo, c):
             y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
                                                 offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride,
@@ -521,10 +580,19 @@ def packed_tile_kernel(
     if MODE == 2:  # out accumulates dv over the pair loop below
         Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
         u = rmask.to(tl.float32)
-    else:
+    elif not (MODE == 1 and ONEPASS):
         Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
                            rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
-    if MODE != 0:
+    if MODE == 1 and ONEPASS:
+        if STATE and has_state:
+            dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
+                                  Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
+                                  HAS_C2, GATHER, FB)  # [BC, 16]  # fmt: skip
+        dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
+                           D, NORM, EVEN)  # fmt: skip
+        tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)
+        tl.store(DB + (bh * NCH + c) * 16 + offs_d, db)
+    elif MODE != 0:
         dxp = x * 0.0
         if MODE == 2:  # the pairs' part of dx' (and dv in MODE 2), the diagonal chunk last
             first, last = c + 1, hi

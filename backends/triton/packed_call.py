@@ -212,6 +212,9 @@ class PackedCall:
         self.state_warps = int(own.get("state_warps") or self.num_warps)
         self.state_fused = bool(config.get("state_fused"))
         self.segment_half = bool(config.get("segment_half"))
+        self.dq_onepass = bool(config.get("dq_onepass"))
+        if self.dq_onepass and not self.tiles:
+            raise ValueError("triton dq_onepass is a tiles configuration key")
         if self.state_fused and self.state_rows != 128:
             raise ValueError(f"triton state_fused takes state_rows 128, not {self.state_rows}")
         self.stages = stages(config, "num_stages")  # the sweep / tile kernels'
@@ -301,7 +304,8 @@ class PackedCall:
         if self.tiles:
             state = carried or self.NSEG > 1  # else every program skips the state
             kernel, n = packed_tile_kernel, self.NCH
-            extra = dict(HAS_INIT=carried, STATE=state, FB=self.tile_rows, EVEN=self.even(self.BC))
+            extra = dict(HAS_INIT=carried, STATE=state, FB=self.tile_rows, EVEN=self.even(self.BC),
+                         ONEPASS=mode == 1 and self.dq_onepass)  # fmt: skip
         else:
             kernel, n, extra = packed_sweep_kernel, self.NSEG, dict(PREFIX=prefix)
         kernel[(n, self.B * self.H)](
