@@ -173,6 +173,13 @@ class TritonBackend(Backend):
         },
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 4, **WIDE},
         {"variant": "tiles", "chunk_size": 64, "chunks_per_segment": 4, "exact": "x2"},
+        {
+            "variant": "tiles",
+            "chunk_size": 64,
+            "chunks_per_segment": 4,
+            "exact": "x2",
+            "dq_onepass": True,
+        },
         {"variant": "packed", "chunk_size": 32, "chunks_per_segment": 2, "exact": "x2"},
         {
             "variant": "tiles",

@@ -214,13 +214,16 @@ def _dot_tf32_of(a, b, acc, EMULATE: tl.constexpr):
 
 @triton.jit
 def _dot_x2(a, b, DOT: tl.constexpr, EXACT: tl.constexpr):
-    """``_dot_x3`` where operand ``EXACT`` (1: a, 2: b; 0: neither) is a half input's value,
-    exact in tf32 (10 mantissa bits hold bf16's 7 and fp16's 10): in an "x2" sweep only the
-    other operand is split and two tf32 products suffice, the third of tf32x3 being zero
-    (``exact`` "x2"); the exact operand needs no second copy in registers."""
+    """``_dot_x3`` where operand ``EXACT`` (1: a, 2: b; 3: both; 0: neither) is a half
+    input's value, exact in tf32 (10 mantissa bits hold bf16's 7 and fp16's 10): in an "x2"
+    sweep only the other operand is split and two tf32 products suffice, the third of tf32x3
+    being zero (``exact`` "x2"); the exact operand needs no second copy in registers. Both
+    exact (half inputs' ``dO v^T``): one tf32 product is exact in any sweep of half inputs."""
     a = a.to(tl.float32)
     b = b.to(tl.float32)
-    if DOT == "x2" and EXACT == 1:
+    if EXACT == 3 and DOT != "ieee":
+        return _dot_tf32_of(a, b, None, INTERPRET)
+    elif DOT == "x2" and EXACT == 1:
         hi, lo = _tf32_split(b)
         acc = _dot_tf32_of(a, lo, None, INTERPRET)
         return _dot_tf32_of(a, hi, acc, INTERPRET)

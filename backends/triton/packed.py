@@ -463,7 +463,7 @@ def _dq_pairs(den, dOo, acc_g, acc_r, dO, x, j, c, Y, YG, YB, W, WS, Wsc, tok, h
                                         offs_v, vmask, T, H, D, Dv, pgy_stride, NORM, sc, C0,
                                         C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, DIAG,
                                         False)  # fmt: skip
-    P0 = _dot_x2(dO, tl.trans(Wt), DOT, 2)  # [BC, BC] dO . v_j, ~fp32 (v exact in tf32)
+    P0 = _dot_x2(dO, tl.trans(Wt), DOT, 3)  # [BC, BC] dO . v_j: half values, exact in tf32
     d = tl.where(keep, C1 + 2.0 * C2 * s, 0.0)  # [BC, BC] sim' on the kept pairs
     acc_g += _dot_exact(P0 * d, y, DOT)
     acc_r += _dot_exact(d * wc[None, :], y, DOT)
