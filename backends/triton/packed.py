@@ -583,38 +583,31 @@ def packed_tile_kernel(
     elif not (MODE == 1 and ONEPASS):
         Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
                            rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
-    if MODE == 1 and ONEPASS:
-        if STATE and has_state:
-            dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
-                                  Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
-                                  HAS_C2, GATHER, FB)  # [BC, 16]  # fmt: skip
-        dg, db = _store_dx(dxp, xh, rstd, rmask, DX, XG + h * pgx_stride, tok, rows, offs_d, H,
-                           D, NORM, EVEN)  # fmt: skip
-        tl.store(DG + (bh * NCH + c) * 16 + offs_d, dg)
-        tl.store(DB + (bh * NCH + c) * 16 + offs_d, db)
-    elif MODE != 0:
-        dxp = x * 0.0
-        if MODE == 2:  # the pairs' part of dx' (and dv in MODE 2), the diagonal chunk last
-            first, last = c + 1, hi
-        else:
-            first, last = lo, c
-        for j in range(first, last):
-            y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
+    if MODE != 0:
+        if not (MODE == 1 and ONEPASS):  # (one pass: dxp has the pairs' part already)
+            dxp = x * 0.0
+            if MODE == 2:  # the pairs' part of dx' (and dv in MODE 2), the diagonal chunk last
+                first, last = c + 1, hi
+            else:
+                first, last = lo, c
+            for j in range(first, last):
+                y, Wt, wc, s, A, keep = _pair_tiles(x, j, c, Y, YG, YB, W, WS, Wsc, tok, h,
+                                                    offs_c, offs_d, offs_v, vmask, T, H, D, Dv,
+                                                    pgy_stride, NORM, sc, C0, C1, C2, BC, HAS_WS,
+                                                    HAS_WSC, DOT, EVEN, False,
+                                                    MODE == 2)  # fmt: skip
+                if MODE == 2:
+                    out += _dot(A, Wt, DOT)
+                dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
+            y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
                                                 offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride,
                                                 NORM, sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT,
-                                                EVEN, False, MODE == 2)  # fmt: skip
+                                                EVEN, True, MODE == 2)  # fmt: skip
             if MODE == 2:
                 out += _dot(A, Wt, DOT)
             dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
-        y, Wt, wc, s, A, keep = _pair_tiles(x, c, c, Y, YG, YB, W, WS, Wsc, tok, h, offs_c,
-                                            offs_d, offs_v, vmask, T, H, D, Dv, pgy_stride, NORM,
-                                            sc, C0, C1, C2, BC, HAS_WS, HAS_WSC, DOT, EVEN, True,
-                                            MODE == 2)  # fmt: skip
-        if MODE == 2:
-            out += _dot(A, Wt, DOT)
-        dxp += _pair_grad(Ut, u, Wt, wc, s, keep, y, sc, C1, C2, DOT, MODE)
-        if MODE == 2:
-            tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
+            if MODE == 2:
+                tl.store(OUT + o_ptrs, out.to(OUT.dtype.element_ty), mask=tv_mask)
         if STATE and has_state:
             dxp += _state_grad_at(Ut, u, x, xsrc, xg, xb, rows, rmask, mean, rstd, D, H * D, NORM,
                                   Sst, Zst, base, offs_v, vmask, Dv, P8, sc, C1, C2, SP, HAS_LIN,
