@@ -525,7 +525,8 @@ def packed_tile_kernel(
     programs skip the state's part: a sequence of one segment is the quadratic form alone.
     Without ``STATE`` (one segment, no caller's state: no program reads a state) the state's
     code is not compiled at all, which frees its registers for the pairs. ``ONEPASS`` (MODE
-    1): one pass over the key chunks (``_dq_one_pass``) instead of two."""
+    1 only; the host sets it so): one pass over the key chunks (``_dq_one_pass``) instead of
+    two."""
     c, bh = tl.program_id(0), tl.program_id(1)
     h = bh % H
     tok = (bh // H) * T * H + h
@@ -558,7 +559,7 @@ def packed_tile_kernel(
         lo, hi = c, tl.minimum(seg * NCS + NCS, NCH)  # query chunks from the diagonal on
     else:
         lo, hi = seg * NCS, c + 1  # key chunks of the segment up to the diagonal
-    if MODE == 1 and ONEPASS:  # dq linear in (g, r): one pass, then combined
+    if ONEPASS:  # dq linear in (g, r): one pass, then combined
         Ut, u, dxp = _dq_one_pass(out, den, x, c, lo, Y, YG, YB, W, WS, Wsc, DO, INV, ROUT, tok,
                                   h, rows, rmask, o_ptrs, tv_mask, offs_c, offs_d, offs_v,
                                   vmask, T, H, D, Dv, pgy_stride, NORM, NORMALIZE, sc, C0, C1,
@@ -580,11 +581,11 @@ def packed_tile_kernel(
     if MODE == 2:  # out accumulates dv over the pair loop below
         Ut = tl.load(U + o_ptrs, mask=tv_mask, other=0.0).to(tl.float32)  # [BC, BV]
         u = rmask.to(tl.float32)
-    elif not (MODE == 1 and ONEPASS):
+    elif not ONEPASS:  # (one pass: g, r and the pairs' part of dx' are in)
         Ut, u = _rows_done(out, den, OUT, DO, U, INV, INV, ROUT, o_ptrs, tv_mask, tok, rows,
                            rmask, H, eps, NORMALIZE, MODE, False)  # fmt: skip
     if MODE != 0:
-        if not (MODE == 1 and ONEPASS):  # (one pass: dxp has the pairs' part already)
+        if not ONEPASS:  # (one pass: dxp has the pairs' part already)
             dxp = x * 0.0
             if MODE == 2:  # the pairs' part of dx' (and dv in MODE 2), the diagonal chunk last
                 first, last = c + 1, hi

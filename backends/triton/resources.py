@@ -112,7 +112,7 @@ def sweep_constants(mode: int, chunk: int, variant: str, dot: str, x3: bool = Fa
              HAS_C2=True, DOT=dot, SP="ieee" if dot == "ieee" else "bf16")  # fmt: skip
     c["GATHER"] = features == "gather"
     if variant == "tiles":
-        c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS, EVEN=False)
+        c.update(HAS_INIT=False, STATE=True, FB=packed.FB_ROWS, EVEN=False, ONEPASS=False)
     else:
         c["PREFIX"] = True
     return c
