@@ -775,17 +775,16 @@ def test_one_pass_dq_is_a_tiles_key() -> None:
 @pytest.mark.parametrize("state", [False, True])
 def test_one_pass_dq_equals_the_two_pass_one(state: bool) -> None:
     """The one-pass dq (``dq_onepass``) against the two-pass kernel on the same inputs: every
-    gradient within 1e-5 relative (the property test checks dq against 1% of the largest
+    gradient within 1e-3 relative (the property test checks dq against 1% of the largest
     gradient where it is small; here it is compared whole), normalised ``rebased`` over three
     segments, with and without an initial state."""
     fm = PRESETS["rebased"]
     x = random_inputs(1, 150, 2, 16, 8, torch.float16, DEVICE, fm, seed=3, requires_grad=False)
     if state:
         F = fm.num_features(16)
-        x["initial_state"] = (
-            torch.rand(1, 2, F, 8, device=DEVICE),
-            torch.rand(1, 2, F, device=DEVICE) + 1,
-        )
+        g = torch.Generator().manual_seed(4)
+        S0, z0 = torch.rand(1, 2, F, 8, generator=g), torch.rand(1, 2, F, generator=g) + 1
+        x["initial_state"] = (S0.to(DEVICE), z0.to(DEVICE))
     grads = []
     for one in (False, True):
         leaves = {n: t.clone().requires_grad_() for n, t in x.items() if n != "initial_state"}
@@ -798,4 +797,4 @@ def test_one_pass_dq_equals_the_two_pass_one(state: bool) -> None:
         grads.append({n: t.grad.float() for n, t in leaves.items()})
     for n, want in grads[0].items():
         err = float((grads[1][n] - want).norm() / want.norm())
-        assert err < 1e-5, (n, err)
+        assert err < 1e-3, (n, err)  # (r, 1 / den summed in another order; 0.9 without r)
