@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import tilelang.language as T
 
+from .kernels import exact_state as forward_exact_state
 from .layout import DK
 from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
 from .tiles import ACC, Block, F, walk
@@ -352,8 +353,7 @@ def exact_state(opt: KernelOptions) -> bool:
     and they cancel: tf32 state products measured d gamma_q errors of 1.2e-2 (fp32) and
     2.3e-2 (bf16, fp16) against the float64 oracle on an H100 (session 19; T = 11, D = 4,
     gamma_x2), as triton's did in session 18 (``packed_call.CARRIED_GRAD_SP``)."""
-    uses_x = any(p in opt.powers for p in (1, 2))
-    return opt.state and opt.normalize and opt.dtype == "float32" and uses_x
+    return forward_exact_state(opt) and opt.normalize  # (the forward's rule, normalised)
 
 
 def _state(m: SimpleNamespace, sc, S, z, i_b, i_h, load: bool) -> dict:
