@@ -145,10 +145,10 @@ def _state(attn: LinearAttention, B: int, H: int, D: int, Dv: int, seed: int):
 
 
 def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
-                   init: bool, seed: int, segment: int = 0) -> None:  # fmt: skip
-    """o, S, z of ``call.forward`` (C target, float32) on random inputs (and a random
-    initial state when ``init``) against ``reference.quadratic`` on the same float32-rounded
-    inputs, at the float32 tolerance."""
+                   init: bool, seed: int, segment: int = 0, forward: str = "walk") -> None:  # fmt: skip
+    """o, S, z of ``call.forward`` (C target, float32; the ``forward`` variant, ``segment``
+    tokens a segment) on random inputs (and a random initial state when ``init``) against
+    ``reference.quadratic`` on the same float32-rounded inputs, at the float32 tolerance."""
     fm, label = attn.feature_map, f"{attn.feature_map.name} B={B} T={T} H={H} D={D} Dv={Dv}"
     x = random_inputs(B, T, H, D, Dv, torch.float64, "cpu", fm, seed=seed, requires_grad=False)
     params = tuple(x.get(n) for n in PARAMS)
@@ -156,7 +156,7 @@ def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: in
     ours = call.forward(
         Inputs(x["q"].float(), x["k"].float(), x["v"].float(),
                *(None if p is None else p.float() for p in params), S0, z0),
-        attn, {"chunk_size": BC, "segment": segment},
+        attn, {"chunk_size": BC, "segment": segment, "forward": forward},
     )  # fmt: skip
     x32 = {n: t.float().double() for n, t in x.items()}
     state = None if S0 is None else (S0.double(), z0.double())
@@ -283,6 +283,50 @@ def test_split_sequences_match_the_oracle(
         _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment)
 
 
+TILE_CASES = [
+    # feature map, normalize, initial state, B, H, D, Dv, chunk, segment, lengths: T within
+    # one segment (one chunk, several), whole segments, segments and a tail, a partial
+    # diagonal chunk, one chunk a segment
+    ("rebased", True, False, 2, 2, 16, 32, 16, 32, (1, 20, 77)),
+    ("based", True, True, 2, 2, 16, 24, 16, 48, (50, 96)),
+    ("norm_x2", False, True, 1, 3, 8, 17, 16, 16, (40,)),
+    ("affine", False, True, 1, 2, 5, 8, 16, 32, (33,)),
+    ("lifted_x2", True, False, 1, 1, 16, 64, 32, 64, (130,)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "normalize", "init", "B", "H", "D", "Dv", "BC", "segment", "lengths"), TILE_CASES
+)
+def test_tile_forward_matches_the_oracle(
+    name: str, normalize: bool, init: bool, B: int, H: int, D: int, Dv: int, BC: int,
+    segment: int, lengths: tuple[int, ...],
+) -> None:  # fmt: skip
+    """The tile forward (``config["forward"] = "tiles"``: one program per chunk from its
+    segment's start, ``tile``): o, S, z against the float64 oracle for T within one segment,
+    of whole segments, and with a tail (its start the segments' total, its own sum added for
+    the final state); initial states (the scan starts from them), every power set ({2},
+    {0, 2}, {0, 1, 2}, {0, 1}), normalize=False, D < 16, Dv < BV."""
+    attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
+    for T in lengths:
+        _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T, segment=segment, forward="tiles")
+
+
+def test_tile_configuration_is_checked() -> None:
+    """``forward`` is "walk" or "tiles"; the tile forward's segment is a multiple of the
+    chunk (its default four chunks when the configuration gives none or "auto")."""
+    assert build.forward_variant(None) == build.DEFAULT_FORWARD == "walk"
+    assert build.forward_variant({"forward": "tiles"}) == "tiles"
+    assert build.tile_segment({"segment": "auto"}, 64) == build.tile_segment(None, 64) == 256
+    assert build.tile_segment({"segment": 96}, 32) == 96
+    x = random_inputs(1, 8, 1, 16, 8, torch.float32, "cpu", "x2", requires_grad=False)
+    inputs, attn = Inputs(x["q"], x["k"], x["v"]), LinearAttention(PRESETS["x2"], 0.25)
+    with pytest.raises(ValueError, match="not one of"):
+        call.forward(inputs, attn, {"forward": "parallel"})
+    with pytest.raises(ValueError, match="not a multiple of the chunk length 32"):
+        call.forward(inputs, attn, {"forward": "tiles", "segment": 48})
+
+
 @pytest.mark.parametrize(("B", "T", "L"), [(2, 49, 48), (3, 96, 32), (2, 100, 48), (1, 40, 16)])
 def test_split_operands_are_packed(B: int, T: int, L: int) -> None:
     """``Split.body`` / ``tail`` hand the kernels packed (contiguous) operands holding the
@@ -347,7 +391,8 @@ def test_runtime_values_share_one_compile() -> None:
     each matches the float64 oracle."""
     problems = [Problem(attn, D, Dv, torch.float32, "cpu") for attn, _, D, Dv in SHARED_CLASS]
     keys = build.compile_classes(problems, [{"chunk_size": 16}], states=(False,))
-    assert [key.kind for key in keys] == list(build.KINDS) and {key.BV for key in keys} == {16}
+    walks = [kind for kind in build.KINDS if kind != "tile"]  # the tile forward: asked for
+    assert [key.kind for key in keys] == walks and {key.BV for key in keys} == {16}
     assert build.precompile(keys, workers=2) == {}
     misses = build.compiled.cache_info().misses
     for i, (attn, H, D, Dv) in enumerate(SHARED_CLASS):
@@ -358,6 +403,9 @@ def test_runtime_values_share_one_compile() -> None:
     other = [Problem(LinearAttention(PRESETS["based"], 0.25), 16, 64, torch.float32, "cpu")]
     # (a float32 class: every kind; with a state: forward, dq, dk/dv)
     assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 16
+    # the tile forward adds its kernel (reading own starts, and a caller's state: one fp32 key)
+    tiles = [{"chunk_size": 16, "forward": "tiles"}]
+    assert [key.kind for key in build.compile_classes(problems, tiles)].count("tile") == 1
 
 
 def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
@@ -445,7 +493,8 @@ def test_unsupported_problems_raise() -> None:
 # first test, so that they are lowered while the C-target tests above run.
 
 _SM90A: dict[tuple, tuple[Future, tuple]] = {}
-NVCC_BUILDS = [("forward", False), ("forward", True), ("dq", False), ("dkv", False)]
+NVCC_BUILDS = [("forward", False), ("forward", True), ("dq", False), ("dkv", False),
+               ("tile", False)]  # fmt: skip
 """``(kind, based)`` of the bf16 sources ``test_hopper_source_compiles_for_sm90a`` builds."""
 
 
@@ -508,7 +557,7 @@ def _hopper_source(kind: str, dtype: str = "bfloat16", based: bool = False) -> s
 @pytest.mark.parametrize(
     ("kind", "dtype"),
     [("forward", "bfloat16"), ("dq", "bfloat16"), ("dkv", "bfloat16"), ("dq", "float32"),
-     ("dkv", "float32"), ("cotangent", "float32")],
+     ("dkv", "float32"), ("cotangent", "float32"), ("tile", "bfloat16"), ("tile", "float32")],
 )  # fmt: skip
 def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
     """Each kernel's launch in its dtype's default configuration asks for no more dynamic
@@ -609,6 +658,25 @@ def test_backward_lowers_to_hopper_wgmma(kind: str) -> None:
     assert _stores("dq" if kind == "dq" else "dk", src) and _stores("dv", src) == (kind == "dkv")
 
 
+@pytest.mark.parametrize(("kind", "based", "gemms"), [("tile", False, 2), ("tile", True, 3)])
+def test_tile_forward_lowers_to_hopper_wgmma(kind: str, based: bool, gemms: int) -> None:
+    """The bf16 tile forward (``tile``): its T.gemm of the input dtype (``Q^(2) (w_2 S_2)``,
+    ``A_cj V_j``, and ``q' (w_1 S_1)`` for based) are wgmma call sites with fp32
+    accumulators, the scores tf32 ``mma_sync`` as the walk's; the key chunks' k and v arrive
+    by TMA inside the pipelined loop (q once, by the compute threads); it reads its segment's
+    start S, z and writes o, never S or z (the host forms the final state)."""
+    src = _hopper_source(kind, "bfloat16", based)
+    calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
+    assert len(calls) == gemms, f"expected {gemms} wgmma_ss call sites, found {len(calls)}"
+    for args in calls:
+        assert args.startswith("tl::DataType::kBFloat16, tl::DataType::kBFloat16, "
+                               "tl::DataType::kFloat32"), args  # fmt: skip
+    assert set(re.findall(r"tl::mma_sync<([^,>]*)", src)) == {"tl::DataType::kTensorFloat32"}
+    assert src.count("tl::tma_load(") == 2
+    assert _loads("S", src) and _loads("z", src) and _stores("o", src)
+    assert not _stores("S", src) and not _stores("z", src)
+
+
 @pytest.mark.parametrize(("kind", "based"), NVCC_BUILDS)
 def test_hopper_source_compiles_for_sm90a(kind: str, based: bool) -> None:
     """nvcc builds the lowered source for sm_90a: wgmma and TMA in the PTX, no spills."""
@@ -687,6 +755,7 @@ CARRIED_STATE_DRAWS = [
     ("backward", "dq_weight", 2.346e-2, _gx2(14, torch.bfloat16)),
     ("backward", "dq_weight", 2.258e-2, _gx2(14, torch.float16)),
     ("kernels", "o", 3.140e-2, (1, 1, 1, 4, 1, torch.float32, "rebased", False, False, "HD", 3)),
+    ("tile", "o", 3.140e-2, (1, 1, 1, 4, 1, torch.float32, "rebased", False, False, "HD", 3)),
 ]
 """Draws with an initial state that tf32 products fail: the first three session 19's H100
 property run found (the CPU measures its errors to four digits without the mend), the last a
@@ -716,6 +785,8 @@ def test_carried_state_draws_of_session_19_match_the_oracle(
     B, T, H, D, Dv, dtype, name, normalize, params, shape, seed = fields
     fm = {**PRESETS, "gamma_x2": FeatureMap("gamma_x2", PreTransform(False, "gamma"), (0, 0, 1))}
     config = tuple((key, None) for key in ("chunk_size", "num_stages", "segment", "threads"))
+    if module == "tile":  # the tile forward's state products (``tile`` takes exact_state)
+        config += (("forward", "tiles"),)
     case = Case("tilelang", B, T, H, D, Dv, dtype, fm[name], normalize, params, shape, True,
                 config, seed)  # fmt: skip
     build.compiled.cache_clear()  # (the kernels of one key differ with exact_state below)
@@ -734,7 +805,7 @@ def test_carried_state_draws_of_session_19_match_the_oracle(
 @pytest.mark.parametrize(
     ("kind", "dtype", "based", "splits"),
     [("dq", "float32", True, 3 + 18), ("dkv", "float32", True, 2 + 18),
-     ("forward", "float32", True, 12)],
+     ("forward", "float32", True, 12), ("tile", "float32", True, 10)],
 )  # fmt: skip
 def test_hopper_carried_state_kernels_multiply_by_the_state_in_tf32x3(
     kind: str, dtype: str, based: bool, splits: int
@@ -748,7 +819,8 @@ def test_hopper_carried_state_kernels_multiply_by_the_state_in_tf32x3(
     and after each chunk's update: 2 x 2 blocks), ``attend``'s features and x' (hi, lo) with
     each block's operand turned to its lo part and back (2 x 4), ``state_grad``'s operand
     turned (2 x 2) and ``2 (U + u z) x'`` split (2); the forward 12 (the operands' 4 and
-    ``attend``'s 8). Every product stays tf32 ``mma_sync`` and the launch fits a Hopper
+    ``attend``'s 8); the tile forward 10 (its start's operands 2, ``state_out``'s 8: it
+    updates no state). Every product stays tf32 ``mma_sync`` and the launch fits a Hopper
     block's shared memory. The numerics are the C target's
     (``test_c_target_gradients_match_the_oracle``, Based with a state and cotangents; the
     draws above with tf32 emulated)."""

@@ -51,23 +51,29 @@ class TileLangBackend(Backend):
         "num_stages": (1, 2),
         "threads": (128, 256),
         "segment": (0, 512, 2048, "auto"),
+        "forward": ("walk", "tiles"),
     }
     """Compile-time, each: a configuration compiles the forward and both backward sweeps
     once per (BV, dtype, powers present, LayerNorm or not, normalize, state given or not);
     B, T, H, D, the coefficients, scale and eps are runtime values. Some do not build
     (chunk 32 at 256 threads does not lower in TileLang 0.1.15; fp32 at chunk 64 needs more
     shared memory than Hopper has): the tuner records those as failed. ``segment`` (tokens a
-    program walks; 0: a whole sequence) is read at launch (``split``)."""
-    runtime_tunables: ClassVar[tuple[str, ...]] = ("segment",)
+    program walks; 0: a whole sequence) is read at launch (``split``), and so is ``forward``
+    (``build.FORWARDS``: the chunk walk, or ``tile``'s one program per chunk from its
+    segment's start, segments of ``segment`` tokens, four chunks by default; its kernel is
+    compiled only for configurations that ask for it)."""
+    runtime_tunables: ClassVar[tuple[str, ...]] = ("segment", "forward")
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": None,
         "num_stages": None,
         "threads": None,
         "segment": None,
+        "forward": None,
     }
-    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32)
-    and ``split.DEFAULT_SEGMENT`` (no split until a GPU run has checked and timed it; the GPU
-    property suite draws segments of 48 tokens, ``test_configs``)."""
+    """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32),
+    ``split.DEFAULT_SEGMENT`` (no split until a GPU run has checked and timed it; the GPU
+    property suite draws segments of 48 tokens, ``test_configs``) and ``build.DEFAULT_FORWARD``
+    (the walk, until a GPU run has checked and timed the tile forward)."""
     compiles: ClassVar[bool] = True
     float32_products: ClassVar[str] = "tf32"
     """TileLang's float32 ``T.gemm`` runs on Hopper's tensor cores in tf32 (wgmma has no
@@ -80,13 +86,16 @@ class TileLangBackend(Backend):
     state_cotangents_optional: ClassVar[bool] = True
 
     def test_configs(self) -> list[dict[str, Any]]:
-        """The default configuration, and it split into segments of 48 tokens (``split``: the
-        property suite's T <= 160 stays within one automatic segment): every compiled
+        """The default configuration, it split into segments of 48 tokens (``split``: the
+        property suite's T <= 160 stays within one automatic segment), and the tile forward
+        in segments of 128 (two chunks of bf16's 64, four of fp32's 32; its backward walks
+        segments of 128): every compiled
         configuration builds ~50 kernels per dtype for the draws (3 (powers, LayerNorm)
         classes x normalize x state x kinds), ~15 s each, a segment length none. The tuner
         checks each configuration it times against the float64 oracle first
         (``autotune.tuner.check_config``)."""
-        return [dict(self.default_config), {**self.default_config, "segment": 48}]
+        return [dict(self.default_config), {**self.default_config, "segment": 48},
+                {**self.default_config, "forward": "tiles", "segment": 128}]  # fmt: skip
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("tilelang") is None:

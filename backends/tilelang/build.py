@@ -61,11 +61,13 @@ _PARSE_LOCK = threading.Lock()
 """Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
 AST_RACE = "AST constructor recursion depth mismatch"
 """CPython's spurious ``SystemError`` of concurrent ``ast`` use (gh-106905): retried."""
-KINDS = ("forward", "state", "dq", "dkv", "cotangent")
+KINDS = ("forward", "state", "dq", "dkv", "cotangent", "tile")
 """The kernels: ``kernels.forward_kernel``, ``kernels.state_kernel`` (the forward's walk
 without its output: the segments' sums of a split sequence, ``split``),
-``backward.dq_kernel``, ``backward.dkv_kernel`` and ``backward.cotangent_kernel`` (the dk/dv
-sweep's walk without its outputs: the segments' cotangent sums)."""
+``backward.dq_kernel``, ``backward.dkv_kernel``, ``backward.cotangent_kernel`` (the dk/dv
+sweep's walk without its outputs: the segments' cotangent sums) and ``tile.tile_forward_kernel``
+(the forward as one program per chunk from its segment's start: configuration
+``forward="tiles"``, always reading a state)."""
 SWEEPS = ("dq", "dkv", "cotangent")
 """The kernels of the backward, on ``SWEEP_DTYPE`` operands."""
 SWEEP_DTYPE = torch.float32
@@ -84,6 +86,43 @@ def kernel_dtype(kind: str, dtype: torch.dtype, carried: bool) -> torch.dtype:
     measured 1.13e-2 on o at T = 1 against the 1e-2 rule); else the inputs' own (a segment's
     initial state summed from the call's own tokens, as triton's ``HALF_SP``)."""
     return SWEEP_DTYPE if kind in SWEEPS or carried else dtype
+
+
+FORWARDS = ("walk", "tiles")
+"""How the forward runs (``config["forward"]``): the chunk walk (``kernels.forward_kernel``,
+one program per (batch, head) or segment) or one program per chunk from its segment's start
+(``tile.tile_forward_kernel``; segments of ``config["segment"]`` tokens, ``TILE_SEGMENT_CHUNKS``
+chunks when that is 0, None or "auto"). The backward's sweeps walk either way."""
+DEFAULT_FORWARD = "walk"
+"""The forward where a configuration leaves it None: the walk, until a GPU run has timed the
+tile forward and passed the property suite with it."""
+TILE_SEGMENT_CHUNKS = 4
+"""Chunks per segment of the tile forward by default (triton's ``tiles`` 64 x 4): a chunk
+takes at most this many key chunks quadratically; longer segments cost more pairs, shorter
+ones more state sums."""
+
+
+def forward_variant(config: dict | None) -> str:
+    """``config["forward"]`` (None or absent: ``DEFAULT_FORWARD``), one of ``FORWARDS``;
+    raises ``ValueError`` for anything else."""
+    given = (config or {}).get("forward")
+    given = DEFAULT_FORWARD if given is None else given
+    if given not in FORWARDS:
+        raise ValueError(f"tilelang forward {given!r} is not one of {FORWARDS}")
+    return given
+
+
+def tile_segment(config: dict | None, BC: int) -> int:
+    """Tokens per segment of the tile forward at chunk length BC: ``config["segment"]`` when it
+    is a positive token count (a multiple of BC), else ``TILE_SEGMENT_CHUNKS * BC``. Raises
+    ``ValueError`` for a count that is not a multiple of BC."""
+    given = (config or {}).get("segment")
+    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+        if given % BC:
+            raise ValueError(f"tilelang segment {given} of the tile forward is not a multiple "
+                             f"of the chunk length {BC}")  # fmt: skip
+        return given
+    return TILE_SEGMENT_CHUNKS * BC
 
 
 def default_config(dtype: str) -> dict[str, Any]:
@@ -162,14 +201,19 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
     of ``kinds`` (every kernel by default) in each of ``configs``, with and without a state
     (``states``), and what a split sequence (``split``) adds: a forward reading a state of
     the call's own segments (the input dtype, not widened) and the state walk on the sweeps'
-    operands (the backward's segment sums); a state walk always starts from zero. Raises
-    ``ValueError`` as ``compile_key``."""
+    operands (the backward's segment sums); a state walk always starts from zero; the tile
+    forward (``forward_variant`` "tiles" only) always reads starts, the caller's or the call's
+    own. Raises ``ValueError`` as ``compile_key``."""
     configs, states, kinds = list(configs), list(states), list(kinds)
     keys: dict[CompileKey, None] = {}
     for problem in problems:
         for config in configs:
             for state in states:
                 for kind in kinds:
+                    if kind == "tile":  # reads its starts: the caller's (state) or own ones
+                        if forward_variant(config) == "tiles":
+                            keys[compile_key(kind, problem, True, config, carried=state)] = None
+                        continue
                     if kind in ("state", "cotangent") and state:
                         continue  # a segment's own sums start from zero
                     keys[compile_key(kind, problem, state, config)] = None
@@ -185,11 +229,13 @@ def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
     (``layout.padded_value_dim``), built with ``opt``."""
     from .backward import cotangent_kernel, dkv_kernel, dq_kernel
     from .kernels import forward_kernel, state_kernel
+    from .tile import tile_forward_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     builders = {"forward": forward_kernel, "state": state_kernel, "dq": dq_kernel,
-                "dkv": dkv_kernel, "cotangent": cotangent_kernel}  # fmt: skip
+                "dkv": dkv_kernel, "cotangent": cotangent_kernel,
+                "tile": tile_forward_kernel}  # fmt: skip
     return builders[kind](BV, opt)
 
 

@@ -30,7 +30,14 @@ import torch
 from rebased_kernels.backend import Inputs, Outputs, Problem
 from rebased_kernels.spec import FeatureMap, LinearAttention, feature_layout, feature_weights
 
-from .build import compile_key, compiled, kernel_dtype, unsupported_reason
+from .build import (
+    compile_key,
+    compiled,
+    forward_variant,
+    kernel_dtype,
+    tile_segment,
+    unsupported_reason,
+)
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
 from .split import Split, segment
@@ -48,8 +55,7 @@ def _kernel(kind: str, x: Inputs, attn: LinearAttention, config: dict | None, st
             carried: bool | None = None, wide: bool = False):  # fmt: skip
     """``build.compiled`` for this call's ``build.compile_key`` (``state``, ``carried``,
     ``wide`` as there); raises ``ValueError`` for what ``build.unsupported_reason`` names."""
-    problem = Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
-    return compiled(*compile_key(kind, problem, state, config, carried, wide))
+    return compiled(*compile_key(kind, _problem(x, attn), state, config, carried, wide))
 
 
 def _check(x: Inputs, attn: LinearAttention) -> None:
@@ -218,11 +224,15 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     (B, T, H, D), Dv = x.q.shape, x.v.shape[-1]
     _check(x, attn)
     carried = x.S0 is not None
-    sp = Split(B, T, segment(config, x.q.device, B * H, T))
+    tiles = forward_variant(config) == "tiles"
     # [B, T, H, 16] twice, [B, T, H, BV]; widened to fp32 when a state is read (kernel_dtype)
     q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, carried))
     params, sc = _params(x, attn), scalars(attn, D)
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+    if tiles:
+        o, S, z = _tile_forward(x, attn, config, q, k, v, params, sc, S, z)
+        return Outputs(_cut(o, Dv).to(x.v.dtype), *canonical_state(S[..., :Dv], z, attn, D))
+    sp = Split(B, T, segment(config, x.q.device, B * H, T))
     outs = []
     if sp.n:
         body, sums = [sp.body(t) for t in (q, k, v)], sp.empty_states(S, z)
@@ -238,6 +248,44 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
         outs.append(o_t)
     o = _cut(sp.join(outs), Dv).to(x.v.dtype)
     return Outputs(o, *canonical_state(S[..., :Dv], z, attn, D))
+
+
+def _tile_forward(x: Inputs, attn: LinearAttention, config: dict | None, q, k, v, params, sc,
+                  S: torch.Tensor, z: torch.Tensor):  # fmt: skip
+    """``forward`` with ``config["forward"] = "tiles"`` (``tile``): returns o ``[B, T, H, BV]``
+    and the final state in the kernel's layout. The segments' own sums (``state_kernel``: the
+    whole segments as a batch, the tail past them as another), a scan into each segment's
+    start ``[B, NS, H, R, BV]`` (``NS = ceil(T / L)``; the tail's start is the whole
+    segments' total), then one tile program per chunk over the unsplit q, k, v; the final
+    state is the last start plus the last segment's own sum. ``S, z``: the caller's initial
+    state in the kernel's layout (``_state_in``; its buffers unread when there is none)."""
+    (B, T, H, _), carried = q.shape, x.S0 is not None
+    L = tile_segment(config, compile_key("tile", _problem(x, attn), True, config, carried).opt.BC)
+    sp, NS = Split(B, T, L), -(-T // L)
+    starts = (S.new_empty(B, NS, *S.shape[1:]), z.new_empty(B, NS, *z.shape[1:]))
+    total = (S, z) if carried else None  # [B, H, R, BV], [B, H, R]: the sum so far
+    if sp.n:  # whole segments: their own sums, scanned into starts[:, :n]
+        sums = sp.empty_states(S, z)
+        _kernel("state", x, attn, config, False, carried)(
+            *(sp.body(t) for t in (q, k, v)), *params, *sc, sp.body(v), *sums)  # fmt: skip
+        total = tuple(sp.scan(own, t0 if carried else None, out=st[:, : sp.n])[1]
+                      for own, t0, st in zip(sums, (S, z), starts))  # fmt: skip
+    if sp.rem:  # the tail: starts from the total so far, its own sum added after
+        for st, t in zip(starts, total or (0.0, 0.0)):
+            st[:, sp.n] = t
+        own = sp.empty_tail_states(S, z)
+        _kernel("state", x, attn, config, False, carried)(
+            *(sp.tail(t) for t in (q, k, v)), *params, *sc, sp.tail(v), *own)  # fmt: skip
+        total = own if total is None else tuple(t + s for t, s in zip(total, own))
+    o = torch.empty_like(v)  # [B, T, H, BV]
+    _kernel("tile", x, attn, config, True, carried)(
+        q, k, v, *params, *sc, L, o, *(st.view(B * NS, *st.shape[2:]) for st in starts))
+    return o, *total
+
+
+def _problem(x: Inputs, attn: LinearAttention) -> Problem:
+    """The call's ``Problem`` (``build.compile_key``'s)."""
+    return Problem(attn, x.q.shape[-1], x.v.shape[-1], x.v.dtype, x.q.device.type)
 
 
 PARAM_GRADS = ("dqw", "dqb", "dkw", "dkb")

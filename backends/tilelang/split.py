@@ -96,6 +96,10 @@ class Split:
         return torch.empty((self.B, self.rem, *like.shape[2:]), dtype=like.dtype,
                            device=like.device)  # fmt: skip
 
+    def empty_tail_states(self, S: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """State buffers ``[B, H, R, BV]``, ``[B, H, R]`` for the tail's own sums."""
+        return torch.empty_like(S), torch.empty_like(z)
+
     def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The per-token outputs of the body and / or the tail back as ``[B, T, ...]``."""
         whole = [p.reshape(self.B, -1, *p.shape[2:]) for p in parts]
@@ -108,20 +112,21 @@ class Split:
         return (torch.empty((n, *S.shape[1:]), dtype=S.dtype, device=S.device),
                 torch.empty((n, *z.shape[1:]), dtype=z.dtype, device=z.device))  # fmt: skip
 
-    def scan(self, own: torch.Tensor, start: torch.Tensor | None,
-             reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def scan(self, own: torch.Tensor, start: torch.Tensor | None, reverse: bool = False,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """From the segments' own sums ``own [B n, ...]`` and the sequence's ``start [B, ...]``
         (None: zero): each segment's initial state ``[B n, ...]`` (contiguous, float32), the
         exclusive prefix, or with ``reverse`` the exclusive suffix (the cotangent entering
         each segment's end from ``start`` at the sequence's end); and the total ``[B, ...]``,
         ``start`` plus every segment's sum (the final state; reversed, the initial state's
-        gradient)."""
+        gradient). ``out`` (forward only): a ``[B, n, ...]`` float32 buffer (a view may be
+        strided) that takes the prefixes and is returned as they are, unreshaped."""
         own = own.reshape(self.B, self.n, *own.shape[1:])  # [B, n, ...]
         if reverse:  # the suffix sums are the prefix sums of the segments in reverse order
             own = own.flip(1)
         # one pass over the sums: the exclusive prefix straight into its buffer (this scan's
         # traffic is a sizeable part of a split forward: the sums are ~70 KB a segment)
-        starts = torch.empty_like(own)  # [B, n, ...]
+        starts = torch.empty_like(own) if out is None else out  # [B, n, ...]
         starts[:, 0] = 0.0
         if self.n > 1:
             torch.cumsum(own[:, :-1], 1, out=starts[:, 1:])
@@ -131,4 +136,6 @@ class Split:
             total += start
         if reverse:
             starts = starts.flip(1)
+        if out is not None:
+            return starts, total
         return starts.reshape(self.B * self.n, *own.shape[2:]), total

@@ -261,27 +261,22 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
                 mma(b_x, b_y, b_s, transpose_B=True)
 
     @T.macro
-    def similarities(sc, b_s, b_A, b_den, reverse):
+    def similarities(sc, b_s, b_A, b_den, reverse, before=None):
         """``b_s = A`` in place (``sim`` on the causal pairs, 0 elsewhere), ``b_den = A 1``
-        (unless None) and ``b_A = A`` rounded to dtype, a ``T.gemm`` operand."""
+        (unless None) and ``b_A = A`` rounded to dtype, a ``T.gemm`` operand. ``before``
+        (a runtime condition, the tile forward's): the key chunk precedes the query chunk,
+        so every pair is causal."""
         for i, j in T.Parallel(BC, BC):
-            b_s[i, j] = T.if_then_else(causal(i, j, reverse), similarity(sc, b_s[i, j]), 0.0)
+            keep = causal(i, j, reverse) if before is None else T.Or(before, causal(i, j, reverse))
+            b_s[i, j] = T.if_then_else(keep, similarity(sc, b_s[i, j]), 0.0)
         if b_den is not None:
             row_sum(b_s, b_den, 1, has1 or has2)
         T.copy(b_s, b_A)
 
     @T.macro
-    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o, lo=None, b_xs=None):
-        """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator); with
-        ``lo = (A_lo, W_lo)`` (a sweep's split tiles: b_A, b_W their hi parts) ``A W`` is
-        three products, ~fp32 exact; so is the state's part with ``exact_state``, where
-        ``b_xs [BC, 16]`` (fp32) takes x' hi then lo for the power-1 block."""
-        for i, e in T.Parallel(BC, BV):
-            b_o[i, e] = 0.0
-        mma(b_A, b_W, b_o)
-        if lo is not None:
-            mma(lo[0], b_W, b_o)
-            mma(b_A, lo[1], b_o)
+    def state_out(sc, b_x, b_phi, st, b_o, b_xs=None):
+        """``b_o [BC, BV] += sum_p X^(p) (w_p S_p)``: the state's part of ``attend`` (the tile
+        forward's whole state part, ``tile``); ~fp32 with ``exact_state`` (``attend``)."""
         if has2 and exact_state:  # hi(phi) takes both parts of S; lo(phi) S's hi part
             features(b_x, b_phi, "hi")
             mma(b_phi, st[2].op, b_o)
@@ -308,6 +303,20 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         if has0:
             for i, e in T.Parallel(BC, BV):
                 b_o[i, e] += sc[0] * st[0].S[0, e]
+
+    @T.macro
+    def attend(sc, b_A, b_W, b_x, b_phi, st, b_o, lo=None, b_xs=None):
+        """``b_o [BC, BV] = A W + sum_p X^(p) (w_p S_p)`` (the forward's numerator); with
+        ``lo = (A_lo, W_lo)`` (a sweep's split tiles: b_A, b_W their hi parts) ``A W`` is
+        three products, ~fp32 exact; so is the state's part with ``exact_state``, where
+        ``b_xs [BC, 16]`` (fp32) takes x' hi then lo for the power-1 block."""
+        for i, e in T.Parallel(BC, BV):
+            b_o[i, e] = 0.0
+        mma(b_A, b_W, b_o)
+        if lo is not None:
+            mma(lo[0], b_W, b_o)
+            mma(b_A, lo[1], b_o)
+        state_out(sc, b_x, b_phi, st, b_o, b_xs)
 
     @T.macro
     def inter_den(sc, b_den, st, b_x, t0):
@@ -376,5 +385,6 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         derivative=derivative, causal=causal, mma=mma, row_sum=row_sum, pre_transform=pre_transform,
         features=features, operand=operand, state_block=state_block,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
+        state_out=state_out,
         inter_den=inter_den, update=update,
     )  # fmt: skip
