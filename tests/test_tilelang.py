@@ -145,7 +145,8 @@ def _state(attn: LinearAttention, B: int, H: int, D: int, Dv: int, seed: int):
 
 
 def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
-                   init: bool, seed: int, segment: int = 0, forward: str = "walk") -> None:  # fmt: skip
+                   init: bool, seed: int, segment: int = 0,
+                   forward: str = "walk") -> None:  # fmt: skip
     """o, S, z of ``call.forward`` (C target, float32; the ``forward`` variant, ``segment``
     tokens a segment) on random inputs (and a random initial state when ``init``) against
     ``reference.quadratic`` on the same float32-rounded inputs, at the float32 tolerance."""

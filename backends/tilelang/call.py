@@ -259,7 +259,7 @@ def _tile_forward(x: Inputs, attn: LinearAttention, config: dict | None, q, k, v
     segments' total), then one tile program per chunk over the unsplit q, k, v; the final
     state is the last start plus the last segment's own sum. ``S, z``: the caller's initial
     state in the kernel's layout (``_state_in``; its buffers unread when there is none)."""
-    (B, T, H, _), carried = q.shape, x.S0 is not None
+    (B, T, _, _), carried = q.shape, x.S0 is not None
     L = tile_segment(config, compile_key("tile", _problem(x, attn), True, config, carried).opt.BC)
     sp, NS = Split(B, T, L), -(-T // L)
     starts = (S.new_empty(B, NS, *S.shape[1:]), z.new_empty(B, NS, *z.shape[1:]))
