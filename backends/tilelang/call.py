@@ -279,7 +279,8 @@ def _tile_forward(x: Inputs, attn: LinearAttention, config: dict | None, q, k, v
         total = own if total is None else tuple(t + s for t, s in zip(total, own))
     o = torch.empty_like(v)  # [B, T, H, BV]
     _kernel("tile", x, attn, config, True, carried)(
-        q, k, v, *params, *sc, L, o, *(st.view(B * NS, *st.shape[2:]) for st in starts))
+        q, k, v, *params, *sc, L, o, *(st.view(B * NS, *st.shape[2:]) for st in starts)
+    )
     return o, *total
 
 
