@@ -64,18 +64,27 @@ def _precompile(device: str, dtypes: tuple[torch.dtype, ...]) -> dict:
 
     problems = [Problem(LinearAttention(PRESETS[name], 0.25), 16, 64, dtype, device.split(":")[0])
                 for dtype in dtypes for name in ("rebased", "based")]  # fmt: skip
-    return build.precompile_problems(problems)
+    return build.precompile_problems(problems, (None, {"forward": "tiles"}))
 
 
-SEGMENTS = (0, 512, 2048, "auto")
-"""The segment lengths timed (``tilelang.split``): 0 walks a whole sequence per program (the
-default until a GPU run checks the split), "auto" the automatic split."""
+CONFIGS: dict[str, dict] = {
+    "0": {"segment": 0},
+    "512": {"segment": 512},
+    "2048": {"segment": 2048},
+    "auto": {"segment": "auto"},
+    "tiles-256": {"forward": "tiles", "segment": 256},
+    "tiles-512": {"forward": "tiles", "segment": 512},
+}
+"""The configurations timed, by name: the walk forward at segment lengths (``tilelang.split``;
+0 walks a whole sequence per program, "auto" the automatic split) and the tile forward
+(``tilelang.tile``: one program per chunk) at segments of 4 and 8 chunks of 64; the
+backward walks the same segments. Each one's o and gradients are compared with "0"'s."""
 
 
-KERNEL_TABLES = (0, "auto")
-"""The segment lengths whose device time per kernel is recorded at the longest T (session 18:
+KERNEL_TABLES = ("0", "auto", "tiles-256")
+"""The configurations whose device time per kernel is recorded at the longest T (session 18:
 the automatic split made forward+backward 1.5x faster at 16k, the forward no faster; the
-table says whether the state sums, the scan or the walk take it)."""
+table says whether the state sums, the scan, the walk or the tiles take it)."""
 
 
 def _kernel_tables(call, inp: Inputs, attn: LinearAttention, c: dict, do: Outputs,
@@ -126,26 +135,28 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
         x = random_inputs(B, T, H, 16, 64, timed, device, fm, requires_grad=False)
         inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
         do = Outputs(torch.randn_like(x["v"]), None, None)  # training: no final state
-        row: dict = dict(T=T, by_segment={}, split_vs_whole={})
+        row: dict = dict(T=T, by_config={}, split_vs_whole={})
         whole = None  # o and the gradients of segment 0 (one program a sequence)
-        for segment in SEGMENTS:  # the automatic split last: the row's own numbers
-            c = {"segment": segment}
+        for name, c in CONFIGS.items():
             got = [call.forward(inp, attn, c).o, *call.backward(inp, attn, c, do)]
             if whole is None:
                 whole = got
             else:  # a split that broke shows O(1); bf16's reordered sums ~1e-3
-                row["split_vs_whole"][str(segment)] = max(
+                row["split_vs_whole"][name] = max(
                     rel_err(a, b) for a, b in zip(got, whole) if a is not None
                 )
             fwd = ms(lambda inp=inp, c=c: call.forward(inp, attn, c))
             fwd_bwd = ms(lambda inp=inp, do=do, c=c: (call.forward(inp, attn, c),
                                                       call.backward(inp, attn, c, do)))  # fmt: skip
-            row["by_segment"][str(segment)] = [fwd, fwd_bwd]
-            row["tilelang_fwd"], row["tilelang_fwd_bwd"] = fwd, fwd_bwd
-            if T == Ts[-1] and segment in KERNEL_TABLES:
-                row.setdefault("kernels", {})[str(segment)] = _kernel_tables(
+            row["by_config"][name] = [fwd, fwd_bwd]
+            if T == Ts[-1] and name in KERNEL_TABLES:
+                row.setdefault("kernels", {})[name] = _kernel_tables(
                     call, inp, attn, c, do, device
                 )
+        # the row's own numbers: the fastest configuration of each (named beside them)
+        for i, what in enumerate(("fwd", "fwd_bwd")):
+            best = min(row["by_config"], key=lambda n: row["by_config"][n][i])
+            row[f"tilelang_{what}"], row[f"best_{what}"] = row["by_config"][best][i], best
         if triton.unavailable_reason() is None and not small:  # (the interpreter: slow)
             row["triton_config"] = cfg
             row["triton_fwd"] = ms(lambda inp=inp: triton.forward_dense(inp, attn, cfg))

@@ -65,14 +65,15 @@ def test_gpu_lm_dry_run_trains_both_models_and_times_both_kernels(tmp_path, monk
 def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     """The TileLang stage (its first GPU check) on the CPU: TileLang's C target, float32; its
     kernels precompiled first (rebased and based, each kind with and without a state: 8 keys
-    each in float32, ``build.compile_classes``); each length timed at every segment length of
-    ``gpu_tilelang.SEGMENTS``, with per-kernel tables at the longest."""
+    each in float32, ``build.compile_classes``, and the tile forward's: 1 each); each length
+    timed in every configuration of ``gpu_tilelang.CONFIGS`` (the walk at segment lengths, the
+    tile forward), each matching the unsplit walk, with per-kernel tables at the longest."""
     pytest.importorskip("tilelang")
-    from rebased_kernels import gpu_check
+    from rebased_kernels import gpu_check, gpu_tilelang
 
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "tilelang"]) == 0
     log = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert log["tilelang"]["precompile"]["keys"] == 16
+    assert log["tilelang"]["precompile"]["keys"] == 18
     assert log["tilelang"]["precompile"]["failed"] == {}
     rows = log["tilelang"]["oracle"]
     assert len(rows) == 4 and all("error" not in r for r in rows)
@@ -80,9 +81,12 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     assert all(
         r["tilelang_fwd"] > 0 and r["tilelang_fwd_bwd"] > 0 for r in log["tilelang"]["timings"]
     )
-    assert all(len(r["by_segment"]) == 4 for r in log["tilelang"]["timings"])
-    tables = log["tilelang"]["timings"][-1]["kernels"]  # per kernel, unsplit and auto
-    assert set(tables) == {"0", "auto"}
+    for r in log["tilelang"]["timings"]:
+        assert list(r["by_config"]) == list(gpu_tilelang.CONFIGS)
+        assert r["best_fwd"] in r["by_config"] and r["best_fwd_bwd"] in r["by_config"]
+        assert max(r["split_vs_whole"].values()) < 1e-4, r["split_vs_whole"]  # (float32)
+    tables = log["tilelang"]["timings"][-1]["kernels"]  # per kernel, unsplit, auto, tiles
+    assert set(tables) == set(gpu_tilelang.KERNEL_TABLES)
     assert all(t["fwd"] and t["fwd_bwd"] for t in tables.values())
 
 
