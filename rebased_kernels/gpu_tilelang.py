@@ -150,9 +150,7 @@ def check_and_time(log: dict, device: str, small: bool, ms: Callable,
                                                       call.backward(inp, attn, c, do)))  # fmt: skip
             row["by_config"][name] = [fwd, fwd_bwd]
             if T == Ts[-1] and name in KERNEL_TABLES:
-                row.setdefault("kernels", {})[name] = _kernel_tables(
-                    call, inp, attn, c, do, device
-                )
+                row.setdefault("kernels", {})[name] = _kernel_tables(call, inp, attn, c, do, device)
         # the row's own numbers: the fastest configuration of each (named beside them)
         for i, what in enumerate(("fwd", "fwd_bwd")):
             best = min(row["by_config"], key=lambda n: row["by_config"][n][i])

@@ -168,7 +168,8 @@ def _check_forward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: in
 
 
 def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: int, BC: int,
-                    init: bool, cot: bool, seed: int, segment: int = 0) -> None:  # fmt: skip
+                    init: bool, cot: bool, seed: int, segment: int = 0,
+                    forward: str = "walk") -> None:  # fmt: skip
     """``call.backward`` (both sweeps on the C target, float32) against torch.autograd
     through ``reference.quadratic`` in float64 on the same float32-rounded inputs, with
     random cotangents for o (and for the final S, z when ``cot``; None otherwise: the state
@@ -195,7 +196,8 @@ def _check_backward(attn: LinearAttention, B: int, T: int, H: int, D: int, Dv: i
     inputs = Inputs(*(None if leaves.get(n) is None else leaves[n].detach().float()
                       for n in Inputs._fields))  # fmt: skip
     grads = Outputs(do, dS if cot else None, dz if cot else None)
-    ours = call.backward(inputs, attn, {"chunk_size": BC, "segment": segment}, grads)
+    config = {"chunk_size": BC, "segment": segment, "forward": forward}
+    ours = call.backward(inputs, attn, config, grads)
     # as in the property suite: a gradient 100x smaller than the largest one is
     # cancellation (dq at T = 1 normalised is O(eps)), checked against 1% of the largest
     floor = 1e-2 * max(t.grad.norm().item() for t in leaves.values())
@@ -285,32 +287,38 @@ def test_split_sequences_match_the_oracle(
 
 
 TILE_CASES = [
-    # feature map, normalize, initial state, B, H, D, Dv, chunk, segment, lengths: T within
-    # one segment (one chunk, several), whole segments, segments and a tail, a partial
-    # diagonal chunk, one chunk a segment
-    ("rebased", True, False, 2, 2, 16, 32, 16, 32, (1, 20, 77)),
-    ("based", True, True, 2, 2, 16, 24, 16, 48, (50, 96)),
-    ("norm_x2", False, True, 1, 3, 8, 17, 16, 16, (40,)),
-    ("affine", False, True, 1, 2, 5, 8, 16, 32, (33,)),
-    ("lifted_x2", True, False, 1, 1, 16, 64, 32, 64, (130,)),
+    # feature map, normalize, initial state, final-state cotangents (None: no backward), B,
+    # H, D, Dv, chunk, segment, lengths: T within one segment (one chunk, several), whole
+    # segments, segments and a tail, a partial diagonal chunk, one chunk a segment
+    ("rebased", True, False, False, 2, 2, 16, 32, 16, 32, (1, 20, 77)),
+    ("based", True, True, True, 2, 2, 8, 24, 16, 48, (50, 96)),
+    ("norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
+    ("affine", False, True, None, 1, 2, 5, 8, 16, 32, (33,)),
+    ("lifted_x2", True, False, True, 1, 1, 16, 64, 32, 64, (130,)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("name", "normalize", "init", "B", "H", "D", "Dv", "BC", "segment", "lengths"), TILE_CASES
+    ("name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "segment", "lengths"),
+    TILE_CASES,
 )
-def test_tile_forward_matches_the_oracle(
-    name: str, normalize: bool, init: bool, B: int, H: int, D: int, Dv: int, BC: int,
-    segment: int, lengths: tuple[int, ...],
+def test_tile_kernels_match_the_oracle(
+    name: str, normalize: bool, init: bool, cot: bool | None, B: int, H: int, D: int, Dv: int,
+    BC: int, segment: int, lengths: tuple[int, ...],
 ) -> None:  # fmt: skip
-    """The tile forward (``config["forward"] = "tiles"``: one program per chunk from its
-    segment's start, ``tile``): o, S, z against the float64 oracle for T within one segment,
-    of whole segments, and with a tail (its start the segments' total, its own sum added for
-    the final state); initial states (the scan starts from them), every power set ({2},
-    {0, 2}, {0, 1, 2}, {0, 1}), normalize=False, D < 16, Dv < BV."""
+    """The tile kernels (``config["forward"] = "tiles"``: one program per chunk from its
+    segment's start or end, ``tile``, ``tile_backward``): o, S, z and every gradient against
+    the float64 oracle for T within one segment, of whole segments, and with a tail (its
+    start the segments' total, its own sum added for the final state); initial states and
+    final-state cotangents (the scans start from them), every power set ({2}, {0, 2},
+    {0, 1, 2}, {0, 1}: forward only, the harness has no gradient of its unused beta),
+    normalize=False, D < 16, Dv < BV."""
     attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
     for T in lengths:
         _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T, segment=segment, forward="tiles")
+        if cot is not None:
+            _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment,
+                            forward="tiles")  # fmt: skip
 
 
 def test_tile_configuration_is_checked() -> None:
@@ -392,7 +400,7 @@ def test_runtime_values_share_one_compile() -> None:
     each matches the float64 oracle."""
     problems = [Problem(attn, D, Dv, torch.float32, "cpu") for attn, _, D, Dv in SHARED_CLASS]
     keys = build.compile_classes(problems, [{"chunk_size": 16}], states=(False,))
-    walks = [kind for kind in build.KINDS if kind != "tile"]  # the tile forward: asked for
+    walks = [kind for kind in build.KINDS if not kind.startswith("tile")]  # tiles: asked for
     assert [key.kind for key in keys] == walks and {key.BV for key in keys} == {16}
     assert build.precompile(keys, workers=2) == {}
     misses = build.compiled.cache_info().misses
@@ -404,9 +412,10 @@ def test_runtime_values_share_one_compile() -> None:
     other = [Problem(LinearAttention(PRESETS["based"], 0.25), 16, 64, torch.float32, "cpu")]
     # (a float32 class: every kind; with a state: forward, dq, dk/dv)
     assert len(build.compile_classes(problems + other, [{"chunk_size": 16}])) == 16
-    # the tile forward adds its kernel (reading own starts, and a caller's state: one fp32 key)
+    # the tile kernels add theirs: forward, dq, dk/dv, each with and without a caller's state
     tiles = [{"chunk_size": 16, "forward": "tiles"}]
-    assert [key.kind for key in build.compile_classes(problems, tiles)].count("tile") == 1
+    kinds = [key.kind for key in build.compile_classes(problems, tiles)]
+    assert [kinds.count(kind) for kind in ("tile", "tile_dq", "tile_dkv")] == [2, 2, 2]
 
 
 def test_precompile_builds_again_what_the_ast_race_broke(monkeypatch) -> None:
@@ -558,7 +567,8 @@ def _hopper_source(kind: str, dtype: str = "bfloat16", based: bool = False) -> s
 @pytest.mark.parametrize(
     ("kind", "dtype"),
     [("forward", "bfloat16"), ("dq", "bfloat16"), ("dkv", "bfloat16"), ("dq", "float32"),
-     ("dkv", "float32"), ("cotangent", "float32"), ("tile", "bfloat16"), ("tile", "float32")],
+     ("dkv", "float32"), ("cotangent", "float32"), ("tile", "bfloat16"), ("tile", "float32"),
+     ("tile_dq", "float32"), ("tile_dkv", "float32")],
 )  # fmt: skip
 def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
     """Each kernel's launch in its dtype's default configuration asks for no more dynamic
@@ -678,6 +688,25 @@ def test_tile_forward_lowers_to_hopper_wgmma(kind: str, based: bool, gemms: int)
     assert not _stores("S", src) and not _stores("z", src)
 
 
+@pytest.mark.parametrize(
+    ("kind", "dtype", "splits"), [("tile_dq", "float32", 4), ("tile_dkv", "float32", 2)]
+)
+def test_tile_sweeps_lower_to_hopper_tf32(kind: str, dtype: str, splits: int) -> None:
+    """The tile backward's kernels in the sweeps' fp32 (``build.SWEEP_DTYPE``): every product
+    tf32 ``mma_sync``, the cancelling pair products split as the walk's sweeps' (dq: A and
+    g once, v in each of its two passes over the key chunks; dk/dv: v once, g per query
+    chunk); k, v (dq) or q, dO (dk/dv) by TMA in the pipelined pass; dq writes 1 / (den +
+    eps) and r, dk/dv reads them; both read their segment's state and never write one."""
+    src = _hopper_source(kind, dtype)
+    assert src.count("& (uint)4294959104") == splits  # 0xFFFFE000
+    assert set(re.findall(r"tl::mma_sync<([^,>]*)", src)) == {"tl::DataType::kTensorFloat32"}
+    assert "wgmma" not in src and src.count("tl::tma_load(") == 2
+    assert _stores("inv", src) == _stores("r", src) == (kind == "tile_dq")
+    assert _loads("inv", src) == _loads("r", src) == (kind == "tile_dkv")
+    assert _loads("S", src) and _loads("z", src)
+    assert not _stores("S", src) and not _stores("z", src)
+
+
 @pytest.mark.parametrize(("kind", "based"), NVCC_BUILDS)
 def test_hopper_source_compiles_for_sm90a(kind: str, based: bool) -> None:
     """nvcc builds the lowered source for sm_90a: wgmma and TMA in the PTX, no spills."""
@@ -757,10 +786,15 @@ CARRIED_STATE_DRAWS = [
     ("backward", "dq_weight", 2.258e-2, _gx2(14, torch.float16)),
     ("kernels", "o", 3.140e-2, (1, 1, 1, 4, 1, torch.float32, "rebased", False, False, "HD", 3)),
     ("tile", "o", 3.140e-2, (1, 1, 1, 4, 1, torch.float32, "rebased", False, False, "HD", 3)),
+    ("tile_backward", "dq_weight", 1.206e-2, _gx2(13, torch.float32)),
+    ("tile_backward", "dq_weight", 2.346e-2, _gx2(14, torch.bfloat16)),
+    ("tile_backward", "dq_weight", 2.258e-2, _gx2(14, torch.float16)),
 ]
 """Draws with an initial state that tf32 products fail: the first three session 19's H100
-property run found (the CPU measures its errors to four digits without the mend), the last a
-CPU run of the suite with the GPU's tf32 emulated found (the same session)."""
+property run found (the CPU measures its errors to four digits without the mend), the fourth a
+CPU run of the suite with the GPU's tf32 emulated found (the same session); the rest are the
+same draws through the tile kernels (``forward="tiles"``, session 20), which fail by the
+same errors without their ``exact_state``."""
 
 
 @pytest.mark.parametrize(("module", "rule", "error", "fields"), CARRIED_STATE_DRAWS)
@@ -786,7 +820,7 @@ def test_carried_state_draws_of_session_19_match_the_oracle(
     B, T, H, D, Dv, dtype, name, normalize, params, shape, seed = fields
     fm = {**PRESETS, "gamma_x2": FeatureMap("gamma_x2", PreTransform(False, "gamma"), (0, 0, 1))}
     config = tuple((key, None) for key in ("chunk_size", "num_stages", "segment", "threads"))
-    if module == "tile":  # the tile forward's state products (``tile`` takes exact_state)
+    if module.startswith("tile"):  # the tile kernels' state products (their exact_state)
         config += (("forward", "tiles"),)
     case = Case("tilelang", B, T, H, D, Dv, dtype, fm[name], normalize, params, shape, True,
                 config, seed)  # fmt: skip

@@ -170,14 +170,17 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         )  # fmt: skip
 
     @T.macro
-    def scores(sc, t, reverse):
+    def scores(sc, t, reverse, before=None):
         """``t.ds = sim'(x' y'^T)``, then ``t.s = A`` and its operand ``t.A`` (causal pairs
-        ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order."""
+        ``j <= i``, or ``j >= i`` when ``reverse``); ``t.den = A 1`` in the forward order.
+        ``before`` (the tile sweeps', ``tile_backward``): every pair of this y chunk is causal
+        when it holds, and no row sums are taken (the caller sums ``t.A``)."""
         m.scores(t.x, t.y, t.s, True)  # exact fp32 scores (tiles.scores)
         if m.uses_x:
             for i, j in T.Parallel(BC, BC):
                 t.ds[i, j] = m.derivative(sc, t.s[i, j])
-        m.similarities(sc, t.s, t.A, None if reverse or not m.normalize else t.den, reverse)
+        rows = t.den if before is None and not reverse and m.normalize else None
+        m.similarities(sc, t.s, t.A, rows, reverse, before)
 
     @T.macro
     def scale_rows(t):
@@ -239,13 +242,14 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
             b_hi[i, j] = b_hi[i, j] + b_lo[i, j]
 
     @T.macro
-    def pair_grad(t, b_U, b_W, b_u, b_w, reverse, lo=None):
+    def pair_grad(t, b_U, b_W, b_u, b_w, reverse, lo=None, before=None):
         """``t.dx = sum_j (U_i . W_j + u_i w_j) sim'(s_ij) y'_j`` over the causal pairs
         (``u_i w_j`` only when normalising; a None vector is 1). Y' is read from ``t.yt``, its
         transpose: as the N-major B of this product, a 16-column tile has no layout that
         Hopper's wgmma descriptors take (TileLang 0.1.15 asserts), K-major it has. With
         ``lo = (U_lo, W_lo)`` (``split``: b_U, b_W hold the hi parts) ``U W^T`` is three
-        products."""
+        products. ``before`` (the tile sweeps'): every pair is causal when it holds, and
+        ``t.dx`` accumulates over the y chunks (the caller zeroes it)."""
         for d, j in T.Parallel(DK, BC):
             t.yt[d, j] = t.y[j, d]
         for i, j in T.Parallel(BC, BC):
@@ -257,9 +261,12 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         for i, j in T.Parallel(BC, BC):
             dA = t.P[i, j] + one(b_u, i) * one(b_w, j) if m.normalize else t.P[i, j]
             keep = m.causal(i, j, reverse)
+            if before is not None:
+                keep = T.Or(before, keep)
             t.A[i, j] = T.if_then_else(keep, T.cast(dA * t.ds[i, j], dtype), T.cast(0, dtype))
-        for i, a in T.Parallel(BC, DK):
-            t.dx[i, a] = 0.0
+        if before is None:
+            for i, a in T.Parallel(BC, DK):
+                t.dx[i, a] = 0.0
         m.mma(t.A, t.yt, t.dx, transpose_B=True)
 
     def quad_grad(sc, t, st, b_u, with_z, i, f):

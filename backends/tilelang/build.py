@@ -61,14 +61,15 @@ _PARSE_LOCK = threading.Lock()
 """Held while TVMScript parses a kernel (``prim_func``): its ``ast`` use is not thread-safe."""
 AST_RACE = "AST constructor recursion depth mismatch"
 """CPython's spurious ``SystemError`` of concurrent ``ast`` use (gh-106905): retried."""
-KINDS = ("forward", "state", "dq", "dkv", "cotangent", "tile")
+KINDS = ("forward", "state", "dq", "dkv", "cotangent", "tile", "tile_dq", "tile_dkv")
 """The kernels: ``kernels.forward_kernel``, ``kernels.state_kernel`` (the forward's walk
 without its output: the segments' sums of a split sequence, ``split``),
 ``backward.dq_kernel``, ``backward.dkv_kernel``, ``backward.cotangent_kernel`` (the dk/dv
-sweep's walk without its outputs: the segments' cotangent sums) and ``tile.tile_forward_kernel``
-(the forward as one program per chunk from its segment's start: configuration
-``forward="tiles"``, always reading a state)."""
-SWEEPS = ("dq", "dkv", "cotangent")
+sweep's walk without its outputs: the segments' cotangent sums), ``tile.tile_forward_kernel``
+and ``tile_backward.tile_dq_kernel`` / ``tile_dkv_kernel`` (one program per chunk from its
+segment's start or end: configuration ``forward="tiles"``; they always read their segment's
+state, and their ``state`` flag says whether it carries the caller's)."""
+SWEEPS = ("dq", "dkv", "cotangent", "tile_dq", "tile_dkv")
 """The kernels of the backward, on ``SWEEP_DTYPE`` operands."""
 SWEEP_DTYPE = torch.float32
 """The gradient sweeps' operand dtype for every input dtype: bf16 / fp16 inputs are widened
@@ -202,18 +203,16 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
     (``states``), and what a split sequence (``split``) adds: a forward reading a state of
     the call's own segments (the input dtype, not widened) and the state walk on the sweeps'
     operands (the backward's segment sums); a state walk always starts from zero; the tile
-    forward (``forward_variant`` "tiles" only) always reads starts, the caller's or the call's
-    own. Raises ``ValueError`` as ``compile_key``."""
+    kernels (``forward_variant`` "tiles" only) always read their segments' states, ``state``
+    saying whether those carry the caller's. Raises ``ValueError`` as ``compile_key``."""
     configs, states, kinds = list(configs), list(states), list(kinds)
     keys: dict[CompileKey, None] = {}
     for problem in problems:
         for config in configs:
             for state in states:
                 for kind in kinds:
-                    if kind == "tile":  # reads its starts: the caller's (state) or own ones
-                        if forward_variant(config) == "tiles":
-                            keys[compile_key(kind, problem, True, config, carried=state)] = None
-                        continue
+                    if kind.startswith("tile") and forward_variant(config) != "tiles":
+                        continue  # the tile kernels: compiled where asked for
                     if kind in ("state", "cotangent") and state:
                         continue  # a segment's own sums start from zero
                     keys[compile_key(kind, problem, state, config)] = None
@@ -230,12 +229,14 @@ def prim_func(kind: str, BV: int, opt: KernelOptions) -> Any:
     from .backward import cotangent_kernel, dkv_kernel, dq_kernel
     from .kernels import forward_kernel, state_kernel
     from .tile import tile_forward_kernel
+    from .tile_backward import tile_dkv_kernel, tile_dq_kernel
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     builders = {"forward": forward_kernel, "state": state_kernel, "dq": dq_kernel,
                 "dkv": dkv_kernel, "cotangent": cotangent_kernel,
-                "tile": tile_forward_kernel}  # fmt: skip
+                "tile": tile_forward_kernel, "tile_dq": tile_dq_kernel,
+                "tile_dkv": tile_dkv_kernel}  # fmt: skip
     return builders[kind](BV, opt)
 
 

@@ -40,7 +40,7 @@ from .build import (
 )
 from .layout import DK, block_offsets, block_row, padded_value_dim
 from .options import Scalars
-from .split import Split, segment
+from .split import Split, exclusive_scan, segment
 
 
 def scalars(attn: LinearAttention, D: int) -> Scalars:
@@ -250,38 +250,107 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     return Outputs(o, *canonical_state(S[..., :Dv], z, attn, D))
 
 
+def _segment_sums(launch, sp: Split, NS: int, rows: list[torch.Tensor], S: torch.Tensor,
+                  z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each segment's own sums ``[B, NS, ...]`` (shaped like ``S [B, ...]``, ``z``): ``launch(
+    rows', S', z')`` (a state or cotangent walk from zero) on the whole segments as a batch
+    (``rows'``: ``sp.body`` of each of ``rows``) and on the tail past them as another."""
+    B, parts = sp.B, []
+    if sp.n:
+        sums = sp.empty_states(S, z)  # [B n, ...]
+        launch([sp.body(t) for t in rows], *sums)
+        parts.append([t.view(B, sp.n, *t.shape[1:]) for t in sums])
+    if sp.rem:
+        own = sp.empty_tail_states(S, z)  # [B, ...]
+        launch([sp.tail(t) for t in rows], *own)
+        parts.append([t[:, None] for t in own])
+    S_own, z_own = (p[0] if len(parts) == 1 else torch.cat(p, 1) for p in zip(*parts))
+    assert S_own.shape[1] == NS
+    return S_own, z_own
+
+
+def _tile_segments(x: Inputs, attn: LinearAttention, config: dict | None, kind: str,
+                   state: bool) -> tuple[Split, int, int]:  # fmt: skip
+    """``(split, NS, L)`` of the tile kernels: segments of ``build.tile_segment`` tokens (at
+    the chunk length of kernel ``kind``'s compile key), ``NS = ceil(T / L)`` of them."""
+    B, T = x.q.shape[:2]
+    L = tile_segment(config, compile_key(kind, _problem(x, attn), state, config).opt.BC)
+    return Split(B, T, L), -(-T // L), L
+
+
 def _tile_forward(x: Inputs, attn: LinearAttention, config: dict | None, q, k, v, params, sc,
                   S: torch.Tensor, z: torch.Tensor):  # fmt: skip
     """``forward`` with ``config["forward"] = "tiles"`` (``tile``): returns o ``[B, T, H, BV]``
-    and the final state in the kernel's layout. The segments' own sums (``state_kernel``: the
-    whole segments as a batch, the tail past them as another), a scan into each segment's
-    start ``[B, NS, H, R, BV]`` (``NS = ceil(T / L)``; the tail's start is the whole
-    segments' total), then one tile program per chunk over the unsplit q, k, v; the final
-    state is the last start plus the last segment's own sum. ``S, z``: the caller's initial
-    state in the kernel's layout (``_state_in``; its buffers unread when there is none)."""
-    (B, T, _, _), carried = q.shape, x.S0 is not None
-    L = tile_segment(config, compile_key("tile", _problem(x, attn), True, config, carried).opt.BC)
-    sp, NS = Split(B, T, L), -(-T // L)
-    starts = (S.new_empty(B, NS, *S.shape[1:]), z.new_empty(B, NS, *z.shape[1:]))
-    total = (S, z) if carried else None  # [B, H, R, BV], [B, H, R]: the sum so far
-    if sp.n:  # whole segments: their own sums, scanned into starts[:, :n]
-        sums = sp.empty_states(S, z)
-        _kernel("state", x, attn, config, False, carried)(
-            *(sp.body(t) for t in (q, k, v)), *params, *sc, sp.body(v), *sums)  # fmt: skip
-        total = tuple(sp.scan(own, t0 if carried else None, out=st[:, : sp.n])[1]
-                      for own, t0, st in zip(sums, (S, z), starts))  # fmt: skip
-    if sp.rem:  # the tail: starts from the total so far, its own sum added after
-        for st, t in zip(starts, total or (0.0, 0.0)):
-            st[:, sp.n] = t
-        own = sp.empty_tail_states(S, z)
-        _kernel("state", x, attn, config, False, carried)(
-            *(sp.tail(t) for t in (q, k, v)), *params, *sc, sp.tail(v), *own)  # fmt: skip
-        total = own if total is None else tuple(t + s for t, s in zip(total, own))
+    and the final state in the kernel's layout. Each segment's own sum (``state_kernel`` on
+    the whole segments, then the tail), a scan into each segment's start
+    ``[B, NS, H, R, BV]`` from the caller's state (``S, z``: in the kernel's layout,
+    ``_state_in``; unread when there is none), whose total is the final state; then one
+    tile program per chunk over the unsplit q, k, v."""
+    carried = x.S0 is not None
+    sp, NS, L = _tile_segments(x, attn, config, "tile", carried)
+
+    def launch(rows, S_out, z_out):
+        _kernel("state", x, attn, config, False, carried)(*rows, *params, *sc, rows[2], S_out,
+                                                           z_out)  # fmt: skip
+
+    own = _segment_sums(launch, sp, NS, [q, k, v], S, z)
+    (starts, S), (zstarts, z) = (exclusive_scan(t, t0 if carried else None)
+                                 for t, t0 in zip(own, (S, z)))  # fmt: skip
     o = torch.empty_like(v)  # [B, T, H, BV]
-    _kernel("tile", x, attn, config, True, carried)(
-        q, k, v, *params, *sc, L, o, *(st.view(B * NS, *st.shape[2:]) for st in starts)
+    _kernel("tile", x, attn, config, carried)(
+        q, k, v, *params, *sc, L, o, starts.flatten(0, 1), zstarts.flatten(0, 1)
     )
-    return o, *total
+    return o, S, z
+
+
+def _tile_backward(x: Inputs, attn: LinearAttention, config: dict | None, grads: Outputs,
+                   q, k, v, do, params, sc) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """``backward``'s kernels with ``config["forward"] = "tiles"`` (``tile_backward``):
+    returns ``(dq, dk, dv, dqw, dqb, dkw, dkb, Sg, zr)`` as ``backward`` assembles them (the
+    parameter gradients per program, ``(Sg, zr)`` the initial state's gradient in the kernel's
+    layout). The segments' starts as the tile forward's on the sweeps' operands; the dq
+    programs (storing 1 / (den + eps) and r); the segments' own cotangent sums
+    (``cotangent_kernel`` from zero) scanned in reverse from the final state's cotangent into
+    each segment's end; the dk/dv programs."""
+    (B, T, H, _), dev = q.shape, q.device
+    carried, cot = x.S0 is not None, grads.S is not None or grads.z is not None
+    sp, NS, L = _tile_segments(x, attn, config, "tile_dq", carried)
+    D, Dv = x.q.shape[-1], x.v.shape[-1]
+    S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+    new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
+    NC = -(-T // compile_key("tile_dq", _problem(x, attn), carried, config).opt.BC)
+    g = {n: new(B * NC, H, DK, dtype=torch.float32, device=dev) for n in PARAM_GRADS}
+    inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
+
+    def state(rows, S_out, z_out):
+        _kernel("state", x, attn, config, False, wide=True)(*rows, *params, *sc, rows[2], S_out,
+                                                             z_out)  # fmt: skip
+
+    own = _segment_sums(state, sp, NS, [q, k, v], S, z)
+    starts, zstarts = (exclusive_scan(t, t0 if carried else None)[0]
+                       for t, t0 in zip(own, (S, z)))  # fmt: skip
+    dq = new(q.shape, dtype=q.dtype, device=dev)
+    _kernel("tile_dq", x, attn, config, carried)(
+        q, k, v, do, *params, *sc, L, starts.flatten(0, 1), zstarts.flatten(0, 1), dq,
+        g["dqw"], g["dqb"], inv, r)  # fmt: skip
+
+    Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+
+    def cotangent(rows, S_out, z_out):
+        outs = [torch.empty_like(rows[1]), torch.empty_like(rows[2])] + [
+            torch.empty(rows[0].shape[0], H, DK, device=dev) for _ in range(2)
+        ]  # unwritten
+        _kernel("cotangent", x, attn, config, False)(*rows[:4], *params, *sc, *rows[4:], S_out,
+                                                      z_out, *outs)  # fmt: skip
+
+    own = _segment_sums(cotangent, sp, NS, [q, k, v, do, inv, r], Sg, zr)
+    (ends, Sg), (zends, zr) = (exclusive_scan(t, t0 if cot else None, reverse=True)
+                               for t, t0 in zip(own, (Sg, zr)))  # fmt: skip
+    dk, dv = new(k.shape, dtype=k.dtype, device=dev), torch.empty_like(v)
+    _kernel("tile_dkv", x, attn, config, cot)(
+        q, k, v, do, *params, *sc, L, inv, r, ends.flatten(0, 1), zends.flatten(0, 1), dk, dv,
+        g["dkw"], g["dkb"])  # fmt: skip
+    return dq, dk, dv, g["dqw"], g["dqb"], g["dkw"], g["dkb"], Sg, zr
 
 
 def _problem(x: Inputs, attn: LinearAttention) -> Problem:
@@ -317,14 +386,34 @@ def backward(
     here, tf32 products); the per-program d gamma / d beta are summed here. Raises
     ``ValueError`` and pads q, k, v and dO as ``forward``.
     """
-    B, T, H, D = x.q.shape
-    Dv, dev, pre = x.v.shape[-1], x.q.device, attn.feature_map.pre
+    D, Dv, pre = x.q.shape[-1], x.v.shape[-1], attn.feature_map.pre
     _check(x, attn)
-    carried, final = x.S0 is not None, grads.S is not None or grads.z is not None
-    sp = Split(B, T, segment(config, dev, B * H, T))
     # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.kernel_dtype)
     q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False))
     params, sc = _params(x, attn), scalars(attn, D)
+    sweeps = _tile_backward if forward_variant(config) == "tiles" else _walk_backward
+    dq, dk, dv, dqw, dqb, dkw, dkb, Sg, zr = sweeps(x, attn, config, grads, q, k, v, do, params,
+                                                    sc)  # fmt: skip
+
+    dS0 = dz0 = None
+    if x.S0 is not None:
+        dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
+        dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
+    return Inputs(
+        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv).to(x.v.dtype),
+        _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
+        _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
+        dS0, dz0,
+    )  # fmt: skip
+
+
+def _walk_backward(x: Inputs, attn: LinearAttention, config: dict | None, grads: Outputs,
+                   q, k, v, do, params, sc) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """``backward``'s walks: ``dq_kernel`` then ``dkv_kernel`` over the whole sequence, or over
+    its segments and tail (``split``); returns ``_tile_backward``'s tuple."""
+    (B, T, H, _), D, Dv, dev = q.shape, x.q.shape[-1], x.v.shape[-1], q.device
+    carried, final = x.S0 is not None, grads.S is not None or grads.z is not None
+    sp = Split(B, T, segment(config, dev, B * H, T))
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
 
     def part_of(ops: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -369,14 +458,4 @@ def backward(
         cot = True
     dq, dk, dv = (sp.join([p[n] for p, _, _ in parts]) for n in ("dq", "dk", "dv"))
     dqw, dqb, dkw, dkb = (torch.cat([p[n] for p, _, _ in parts]) for n in PARAM_GRADS)
-
-    dS0 = dz0 = None
-    if x.S0 is not None:
-        dS0, dz0 = state_gradient(Sg[..., :Dv], zr, attn, D)
-        dS0, dz0 = dS0.to(x.S0.dtype), dz0.to(x.z0.dtype)
-    return Inputs(
-        _cut(dq, D).to(x.q.dtype), _cut(dk, D).to(x.k.dtype), _cut(dv, Dv).to(x.v.dtype),
-        _param_grad(dqw, x.q_weight, pre.uses_gamma), _param_grad(dqb, x.q_bias, pre.uses_beta),
-        _param_grad(dkw, x.k_weight, pre.uses_gamma), _param_grad(dkb, x.k_bias, pre.uses_beta),
-        dS0, dz0,
-    )  # fmt: skip
+    return dq, dk, dv, dqw, dqb, dkw, dkb, Sg, zr

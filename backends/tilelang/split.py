@@ -112,30 +112,36 @@ class Split:
         return (torch.empty((n, *S.shape[1:]), dtype=S.dtype, device=S.device),
                 torch.empty((n, *z.shape[1:]), dtype=z.dtype, device=z.device))  # fmt: skip
 
-    def scan(self, own: torch.Tensor, start: torch.Tensor | None, reverse: bool = False,
-             out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def scan(self, own: torch.Tensor, start: torch.Tensor | None,
+             reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """From the segments' own sums ``own [B n, ...]`` and the sequence's ``start [B, ...]``
         (None: zero): each segment's initial state ``[B n, ...]`` (contiguous, float32), the
         exclusive prefix, or with ``reverse`` the exclusive suffix (the cotangent entering
         each segment's end from ``start`` at the sequence's end); and the total ``[B, ...]``,
         ``start`` plus every segment's sum (the final state; reversed, the initial state's
-        gradient). ``out`` (forward only): a ``[B, n, ...]`` float32 buffer (a view may be
-        strided) that takes the prefixes and is returned as they are, unreshaped."""
+        gradient): ``exclusive_scan``."""
         own = own.reshape(self.B, self.n, *own.shape[1:])  # [B, n, ...]
-        if reverse:  # the suffix sums are the prefix sums of the segments in reverse order
-            own = own.flip(1)
-        # one pass over the sums: the exclusive prefix straight into its buffer (this scan's
-        # traffic is a sizeable part of a split forward: the sums are ~70 KB a segment)
-        starts = torch.empty_like(own) if out is None else out  # [B, n, ...]
-        starts[:, 0] = 0.0
-        if self.n > 1:
-            torch.cumsum(own[:, :-1], 1, out=starts[:, 1:])
-        total = starts[:, -1] + own[:, -1]  # [B, ...]
-        if start is not None:
-            starts += start[:, None]
-            total += start
-        if reverse:
-            starts = starts.flip(1)
-        if out is not None:
-            return starts, total
+        starts, total = exclusive_scan(own, start, reverse)
         return starts.reshape(self.B * self.n, *own.shape[2:]), total
+
+
+def exclusive_scan(own: torch.Tensor, start: torch.Tensor | None,
+                   reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Over the segments' own sums ``own [B, n, ...]`` (n >= 1) from ``start [B, ...]`` (None:
+    zero): ``(starts [B, n, ...], total [B, ...])``, ``starts[:, s] = start + sum_{s' < s}
+    own[:, s']`` (with ``reverse``: ``s' > s``) and ``total = start + sum own``."""
+    if reverse:  # the suffix sums are the prefix sums of the segments in reverse order
+        own = own.flip(1)
+    # one pass over the sums: the exclusive prefix straight into its buffer (this scan's
+    # traffic is a sizeable part of a split forward: the sums are ~70 KB a segment)
+    starts = torch.empty_like(own)  # [B, n, ...]
+    starts[:, 0] = 0.0
+    if own.shape[1] > 1:
+        torch.cumsum(own[:, :-1], 1, out=starts[:, 1:])
+    total = starts[:, -1] + own[:, -1]  # [B, ...]
+    if start is not None:
+        starts += start[:, None]
+        total += start
+    if reverse:
+        starts = starts.flip(1)
+    return starts, total

@@ -24,9 +24,9 @@ chunk to chunk. The pieces are ``tiles.walk``'s (``pre_transform``, ``scores``,
 import tilelang.language as T
 
 from .kernels import exact_state
-from .layout import DK, ROWS
+from .layout import DK
 from .options import DEFAULT_OPTIONS, KernelOptions, Scalars
-from .tiles import ACC, Block, F, walk
+from .tiles import ACC, F, walk
 
 
 def tile_forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
@@ -47,26 +47,15 @@ def tile_forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.Prim
                                                 + seg``
         z:               [BS, H, R] float32     each segment's start z_seg
 
-    The starts are read, never written (``call`` forms the final state from the sums). The
-    state's products are ``kernels.exact_state``'s: ~fp32 in an fp32 kernel (a caller's
-    state), the input dtype's otherwise. Raises ``ValueError`` for what ``tiles.walk``
-    refuses."""
+    The starts are read, never written (``call`` forms the final state from the sums);
+    ``opt.state`` says whether they carry the caller's initial state, and then the state's
+    products are ``kernels.exact_state``'s (~fp32 in the fp32 kernel such a call runs),
+    else the input dtype's (tf32 in fp32), as the walk's own state's. Raises ``ValueError``
+    for what ``tiles.walk`` refuses."""
     m = walk(BV, opt, exact_state(opt))
     dtype, BC, normalize = m.dtype, m.BC, opt.normalize
     B, Tn, H, R, smem = m.B, m.T, m.H, m.R, m.smem
     BS = T.dynamic("BS")
-
-    @T.macro
-    def start_operand(sc, S, z, p, i_s, i_h):
-        """Block p of segment ``i_s``'s start as ``Block(None, z_p, w_p S_p in dtype)``: the
-        state product's operand straight from memory (no fp32 copy of S_p on chip)."""
-        b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
-        b_Sop = T.alloc_shared((ROWS[p], BV), dtype, scope=smem)  # [ROWS[p], BV]
-        for r, e in T.Parallel(ROWS[p], BV):
-            b_Sop[r, e] = T.cast(sc[p] * S[i_s, i_h, m.offsets[p] + r, e], dtype)
-        for r in T.Parallel(ROWS[p]):
-            b_zp[r] = z[i_s, i_h, m.offsets[p] + r]
-        return b_zp, b_Sop
 
     @T.prim_func
     def rebased_tile_forward(
@@ -115,14 +104,7 @@ def tile_forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.Prim
                     b_k32 = T.alloc_shared((BC, DK), ACC, scope=smem)  # [BC, 16] k' unrounded
             if m.has2:
                 b_phi = T.alloc_shared((BC, F), dtype, scope=smem)  # [BC, 256] Q^(2)
-            st = {}  # the segment's start, per present power (tiles.Block)
-            for p in opt.powers:
-                if p == 0 or m.exact_state:  # S_p on chip too (S_0 is added, not multiplied)
-                    b_Sp, b_zp, b_Sop = m.state_block(sc, S, z, p, i_s, i_h, True)
-                    st[p] = Block(b_Sp, b_zp, b_Sop)
-                else:
-                    b_zp, b_Sop = start_operand(sc, S, z, p, i_s, i_h)
-                    st[p] = Block(None, b_zp, b_Sop)
+            st = m.read_state(sc, S, z, i_s, i_h)  # the segment's start (tiles.Block)
 
             if m.uses_x:
                 T.copy(q[i_b, t0 : t0 + BC, i_h, :], b_qr)

@@ -236,6 +236,26 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         return b_Sp, b_zp, b_Sop
 
     @T.macro
+    def read_block(sc, S, z, p, i_b, i_h):
+        """Block p of a stored state read for products only (the tile kernels': they never
+        update it): ``state_block``'s tiles, without the fp32 ``S_p`` on chip unless
+        ``exact_state`` splits its operand or p = 0 (added, not multiplied)."""
+        if p == 0 or exact_state:
+            return state_block(sc, S, z, p, i_b, i_h, True)
+        b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
+        b_Sop = T.alloc_shared((ROWS[p], BV), dtype, scope=smem)  # [ROWS[p], BV] w_p S_p
+        for r, e in T.Parallel(ROWS[p], BV):
+            b_Sop[r, e] = T.cast(sc[p] * S[i_b, i_h, offsets[p] + r, e], dtype)
+        for r in T.Parallel(ROWS[p]):
+            b_zp[r] = z[i_b, i_h, offsets[p] + r]
+        return None, b_zp, b_Sop
+
+    def read_state(sc, S, z, i_b, i_h):
+        """``{p: Block}`` of the stored state at ``S[i_b, i_h]``, ``z[i_b, i_h]`` over the
+        powers present (``read_block``)."""
+        return {p: Block(*read_block(sc, S, z, p, i_b, i_h)) for p in powers}
+
+    @T.macro
     def store_state(S, z, st, i_b, i_h):
         """Every block of the state ``st`` into ``S [B, H, R, BV]``, ``z [B, H, R]``."""
         for p in st:
@@ -383,7 +403,7 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         exact_state=exact_state, tf32_hi=tf32_hi, part=part, state_product=state_product,
         has2=has2, uses_x=has1 or has2, B=B, T=Tn, H=H, feature=feature, similarity=similarity,
         derivative=derivative, causal=causal, mma=mma, row_sum=row_sum, pre_transform=pre_transform,
-        features=features, operand=operand, state_block=state_block,
+        features=features, operand=operand, state_block=state_block, read_state=read_state,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
         state_out=state_out,
         inter_den=inter_den, update=update,
