@@ -77,8 +77,9 @@ CONFIGS: dict[str, dict] = {
 }
 """The configurations timed, by name: the walk forward at segment lengths (``tilelang.split``;
 0 walks a whole sequence per program, "auto" the automatic split) and the tile forward
-(``tilelang.tile``: one program per chunk) at segments of 4 and 8 chunks of 64; the
-backward walks the same segments. Each one's o and gradients are compared with "0"'s."""
+and backward (``tilelang.tile``, ``tile_backward``: one program per chunk) at segments of 4
+and 8 chunks of 64 (the backward's fp32 chunks are 32: 8 and 16 of them). Each one's o and
+gradients are compared with "0"'s."""
 
 
 KERNEL_TABLES = ("0", "auto", "tiles-256")

@@ -65,7 +65,8 @@ def test_gpu_lm_dry_run_trains_both_models_and_times_both_kernels(tmp_path, monk
 def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
     """The TileLang stage (its first GPU check) on the CPU: TileLang's C target, float32; its
     kernels precompiled first (rebased and based, each kind with and without a state: 8 keys
-    each in float32, ``build.compile_classes``, and the tile forward's: 1 each); each length
+    each in float32, ``build.compile_classes``, and the tile kernels': forward, dq, dk/dv with
+    and without a caller's state, 6 each); each length
     timed in every configuration of ``gpu_tilelang.CONFIGS`` (the walk at segment lengths, the
     tile forward), each matching the unsplit walk, with per-kernel tables at the longest."""
     pytest.importorskip("tilelang")
@@ -73,7 +74,7 @@ def test_gpu_check_tilelang_stage_dry_run(tmp_path) -> None:
 
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "tilelang"]) == 0
     log = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert log["tilelang"]["precompile"]["keys"] == 18
+    assert log["tilelang"]["precompile"]["keys"] == 28
     assert log["tilelang"]["precompile"]["failed"] == {}
     rows = log["tilelang"]["oracle"]
     assert len(rows) == 4 and all("error" not in r for r in rows)
