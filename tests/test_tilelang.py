@@ -322,11 +322,11 @@ def test_tile_kernels_match_the_oracle(
 
 
 def test_tile_configuration_is_checked() -> None:
-    """``forward`` is "walk" or "tiles"; the tile forward's segment is a multiple of the
-    chunk (its default four chunks when the configuration gives none or "auto")."""
+    """``forward`` is "walk" or "tiles"; the tile kernels' segment is a multiple of the
+    chunk (256 tokens when the configuration gives none or "auto")."""
     assert build.forward_variant(None) == build.DEFAULT_FORWARD == "walk"
     assert build.forward_variant({"forward": "tiles"}) == "tiles"
-    assert build.tile_segment({"segment": "auto"}, 64) == build.tile_segment(None, 64) == 256
+    assert build.tile_segment({"segment": "auto"}, 64) == build.tile_segment(None, 32) == 256
     assert build.tile_segment({"segment": 96}, 32) == 96
     x = random_inputs(1, 8, 1, 16, 8, torch.float32, "cpu", "x2", requires_grad=False)
     inputs, attn = Inputs(x["q"], x["k"], x["v"]), LinearAttention(PRESETS["x2"], 0.25)

@@ -10,7 +10,10 @@ segments, one program each, from the states a torch scan of their sums gives the
 ``backward.dkv_kernel`` are its backward as two more walks (dq, d gamma_q, d beta_q and the
 per-token 1 / (den + eps) and r in order; dk, dv, d gamma_k, d beta_k and the initial
 state's gradient in reverse, from the final state's cotangent); the pieces of a walk live
-once, in ``tiles``. ``build`` compiles them (CUDA on a GPU, TileLang's C target on the
+once, in ``tiles``. With ``forward="tiles"`` the same pieces run as one program per chunk
+instead (``tile``: the forward from each segment's start; ``tile_backward``: the dq and dk/dv
+programs from each segment's start and end), as triton's ``tiles`` variant, no walk but
+the segments' sums. ``build`` compiles them (CUDA on a GPU, TileLang's C target on the
 CPU) once per compile key (kind, BV = Dv rounded up to a multiple of 16, and
 ``options.KernelOptions``: the powers present, LayerNorm, normaliser, state, dtype,
 tunables), B, T, H, D, the coefficients, scale and eps being read at launch;
@@ -59,9 +62,9 @@ class TileLangBackend(Backend):
     (chunk 32 at 256 threads does not lower in TileLang 0.1.15; fp32 at chunk 64 needs more
     shared memory than Hopper has): the tuner records those as failed. ``segment`` (tokens a
     program walks; 0: a whole sequence) is read at launch (``split``), and so is ``forward``
-    (``build.FORWARDS``: the chunk walk, or ``tile``'s one program per chunk from its
-    segment's start, segments of ``segment`` tokens, four chunks by default; its kernel is
-    compiled only for configurations that ask for it)."""
+    (``build.FORWARDS``: the chunk walks, or ``tile`` / ``tile_backward``'s one program per
+    chunk from its segment's start or end, segments of ``segment`` tokens, 256 by default;
+    their kernels are compiled only for configurations that ask for them)."""
     runtime_tunables: ClassVar[tuple[str, ...]] = ("segment", "forward")
     default_config: ClassVar[dict[str, Any]] = {
         "chunk_size": None,
@@ -73,7 +76,7 @@ class TileLangBackend(Backend):
     """None: the dtype's default (``build.DEFAULT_CONFIG``; ``build.FP32_CONFIG`` for fp32),
     ``split.DEFAULT_SEGMENT`` (no split until a GPU run has checked and timed it; the GPU
     property suite draws segments of 48 tokens, ``test_configs``) and ``build.DEFAULT_FORWARD``
-    (the walk, until a GPU run has checked and timed the tile forward)."""
+    (the walks, until a GPU run has checked and timed the tile kernels)."""
     compiles: ClassVar[bool] = True
     float32_products: ClassVar[str] = "tf32"
     """TileLang's float32 ``T.gemm`` runs on Hopper's tensor cores in tf32 (wgmma has no
@@ -87,9 +90,9 @@ class TileLangBackend(Backend):
 
     def test_configs(self) -> list[dict[str, Any]]:
         """The default configuration, it split into segments of 48 tokens (``split``: the
-        property suite's T <= 160 stays within one automatic segment), and the tile forward
-        in segments of 128 (two chunks of bf16's 64, four of fp32's 32; its backward walks
-        segments of 128): every compiled
+        property suite's T <= 160 stays within one automatic segment), and the tile kernels
+        in segments of 128 (two chunks of bf16's 64, four of the fp32 sweeps' 32): every
+        compiled
         configuration builds ~50 kernels per dtype for the draws (3 (powers, LayerNorm)
         classes x normalize x state x kinds), ~15 s each, a segment length none. The tuner
         checks each configuration it times against the float64 oracle first

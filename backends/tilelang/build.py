@@ -92,15 +92,16 @@ def kernel_dtype(kind: str, dtype: torch.dtype, carried: bool) -> torch.dtype:
 FORWARDS = ("walk", "tiles")
 """How the forward runs (``config["forward"]``): the chunk walk (``kernels.forward_kernel``,
 one program per (batch, head) or segment) or one program per chunk from its segment's start
-(``tile.tile_forward_kernel``; segments of ``config["segment"]`` tokens, ``TILE_SEGMENT_CHUNKS``
-chunks when that is 0, None or "auto"). The backward's sweeps walk either way."""
+(``tile.tile_forward_kernel``, then ``tile_backward``'s kernels; segments of
+``config["segment"]`` tokens, ``TILE_SEGMENT`` when that is 0, None or "auto")."""
 DEFAULT_FORWARD = "walk"
 """The forward where a configuration leaves it None: the walk, until a GPU run has timed the
 tile forward and passed the property suite with it."""
-TILE_SEGMENT_CHUNKS = 4
-"""Chunks per segment of the tile forward by default (triton's ``tiles`` 64 x 4): a chunk
-takes at most this many key chunks quadratically; longer segments cost more pairs, shorter
-ones more state sums."""
+TILE_SEGMENT = 256
+"""Tokens per segment of the tile kernels by default (triton's ``tiles`` 64 x 4; 4 chunks of
+the forward's 64, 8 of the sweeps' 32): a chunk takes at most this many tokens' pairs
+quadratically; longer segments cost more pairs, shorter ones more state sums (~65 KB each
+at Dv = 64, written, scanned and read)."""
 
 
 def forward_variant(config: dict | None) -> str:
@@ -115,15 +116,15 @@ def forward_variant(config: dict | None) -> str:
 
 def tile_segment(config: dict | None, BC: int) -> int:
     """Tokens per segment of the tile forward at chunk length BC: ``config["segment"]`` when it
-    is a positive token count (a multiple of BC), else ``TILE_SEGMENT_CHUNKS * BC``. Raises
-    ``ValueError`` for a count that is not a multiple of BC."""
+    is a positive token count (a multiple of BC), else ``TILE_SEGMENT`` (rounded up to a
+    multiple of BC). Raises ``ValueError`` for a count that is not a multiple of BC."""
     given = (config or {}).get("segment")
     if isinstance(given, int) and not isinstance(given, bool) and given > 0:
         if given % BC:
             raise ValueError(f"tilelang segment {given} of the tile forward is not a multiple "
                              f"of the chunk length {BC}")  # fmt: skip
         return given
-    return TILE_SEGMENT_CHUNKS * BC
+    return -(-TILE_SEGMENT // BC) * BC
 
 
 def default_config(dtype: str) -> dict[str, Any]:
