@@ -284,7 +284,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
         if m.has2:
             for i, f in T.Parallel(BC, F):
                 t.U[i, f] = 0.0
-            m.state_product(sc, st, 2, b_U, b_U_lo, t.U, True)
+            m.state_product(sc, st, 2, b_U, t.U, True, b_U_lo)
             if m.exact_state:  # E is one-hot, exact: hi and lo each summed as they are
                 for i, f in T.Parallel(BC, F):
                     t.phi[i, f] = m.tf32_hi(quad_grad(sc, t, st, b_u, with_z, i, f))
@@ -296,7 +296,7 @@ def _gradient(m: SimpleNamespace) -> SimpleNamespace:
                     t.phi[i, f] = T.cast(quad_grad(sc, t, st, b_u, with_z, i, f), dtype)
             m.mma(t.phi, t.E, t.dx, transpose_B=True)
         if m.has1:
-            m.state_product(sc, st, 1, b_U, b_U_lo, t.dx, True)
+            m.state_product(sc, st, 1, b_U, t.dx, True, b_U_lo)
             if with_z:
                 for i, a in T.Parallel(BC, DK):
                     t.dx[i, a] += one(b_u, i) * sc[1] * st[1].z[a]

@@ -199,16 +199,31 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
             b_Sop[r, e] = T.cast(part(sc[p] * b_Sp[r, e], which), dtype)
 
     @T.macro
-    def state_product(sc, st, p, b_X, b_X_lo, b_out, transpose_B):
+    def x_part(b_x, b_X, p, which):
+        """``b_X = part(x^(p))`` of the rows ``b_x``: the features (p = 2) or x' (p = 1)."""
+        if p == 2:
+            features(b_x, b_X, which)
+        else:
+            for i, a in T.Parallel(BC, DK):
+                b_X[i, a] = part(b_x[i, a], which)
+
+    @T.macro
+    def state_product(sc, st, p, b_X, b_out, transpose_B, b_X_lo=None, b_x=None):
         """``b_out += X (w_p S_p)`` (``transpose_B``: ``X (w_p S_p)^T``) from the operand
-        ``st[p].op``: one product, or with ``exact_state`` three (b_X, b_X_lo: the hi and lo
-        parts of X) with the operand turned to its lo part and back to hi in between."""
+        ``st[p].op``: one product, or with ``exact_state`` three tf32 ones, ``hi(X) hi(S)``,
+        ``hi(X) lo(S)`` (the operand turned to its lo part and back) and ``lo(X) hi(S)``:
+        ``lo(X)`` is ``b_X_lo``, or (``b_x`` given: the rows whose power-p features X are,
+        ``x_part``) ``b_X`` rewritten to it in place."""
         mma(b_X, st[p].op, b_out, transpose_B=transpose_B)
         if exact_state:
-            mma(b_X_lo, st[p].op, b_out, transpose_B=transpose_B)
             operand(sc, st[p].S, st[p].op, p, "lo")
             mma(b_X, st[p].op, b_out, transpose_B=transpose_B)
             operand(sc, st[p].S, st[p].op, p, "hi")
+            if b_x is None:
+                mma(b_X_lo, st[p].op, b_out, transpose_B=transpose_B)
+            else:
+                x_part(b_x, b_X, p, "lo")
+                mma(b_X, st[p].op, b_out, transpose_B=transpose_B)
 
     @T.macro
     def state_block(sc, S, z, p, i_b, i_h, load):
@@ -297,29 +312,14 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
     def state_out(sc, b_x, b_phi, st, b_o, b_xs=None):
         """``b_o [BC, BV] += sum_p X^(p) (w_p S_p)``: the state's part of ``attend`` (the tile
         forward's whole state part, ``tile``); ~fp32 with ``exact_state`` (``attend``)."""
-        if has2 and exact_state:  # hi(phi) takes both parts of S; lo(phi) S's hi part
-            features(b_x, b_phi, "hi")
-            mma(b_phi, st[2].op, b_o)
-            operand(sc, st[2].S, st[2].op, 2, "lo")
-            mma(b_phi, st[2].op, b_o)
-            operand(sc, st[2].S, st[2].op, 2, "hi")
-            features(b_x, b_phi, "lo")
-            mma(b_phi, st[2].op, b_o)
-        elif has2:
-            features(b_x, b_phi)
-            mma(b_phi, st[2].op, b_o)
-        if has1 and exact_state:
-            for i, a in T.Parallel(BC, DK):
-                b_xs[i, a] = tf32_hi(b_x[i, a])
-            mma(b_xs, st[1].op, b_o)
-            operand(sc, st[1].S, st[1].op, 1, "lo")
-            mma(b_xs, st[1].op, b_o)
-            operand(sc, st[1].S, st[1].op, 1, "hi")
-            for i, a in T.Parallel(BC, DK):
-                b_xs[i, a] = b_x[i, a] - tf32_hi(b_x[i, a])
-            mma(b_xs, st[1].op, b_o)
+        if has2:  # (exact_state: phi's tf32 part, then its rest, ``state_product``)
+            x_part(b_x, b_phi, 2, "hi" if exact_state else None)
+            state_product(sc, st, 2, b_phi, b_o, False, None, b_x)
+        if has1 and exact_state:  # (x' split into b_xs: b_x stays whole)
+            x_part(b_x, b_xs, 1, "hi")
+            state_product(sc, st, 1, b_xs, b_o, False, None, b_x)
         elif has1:
-            mma(b_x, st[1].op, b_o)
+            state_product(sc, st, 1, b_x, b_o, False)
         if has0:
             for i, e in T.Parallel(BC, BV):
                 b_o[i, e] += sc[0] * st[0].S[0, e]
