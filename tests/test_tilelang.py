@@ -258,67 +258,45 @@ def test_c_target_gradients_match_the_oracle(
         _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T)
 
 
-SPLIT_CASES = [
-    # feature map, normalize, initial state, final-state cotangents, B, H, D, Dv, chunk,
-    # segment, lengths: whole segments only, segments and a tail, one segment (no split)
-    ("rebased", True, False, False, 2, 2, 16, 32, 16, 32, (96, 77, 20)),
-    ("based", True, True, True, 2, 1, 8, 24, 16, 48, (100,)),
-    ("norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
+SEGMENT_CASES = [
+    # forward, feature map, normalize, initial state, final-state cotangents (None: the
+    # forward alone), B, H, D, Dv, chunk, segment, lengths
+    # the walk (``split``): whole segments only, segments and a tail, one segment (no split)
+    ("walk", "rebased", True, False, False, 2, 2, 16, 32, 16, 32, (96, 77, 20)),
+    ("walk", "based", True, True, True, 2, 1, 8, 24, 16, 48, (100,)),
+    ("walk", "norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
+    # the tile kernels: T within one segment (one chunk, several), whole segments, segments
+    # and a tail, a partial diagonal chunk, one chunk a segment
+    ("tiles", "rebased", True, False, False, 2, 2, 16, 32, 16, 32, (1, 20, 77)),
+    ("tiles", "based", True, True, True, 2, 2, 8, 24, 16, 48, (50, 96)),
+    ("tiles", "norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
+    ("tiles", "affine", False, True, None, 1, 2, 5, 8, 16, 32, (33,)),
+    ("tiles", "lifted_x2", True, False, True, 1, 1, 16, 64, 32, 64, (130,)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "segment", "lengths"),
-    SPLIT_CASES,
-)
-def test_split_sequences_match_the_oracle(
-    name: str, normalize: bool, init: bool, cot: bool, B: int, H: int, D: int, Dv: int,
-    BC: int, segment: int, lengths: tuple[int, ...],
+    ("forward", "name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "segment",
+     "lengths"),
+    SEGMENT_CASES,
+)  # fmt: skip
+def test_segments_match_the_oracle(
+    forward: str, name: str, normalize: bool, init: bool, cot: bool | None, B: int, H: int,
+    D: int, Dv: int, BC: int, segment: int, lengths: tuple[int, ...],
 ) -> None:  # fmt: skip
-    """A sequence walked as segments of ``segment`` tokens, one program each (``split``):
-    o, the final state and every gradient against the float64 oracle, for T of whole
-    segments, segments and a tail, and T within one segment (no split); with an initial
-    state and final-state cotangents (the scans start from them), Based's three blocks,
-    segments shorter than a chunk (48 = 3 chunks, 16 = 1) and normalize=False."""
+    """A sequence cut into segments of ``segment`` tokens, walked one program a segment
+    (``forward`` "walk": ``split``) or run as one program a chunk from its segment's start or
+    end ("tiles": ``tile``, ``tile_backward``): o, the final state and every gradient against
+    the float64 oracle, for T of whole segments, segments and a tail (the tail's start the
+    segments' total), and T within one segment; with initial states and final-state
+    cotangents (the scans start from them), every power set ({2}, {0, 2}, {0, 1, 2}; {0, 1}
+    forward only: the harness has no gradient of its unused beta), segments shorter than a
+    walk's chunk (48 = 3 chunks, 16 = 1), normalize=False, D < 16 and Dv < BV."""
     attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
     for T in lengths:
-        _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T, segment=segment)
-        _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment)
-
-
-TILE_CASES = [
-    # feature map, normalize, initial state, final-state cotangents (None: no backward), B,
-    # H, D, Dv, chunk, segment, lengths: T within one segment (one chunk, several), whole
-    # segments, segments and a tail, a partial diagonal chunk, one chunk a segment
-    ("rebased", True, False, False, 2, 2, 16, 32, 16, 32, (1, 20, 77)),
-    ("based", True, True, True, 2, 2, 8, 24, 16, 48, (50, 96)),
-    ("norm_x2", False, True, True, 1, 3, 8, 17, 16, 16, (40,)),
-    ("affine", False, True, None, 1, 2, 5, 8, 16, 32, (33,)),
-    ("lifted_x2", True, False, True, 1, 1, 16, 64, 32, 64, (130,)),
-]
-
-
-@pytest.mark.parametrize(
-    ("name", "normalize", "init", "cot", "B", "H", "D", "Dv", "BC", "segment", "lengths"),
-    TILE_CASES,
-)
-def test_tile_kernels_match_the_oracle(
-    name: str, normalize: bool, init: bool, cot: bool | None, B: int, H: int, D: int, Dv: int,
-    BC: int, segment: int, lengths: tuple[int, ...],
-) -> None:  # fmt: skip
-    """The tile kernels (``config["forward"] = "tiles"``: one program per chunk from its
-    segment's start or end, ``tile``, ``tile_backward``): o, S, z and every gradient against
-    the float64 oracle for T within one segment, of whole segments, and with a tail (its
-    start the segments' total, its own sum added for the final state); initial states and
-    final-state cotangents (the scans start from them), every power set ({2}, {0, 2},
-    {0, 1, 2}, {0, 1}: forward only, the harness has no gradient of its unused beta),
-    normalize=False, D < 16, Dv < BV."""
-    attn = LinearAttention(MAPS[name], D**-0.5, normalize=normalize)
-    for T in lengths:
-        _check_forward(attn, B, T, H, D, Dv, BC, init, seed=T, segment=segment, forward="tiles")
+        _check_forward(attn, B, T, H, D, Dv, BC, init, T, segment, forward)
         if cot is not None:
-            _check_backward(attn, B, T, H, D, Dv, BC, init, cot, seed=T, segment=segment,
-                            forward="tiles")  # fmt: skip
+            _check_backward(attn, B, T, H, D, Dv, BC, init, cot, T, segment, forward)
 
 
 def test_tile_configuration_is_checked() -> None:
