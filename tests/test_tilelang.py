@@ -299,6 +299,46 @@ def test_segments_match_the_oracle(
             _check_backward(attn, B, T, H, D, Dv, BC, init, cot, T, segment, forward)
 
 
+def test_tile_kernels_copy_no_operand() -> None:
+    """The tile kernels' host side hands q, k, v and dO to the kernels as they are where
+    D = 16, Dv fills its value columns and T is a whole number of segments: no copying op
+    (copy, cat, clone, pad, flip, dtype cast) reads them (at 16k each copy of v would cost
+    ~0.1 ms); what the host copies is the segments' sums (the scans) and the small state
+    maps. (With a tail, its rows are copied for its own state sum: T = 72 fails here.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    copying = {aten.copy_.default, aten.cat.default, aten.clone.default, aten.flip.default,
+               aten._to_copy.default, aten.constant_pad_nd.default}  # fmt: skip
+
+    class Reads(TorchDispatchMode):
+        """The storages every copying op reads."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.read: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in copying:
+                flat = [*args, *(kwargs or {}).values()]
+                flat += [t for a in flat if isinstance(a, (list, tuple)) for t in a]
+                self.read += [t.untyped_storage().data_ptr() for t in flat
+                              if isinstance(t, torch.Tensor)]  # fmt: skip
+            return func(*args, **(kwargs or {}))
+
+    attn = LinearAttention(PRESETS["rebased"], 0.25)
+    x = random_inputs(2, 64, 2, 16, 64, torch.float32, "cpu", "rebased", requires_grad=False)
+    inputs = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAMS))
+    do = torch.randn_like(x["v"])
+    config = {"chunk_size": 16, "forward": "tiles", "segment": 32}
+    with Reads() as reads:
+        out = call.forward(inputs, attn, config)
+        call.backward(inputs, attn, config, Outputs(do, None, None))
+    operands = {t.untyped_storage().data_ptr() for t in (x["q"], x["k"], x["v"], do)}
+    assert reads.read and not operands & set(reads.read)
+    assert out.o.shape == x["v"].shape
+
+
 def test_tile_configuration_is_checked() -> None:
     """``forward`` is "walk" or "tiles"; the tile kernels' segment is a multiple of the
     chunk (256 tokens when the configuration gives none or "auto")."""
