@@ -352,6 +352,9 @@ def test_tile_configuration_is_checked() -> None:
         call.forward(inputs, attn, {"forward": "parallel"})
     with pytest.raises(ValueError, match="not a multiple of the chunk length 32"):
         call.forward(inputs, attn, {"forward": "tiles", "segment": 48})
+    for bad in (-1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="token count"):
+            build.tile_segment({"segment": bad}, 64)
 
 
 @pytest.mark.parametrize(("B", "T", "L"), [(2, 49, 48), (3, 96, 32), (2, 100, 48), (1, 40, 16)])

@@ -115,16 +115,19 @@ def forward_variant(config: dict | None) -> str:
 
 
 def tile_segment(config: dict | None, BC: int) -> int:
-    """Tokens per segment of the tile forward at chunk length BC: ``config["segment"]`` when it
-    is a positive token count (a multiple of BC), else ``TILE_SEGMENT`` (rounded up to a
-    multiple of BC). Raises ``ValueError`` for a count that is not a multiple of BC."""
+    """Tokens per segment of the tile kernels at chunk length BC: ``config["segment"]`` when it
+    is a positive token count (a multiple of BC), ``TILE_SEGMENT`` (rounded up to a multiple
+    of BC) when it is None, 0 or "auto". Raises ``ValueError`` for anything else, as
+    ``split.segment`` does, and for a count that is not a multiple of BC."""
     given = (config or {}).get("segment")
-    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-        if given % BC:
-            raise ValueError(f"tilelang segment {given} of the tile forward is not a multiple "
-                             f"of the chunk length {BC}")  # fmt: skip
-        return given
-    return -(-TILE_SEGMENT // BC) * BC
+    if given is None or given == 0 or given == "auto":
+        return -(-TILE_SEGMENT // BC) * BC
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise ValueError(f"tilelang segment {given!r} is not a token count >= 0 or 'auto'")
+    if given % BC:
+        raise ValueError(f"tilelang segment {given} of the tile kernels is not a multiple of "
+                         f"the chunk length {BC}")  # fmt: skip
+    return given
 
 
 def default_config(dtype: str) -> dict[str, Any]:
