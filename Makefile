@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= auto
 
-.PHONY: demo test lint format clean tilelang-cpu-props gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
+.PHONY: demo test lint format clean tilelang-cpu-props tilelang-lower gpu-check gpu-props gpu-install gpu-ncu gpu-props-beside gpu-tune gpu-mqar gpu-lm bench-compare bench-html
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -112,6 +112,11 @@ gpu-props:
 
 # The TileLang property suite on this machine's CPU: TileLang's C target with the GPU's tf32
 # products emulated (tests/conftest.py), the float32 draws; PROFILE=gpu for 200 a property.
+# Lower every TileLang kernel the GPU property suite builds for sm_90a, on the CPU (~10 min;
+# TILES=1: the tile configuration's alone, ~4 min): what fails here fails the GPU's precompile.
+tilelang-lower: $(STAMP)
+	$(PY) -m rebased_kernels.backends.tilelang.hopper $(if $(TILES),--tiles)
+
 tilelang-cpu-props: $(STAMP)
 	REBASED_KERNELS_TILELANG_ON_CPU=1 REBASED_KERNELS_PROFILE=$(or $(PROFILE),dev) \
 	$(PY) -m pytest -v -rf -p no:cacheprovider tests/test_properties.py -k "tilelang and float32"

@@ -728,6 +728,25 @@ def test_tile_sweeps_lower_to_hopper_tf32(kind: str, dtype: str, splits: int) ->
     assert not _stores("S", src) and not _stores("z", src)
 
 
+@pytest.mark.parametrize(
+    ("kind", "name", "state"), [("tile_dq", "rebased", False), ("tile", "x2", True)]
+)
+def test_tile_kernels_of_few_value_columns_lower_for_sm90a(
+    kind: str, name: str, state: bool
+) -> None:
+    """fp32 tile kernels of Dv <= 16 take 32 value columns (``layout.padded_value_dim``'s
+    ``tiles``) and lower for sm_90a: at 16, the dq kernel's first pass (on both warpgroups)
+    found no warp partition of its ``A v`` product and the forward of ``x2`` with a state failed
+    its thread-sync lowering (TileLang 0.1.15, session 20: ``python -m
+    rebased_kernels.backends.tilelang.hopper`` lowers every kernel of the GPU suite)."""
+    from rebased_kernels.backends.tilelang.hopper import lower
+
+    problem = Problem(LinearAttention(PRESETS[name], 0.25), 16, 16, torch.float32, "cuda")
+    key = build.compile_key(kind, problem, state, {"forward": "tiles"})
+    assert key.BV == 32 and build.compile_key(kind, problem, state, None).BV == 16
+    assert lower(key) is None
+
+
 @pytest.mark.parametrize(("kind", "based"), NVCC_BUILDS)
 def test_hopper_source_compiles_for_sm90a(kind: str, based: bool) -> None:
     """nvcc builds the lowered source for sm_90a: wgmma and TMA in the PTX, no spills."""

@@ -190,13 +190,14 @@ def compile_key(kind: str, problem: Problem, state: bool, config: dict | None,
     reason = unsupported_reason(attn, D, Dv, dtype)
     if reason:
         raise ValueError(f"the tilelang {kind} kernel {reason}")
+    tiles = forward_variant(config) == "tiles"  # (its value columns: padded_value_dim)
     operands = (
         SWEEP_DTYPE if wide else kernel_dtype(kind, dtype, state if carried is None else carried)
     )
     if operands != dtype:  # widened: its own defaults
         dtype, config = operands, None
     opt = options(attn, dtype, problem.device_type, state, config)
-    return CompileKey(kind, padded_value_dim(Dv, dtype.itemsize), opt)
+    return CompileKey(kind, padded_value_dim(Dv, dtype.itemsize, tiles), opt)
 
 
 def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] = (None,),
@@ -207,16 +208,18 @@ def compile_classes(problems: Iterable[Problem], configs: Iterable[dict | None] 
     (``states``), and what a split sequence (``split``) adds: a forward reading a state of
     the call's own segments (the input dtype, not widened) and the state walk on the sweeps'
     operands (the backward's segment sums); a state walk always starts from zero; the tile
-    kernels (``forward_variant`` "tiles" only) always read their segments' states, ``state``
-    saying whether those carry the caller's. Raises ``ValueError`` as ``compile_key``."""
+    kernels (``forward_variant`` "tiles", where they replace the forward and the dq and dk/dv
+    walks; the segments' sums stay) always read their segments' states, ``state`` saying
+    whether those carry the caller's. Raises ``ValueError`` as ``compile_key``."""
     configs, states, kinds = list(configs), list(states), list(kinds)
     keys: dict[CompileKey, None] = {}
     for problem in problems:
         for config in configs:
             for state in states:
                 for kind in kinds:
-                    if kind.startswith("tile") and forward_variant(config) != "tiles":
-                        continue  # the tile kernels: compiled where asked for
+                    tiles = forward_variant(config) == "tiles"
+                    if kind.startswith("tile") != tiles and kind not in ("state", "cotangent"):
+                        continue  # the tile kernels where asked for, else the walks
                     if kind in ("state", "cotangent") and state:
                         continue  # a segment's own sums start from zero
                     keys[compile_key(kind, problem, state, config)] = None

@@ -193,13 +193,14 @@ def _state_in(S, z, attn: LinearAttention, B: int, H: int, D: int, Dv: int, v: t
 
 
 def _operands(
-    x: Inputs, *extra: torch.Tensor, dtype: torch.dtype | None = None
+    x: Inputs, *extra: torch.Tensor, dtype: torch.dtype | None = None, tiles: bool = False
 ) -> list[torch.Tensor]:
     """q, k ``[B, T, H, 16]`` and v (then each of ``extra``, shaped like v) ``[B, T, H, BV]``
     as the kernels take them: in ``dtype`` (v's when None), contiguous, zero in the columns
-    past D and Dv (one copy where a column is padded or a dtype converted, none otherwise)."""
+    past D and Dv (one copy where a column is padded or a dtype converted, none otherwise);
+    ``tiles``: BV as the tile kernels take it (``layout.padded_value_dim``)."""
     dtype = x.v.dtype if dtype is None else dtype
-    BV = padded_value_dim(x.v.shape[-1], dtype.itemsize)
+    BV = padded_value_dim(x.v.shape[-1], dtype.itemsize, tiles)
     qk = [_pad(t.to(dtype), DK).contiguous() for t in (x.q, x.k)]
     return qk + [_pad(t.to(dtype), BV).contiguous() for t in (x.v, *extra)]
 
@@ -226,7 +227,7 @@ def forward(x: Inputs, attn: LinearAttention, config: dict[str, Any] | None = No
     carried = x.S0 is not None
     tiles = forward_variant(config) == "tiles"
     # [B, T, H, 16] twice, [B, T, H, BV]; widened to fp32 when a state is read (kernel_dtype)
-    q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, carried))
+    q, k, v = _operands(x, dtype=kernel_dtype("forward", x.v.dtype, carried), tiles=tiles)
     params, sc = _params(x, attn), scalars(attn, D)
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
     if tiles:
@@ -389,9 +390,10 @@ def backward(
     D, Dv, pre = x.q.shape[-1], x.v.shape[-1], attn.feature_map.pre
     _check(x, attn)
     # [B, T, H, 16] twice, [B, T, H, BV] twice, in the sweeps' dtype (build.kernel_dtype)
-    q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False))
+    tiles = forward_variant(config) == "tiles"
+    q, k, v, do = _operands(x, grads.o, dtype=kernel_dtype("dq", x.v.dtype, False), tiles=tiles)
     params, sc = _params(x, attn), scalars(attn, D)
-    sweeps = _tile_backward if forward_variant(config) == "tiles" else _walk_backward
+    sweeps = _tile_backward if tiles else _walk_backward
     dq, dk, dv, dqw, dqb, dkw, dkb, Sg, zr = sweeps(x, attn, config, grads, q, k, v, do, params,
                                                     sc)  # fmt: skip
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .build import default_config, prim_func
+from .build import CompileKey, default_config, prim_func
 from .options import KernelOptions
 
 BASED = (0, 1, 2)
@@ -85,3 +85,68 @@ def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | N
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         ptx = "\n".join(p.read_text() for p in Path(tmp).glob("*.ptx"))
     return Sm90a(source, shared, result.returncode, result.stdout + result.stderr, ptx)
+
+
+def lower(key: CompileKey) -> str | None:
+    """Lower one compile key's kernel for sm_90a (its ``opt.target`` aside): None, or the
+    error TileLang raised (its layout inference and thread-sync checks run here, so a kernel
+    that lowers is one a GPU's precompile builds, nvcc permitting)."""
+    import tilelang
+    from tilelang import tvm
+
+    from .build import _PARSE_LOCK
+
+    try:
+        with _PARSE_LOCK:
+            func = prim_func(key.kind, key.BV, key.opt)
+        target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+        with target:
+            tilelang.lower(func, target=target)
+    except Exception as error:  # reported with its key
+        return f"{type(error).__name__}: {error}"[:500]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rebased_kernels.backends.tilelang.hopper [--tiles] [--workers N]``: lower
+    every kernel the GPU property suite precompiles (each preset of degree <= 2, normalised
+    or not, bf16 / fp16 / fp32, the backend's test configurations; ``--tiles``: only the
+    tile configuration's) for sm_90a on this machine, and print each key's result; exit 1
+    if any fails."""
+    import argparse
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from rebased_kernels.backend import Problem
+    from rebased_kernels.spec import PRESETS, LinearAttention
+
+    from . import TileLangBackend
+    from .build import compile_classes
+
+    ap = argparse.ArgumentParser(prog="python -m rebased_kernels.backends.tilelang.hopper")
+    ap.add_argument("--tiles", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    be = TileLangBackend()
+    problems = [Problem(LinearAttention(fm, 0.25, normalize), 16, 16, dtype, "cuda")
+                for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                for fm in PRESETS.values() for normalize in (False, True)]  # fmt: skip
+    problems = [p for p in problems if be.unsupported_reason(p) is None]
+    configs = [c for c in be.test_configs() if not args.tiles or c.get("forward") == "tiles"]
+    keys = compile_classes(problems, configs)
+    print(f"{len(keys)} kernels, lowered for sm_90a on {args.workers} threads", flush=True)
+    failed = 0
+    with ThreadPoolExecutor(args.workers) as pool:
+        for key, error in zip(keys, pool.map(lower, keys)):
+            failed += error is not None
+            o = key.opt
+            print(f"{key.kind:9} BV={key.BV:<2} {o.dtype:8} powers={o.powers} norm={o.norm:d} "
+                  f"normalize={o.normalize:d} state={o.state:d} BC={o.BC}: {error or 'ok'}",
+                  flush=True)  # fmt: skip
+    print(f"{len(keys) - failed} lowered, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,11 +37,15 @@ def block_row(idx: tuple[int, ...]) -> int:
     return row
 
 
-def padded_value_dim(Dv: int, itemsize: int) -> int:
+def padded_value_dim(Dv: int, itemsize: int, tiles: bool = False) -> int:
     """``BV``: Dv rounded up to 64 bytes of elements of ``itemsize`` bytes: a multiple of 16
     in fp32, of 32 in bf16 / fp16. Hopper's wgmma takes v (and g, dO) as an MN-major shared
     operand, whose canonical layouts are 64-byte rows: bf16 tiles of 16 or 48 columns fail
     TileLang's sm_90a lowering ("Not a canonical GMMA_MN layout", H200 session 10; the
-    lowering on the CPU fails the same way, ``tests/test_tilelang.py``)."""
-    step = 64 // itemsize
+    lowering on the CPU fails the same way, ``tests/test_tilelang.py``). ``tiles`` (the
+    ``forward="tiles"`` configuration's kernels): a multiple of 32 in fp32 too: the tile dq
+    kernel's first pass runs outside its pipeline on both warpgroups, whose 8 warps cannot
+    share an ``A v`` product of 16 columns ("No valid warp partition", TileLang 0.1.15), and
+    an fp32 tile forward of 16 columns failed its lowering's ThreadSync (session 20)."""
+    step = max(64 // itemsize, 32 if tiles else 0)
     return max(step, -(-Dv // step) * step)
