@@ -47,10 +47,15 @@ def hopper_lowering(
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         lowered = tilelang.lower(func, target=target)
+    return lowered.kernel_source, _shared_bytes(lowered)
+
+
+def _shared_bytes(lowered) -> int:
+    """The dynamic shared memory a lowered kernel's launch asks for (bytes): its device
+    function's ``dyn_shared_memory_buf``."""
     funcs = lowered.device_mod.functions.values()
-    shared = max(int(f.attrs["dyn_shared_memory_buf"]) for f in funcs
-                 if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs)  # fmt: skip
-    return lowered.kernel_source, shared
+    return max(int(f.attrs["dyn_shared_memory_buf"]) for f in funcs
+               if f.attrs is not None and "dyn_shared_memory_buf" in f.attrs)  # fmt: skip
 
 
 def hopper_source(kind: str = "forward", dtype: str = "bfloat16", based: bool = False) -> str:
@@ -90,20 +95,24 @@ def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | N
 def lower(key: CompileKey) -> str | None:
     """Lower one compile key's kernel for sm_90a (its ``opt.target`` aside): None, or the
     error TileLang raised (its layout inference and thread-sync checks run here, so a kernel
-    that lowers is one a GPU's precompile builds, nvcc permitting)."""
+    that lowers is one a GPU's precompile builds, nvcc permitting), or the dynamic shared
+    memory its launch would ask for where that is more than a Hopper block may have."""
     import tilelang
     from tilelang import tvm
 
-    from .build import _PARSE_LOCK
+    from .build import _PARSE_LOCK, MAX_SHARED_BYTES
 
     try:
         with _PARSE_LOCK:
             func = prim_func(key.kind, key.BV, key.opt)
         target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
         with target:
-            tilelang.lower(func, target=target)
+            lowered = tilelang.lower(func, target=target)
     except Exception as error:  # reported with its key
         return f"{type(error).__name__}: {error}"[:500]
+    shared = _shared_bytes(lowered)
+    if shared > MAX_SHARED_BYTES:
+        return f"{shared} bytes of shared memory, more than a Hopper block's {MAX_SHARED_BYTES}"
     return None
 
 
