@@ -270,37 +270,37 @@ def _segment_sums(launch, sp: Split, NS: int, rows: list[torch.Tensor], S: torch
     return S_own, z_own
 
 
-def _tile_segments(x: Inputs, attn: LinearAttention, config: dict | None, kind: str,
-                   state: bool) -> tuple[Split, int, int]:  # fmt: skip
-    """``(split, NS, L)`` of the tile kernels: segments of ``build.tile_segment`` tokens (at
-    the chunk length of kernel ``kind``'s compile key), ``NS = ceil(T / L)`` of them."""
-    B, T = x.q.shape[:2]
-    L = tile_segment(config, compile_key(kind, _problem(x, attn), state, config).opt.BC)
-    return Split(B, T, L), -(-T // L), L
+def _tile_starts(x: Inputs, attn: LinearAttention, config: dict | None, kind: str, q, k, v,
+                 params, sc, S: torch.Tensor, z: torch.Tensor):  # fmt: skip
+    """The segments of tile kernel ``kind`` (``build.tile_segment`` tokens at its compile
+    key's chunk length BC) and their starts: ``(L, ceil(T / BC), (starts, zstarts), (S, z))``,
+    each segment's own state sum (``state_kernel`` on the whole segments, then the tail, on
+    the kernel's operands: the forward's, or the sweeps' fp32 for ``tile_dq``) scanned from
+    the caller's state ``S, z`` (kernel layout; unread when there is none) into
+    ``[B, NS, H, R, BV]`` starts and their total ``[B, H, R, BV]`` (the final state)."""
+    (B, T), carried = q.shape[:2], x.S0 is not None
+    BC = compile_key(kind, _problem(x, attn), carried, config).opt.BC
+    L = tile_segment(config, BC)
+    sp, wide = Split(B, T, L), kind != "tile"
+
+    def launch(rows, S_out, z_out):
+        _kernel("state", x, attn, config, False, carried, wide)(*rows, *params, *sc, rows[2],
+                                                                 S_out, z_out)  # fmt: skip
+
+    own = _segment_sums(launch, sp, -(-T // L), [q, k, v], S, z)
+    (starts, S), (zstarts, z) = (exclusive_scan(t, t0 if carried else None)
+                                 for t, t0 in zip(own, (S, z)))  # fmt: skip
+    return L, -(-T // BC), (starts.flatten(0, 1), zstarts.flatten(0, 1)), (S, z)
 
 
 def _tile_forward(x: Inputs, attn: LinearAttention, config: dict | None, q, k, v, params, sc,
                   S: torch.Tensor, z: torch.Tensor):  # fmt: skip
     """``forward`` with ``config["forward"] = "tiles"`` (``tile``): returns o ``[B, T, H, BV]``
-    and the final state in the kernel's layout. Each segment's own sum (``state_kernel`` on
-    the whole segments, then the tail), a scan into each segment's start
-    ``[B, NS, H, R, BV]`` from the caller's state (``S, z``: in the kernel's layout,
-    ``_state_in``; unread when there is none), whose total is the final state; then one
-    tile program per chunk over the unsplit q, k, v."""
-    carried = x.S0 is not None
-    sp, NS, L = _tile_segments(x, attn, config, "tile", carried)
-
-    def launch(rows, S_out, z_out):
-        _kernel("state", x, attn, config, False, carried)(*rows, *params, *sc, rows[2], S_out,
-                                                           z_out)  # fmt: skip
-
-    own = _segment_sums(launch, sp, NS, [q, k, v], S, z)
-    (starts, S), (zstarts, z) = (exclusive_scan(t, t0 if carried else None)
-                                 for t, t0 in zip(own, (S, z)))  # fmt: skip
+    and the final state in the kernel's layout: the segments' starts (``_tile_starts``), then
+    one tile program per chunk over the unsplit q, k, v."""
+    L, _, starts, (S, z) = _tile_starts(x, attn, config, "tile", q, k, v, params, sc, S, z)
     o = torch.empty_like(v)  # [B, T, H, BV]
-    _kernel("tile", x, attn, config, carried)(
-        q, k, v, *params, *sc, L, o, starts.flatten(0, 1), zstarts.flatten(0, 1)
-    )
+    _kernel("tile", x, attn, config, x.S0 is not None)(q, k, v, *params, *sc, L, o, *starts)
     return o, S, z
 
 
@@ -315,25 +315,16 @@ def _tile_backward(x: Inputs, attn: LinearAttention, config: dict | None, grads:
     each segment's end; the dk/dv programs."""
     (B, T, H, _), dev = q.shape, q.device
     carried, cot = x.S0 is not None, grads.S is not None or grads.z is not None
-    sp, NS, L = _tile_segments(x, attn, config, "tile_dq", carried)
     D, Dv = x.q.shape[-1], x.v.shape[-1]
     S, z = _state_in(x.S0, x.z0, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
+    L, NC, starts, _ = _tile_starts(x, attn, config, "tile_dq", q, k, v, params, sc, S, z)
+    sp = Split(B, T, L)
     new = torch.empty if attn.feature_map.degree >= 1 else torch.zeros  # sim = c0: no dq, dk
-    NC = -(-T // compile_key("tile_dq", _problem(x, attn), carried, config).opt.BC)
     g = {n: new(B * NC, H, DK, dtype=torch.float32, device=dev) for n in PARAM_GRADS}
     inv, r = (torch.empty(B, T, H, dtype=torch.float32, device=dev) for _ in range(2))
-
-    def state(rows, S_out, z_out):
-        _kernel("state", x, attn, config, False, wide=True)(*rows, *params, *sc, rows[2], S_out,
-                                                             z_out)  # fmt: skip
-
-    own = _segment_sums(state, sp, NS, [q, k, v], S, z)
-    starts, zstarts = (exclusive_scan(t, t0 if carried else None)[0]
-                       for t, t0 in zip(own, (S, z)))  # fmt: skip
     dq = new(q.shape, dtype=q.dtype, device=dev)
     _kernel("tile_dq", x, attn, config, carried)(
-        q, k, v, do, *params, *sc, L, starts.flatten(0, 1), zstarts.flatten(0, 1), dq,
-        g["dqw"], g["dqb"], inv, r)  # fmt: skip
+        q, k, v, do, *params, *sc, L, *starts, dq, g["dqw"], g["dqb"], inv, r)  # fmt: skip
 
     Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
 
@@ -344,7 +335,7 @@ def _tile_backward(x: Inputs, attn: LinearAttention, config: dict | None, grads:
         _kernel("cotangent", x, attn, config, False)(*rows[:4], *params, *sc, *rows[4:], S_out,
                                                       z_out, *outs)  # fmt: skip
 
-    own = _segment_sums(cotangent, sp, NS, [q, k, v, do, inv, r], Sg, zr)
+    own = _segment_sums(cotangent, sp, -(-T // L), [q, k, v, do, inv, r], Sg, zr)
     (ends, Sg), (zends, zr) = (exclusive_scan(t, t0 if cot else None, reverse=True)
                                for t, t0 in zip(own, (Sg, zr)))  # fmt: skip
     dk, dv = new(k.shape, dtype=k.dtype, device=dev), torch.empty_like(v)
