@@ -262,7 +262,7 @@ def _segment_sums(launch, sp: Split, NS: int, rows: list[torch.Tensor], S: torch
         launch([sp.body(t) for t in rows], *sums)
         parts.append([t.view(B, sp.n, *t.shape[1:]) for t in sums])
     if sp.rem:
-        own = sp.empty_tail_states(S, z)  # [B, ...]
+        own = torch.empty_like(S), torch.empty_like(z)  # [B, ...]
         launch([sp.tail(t) for t in rows], *own)
         parts.append([t[:, None] for t in own])
     S_own, z_own = (p[0] if len(parts) == 1 else torch.cat(p, 1) for p in zip(*parts))

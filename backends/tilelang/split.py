@@ -96,10 +96,6 @@ class Split:
         return torch.empty((self.B, self.rem, *like.shape[2:]), dtype=like.dtype,
                            device=like.device)  # fmt: skip
 
-    def empty_tail_states(self, S: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """State buffers ``[B, H, R, BV]``, ``[B, H, R]`` for the tail's own sums."""
-        return torch.empty_like(S), torch.empty_like(z)
-
     def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The per-token outputs of the body and / or the tail back as ``[B, T, ...]``."""
         whole = [p.reshape(self.B, -1, *p.shape[2:]) for p in parts]
