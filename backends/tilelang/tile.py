@@ -79,9 +79,7 @@ def tile_forward_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.Prim
         with T.Kernel(T.ceildiv(Tn, BC), H, B, threads=opt.threads) as (i_c, i_h, i_b):
             sc = Scalars(w_0, w_1, w_2, eps, D)
             t0 = i_c * BC
-            seg = t0 // L
-            lo = seg * (L // BC)  # the segment's first chunk
-            i_s = i_b * T.ceildiv(Tn, L) + seg  # its start's row of S, z
+            lo, _, i_s = m.segment(i_b, i_c, L)  # the segment's first chunk, its start's row
             b_v = T.alloc_shared((BC, BV), dtype, scope=smem)  # [BC, BV] V_j
             b_A = T.alloc_shared((BC, BC), dtype, scope=smem)  # [BC, BC] A_cj as an operand
             b_s = T.alloc_fragment((BC, BC), ACC)  # [BC, BC] Q K_j^T, then A_cj

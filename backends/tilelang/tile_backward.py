@@ -94,11 +94,11 @@ def tile_dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
         with T.Kernel(T.ceildiv(Tn, BC), H, B, threads=opt.threads) as (i_c, i_h, i_b):
             sc = Scalars(w_0, w_1, w_2, eps, D)
             t0 = i_c * BC
-            lo = t0 // L * (L // BC)  # the segment's first chunk
+            lo, _, i_s = m.segment(i_b, i_c, L)  # the segment's first chunk, its start's row
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
             b_kr1 = T.alloc_shared((BC, DK), dtype, scope=m.smem)  # [BC, 16] k_j, first pass
             b_v1 = T.alloc_shared((BC, BV), dtype, scope=m.smem)  # [BC, BV] v_j, first pass
-            st = m.read_state(sc, S, z, i_b * T.ceildiv(Tn, L) + t0 // L, i_h)
+            st = m.read_state(sc, S, z, i_s, i_h)
             if m.uses_x:
                 T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
                 m.pre_transform(sc, t.xr, qw, qb, t.x, t.mean, t.rstd, i_h, t0)
@@ -205,10 +205,9 @@ def tile_dkv_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc
         with T.Kernel(T.ceildiv(Tn, BC), H, B, threads=opt.threads) as (i_c, i_h, i_b):
             sc = Scalars(w_0, w_1, w_2, eps, D)
             t0 = i_c * BC
-            # the segment's last chunk (the sequence's, for the last segment)
-            hi = T.min((t0 // L + 1) * (L // BC), T.ceildiv(Tn, BC)) - 1
+            _, hi, i_s = m.segment(i_b, i_c, L)  # the segment's last chunk, its end's row
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
-            st = m.read_state(sc, S, z, i_b * T.ceildiv(Tn, L) + t0 // L, i_h)
+            st = m.read_state(sc, S, z, i_s, i_h)
             if m.uses_x:
                 T.copy(k[i_b, t0 : t0 + BC, i_h, :], t.xr)
                 m.pre_transform(sc, t.xr, kw, kb, t.x, t.mean, t.rstd, i_h, t0)

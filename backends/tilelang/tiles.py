@@ -265,6 +265,19 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
             b_zp[r] = z[i_b, i_h, offsets[p] + r]
         return None, b_zp, b_Sop
 
+    @T.macro
+    def segment(i_b, i_c, L):
+        """Chunk ``i_c``'s segment of L tokens (a multiple of BC; the tile kernels') as
+        per-program scalars computed once: its first chunk ``lo``, its last ``hi`` (the
+        sequence's last for the last segment) and its row ``i_s = i_b ceil(T / L) + seg`` of
+        the stored starts. (As plain expressions TileLang inlined them into every index: the
+        tile forward's PTX held 88 int64 divisions by L, its state read one per element.)"""
+        seg = T.alloc_var("int32", init=i_c * BC // L)
+        lo = T.alloc_var("int32", init=seg * (L // BC))
+        hi = T.alloc_var("int32", init=T.min(lo + L // BC, T.ceildiv(Tn, BC)) - 1)
+        i_s = T.alloc_var("int32", init=i_b * T.ceildiv(Tn, L) + seg)
+        return lo, hi, i_s
+
     def read_state(sc, S, z, i_b, i_h):
         """``{p: Block}`` of the stored state at ``S[i_b, i_h]``, ``z[i_b, i_h]`` over the
         powers present (``read_block``)."""
@@ -405,6 +418,6 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         derivative=derivative, causal=causal, mma=mma, row_sum=row_sum, pre_transform=pre_transform,
         features=features, operand=operand, state_block=state_block, read_state=read_state,
         store_state=store_state, scores=scores, similarities=similarities, attend=attend,
-        state_out=state_out,
+        state_out=state_out, segment=segment,
         inter_den=inter_den, update=update,
     )  # fmt: skip
