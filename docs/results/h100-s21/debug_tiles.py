@@ -11,11 +11,11 @@ import sys
 import traceback
 
 import torch
+from rebased_kernels.backends.tilelang import call
 
 from rebased_kernels import reference
 from rebased_kernels._validate import PARAM_NAMES
 from rebased_kernels.backend import Inputs, Outputs
-from rebased_kernels.backends.tilelang import call
 from rebased_kernels.spec import PRESETS, LinearAttention
 from rebased_kernels.testing import random_inputs, rel_err
 
