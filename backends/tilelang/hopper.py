@@ -9,6 +9,7 @@ installed (ptxas' register and spill report, the PTX).
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -92,6 +93,54 @@ def sm90a(kind: str, dtype: str = "bfloat16", based: bool = False, nvcc: str | N
     return Sm90a(source, shared, result.returncode, result.stdout + result.stderr, ptx)
 
 
+_BUFFER = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\);")
+"""A shared buffer's declaration in a lowered kernel: its name and byte offset."""
+_PIPELINED = re.compile(r"for \(int (\w+) = 0;[^\n]*\{\n\s*mbarrier\[")
+"""A pipelined loop of a lowered kernel (its body starts by waiting on a stage's barrier):
+its variable."""
+_STAGED = (
+    r"\(\((\w+)\*\)(\w+)\)(?:\[|\s*\+\s*)[(\s]*(?:\(int64_t\))?(?:\(\(int\))?\(?"
+    r"({var})\)? & (?:\(int64_t\))?1\)\s*\*\s*(?:\(int64_t\))?(\d+)"
+)
+"""An access to a two-stage buffer of a pipelined loop (variable ``var``): ``((type*)buf)[((var
+& 1) * stride ...`` (element type, buffer, variable, stride in elements)."""
+_BYTES = {"float": 4, "bfloat16_t": 2, "half_t": 2}
+
+
+def staged_buffers(source: str) -> set[tuple[str, int]]:
+    """``(buffer, stage bytes)`` of the tiles a lowered kernel's pipelined loops index by
+    stage."""
+    loops = "|".join(sorted(set(_PIPELINED.findall(source)))) or "(?!)"
+    found = re.findall(_STAGED.format(var=loops), source)
+    return {(name, int(stride) * _BYTES[kind]) for kind, name, _, stride in found if kind in _BYTES}
+
+
+def stage_clashes(source: str) -> list[str]:
+    """The buffers of a lowered kernel that lie inside another's pipeline stages and are used
+    after the warp-specialised split (``warpgroup_reg_dealloc``: the loop's producer and
+    consumers), where the producer's loads or the stage's writes overwrite them: one line
+    each, none when the allocation holds every stage. (TileLang 0.1.15 indexed a tile that
+    two loops shared by stage in the pipelined one but allocated it once: its second stage
+    lay on v's first, session 21.) Two stages (``j & 1``), as ``T.Pipelined`` with
+    ``num_stages=2`` lowers."""
+    offsets = {name: int(at) for name, at in _BUFFER.findall(source)}
+    lines = source.splitlines()
+    split = next((i for i, line in enumerate(lines) if "warpgroup_reg_dealloc" in line), None)
+    if split is None:
+        return []
+    after = "\n".join(lines[split:])
+    clashes = set()
+    for name, stage in staged_buffers(source):
+        if name not in offsets:
+            continue
+        lo, hi = offsets[name], offsets[name] + 2 * stage
+        for other, at in offsets.items():
+            used = re.search(rf"\b{other}\b(?!\s*=\s*\(\(void)", after)
+            if other != name and lo <= at < hi and used:
+                clashes.add(f"{other} (at {at}) lies in {name}'s stages [{lo}, {hi})")
+    return sorted(clashes)
+
+
 def lower(key: CompileKey) -> str | None:
     """Lower one compile key's kernel for sm_90a (its ``opt.target`` aside): None, or the
     error TileLang raised (its layout inference and thread-sync checks run here, so a kernel
@@ -113,7 +162,8 @@ def lower(key: CompileKey) -> str | None:
     shared = _shared_bytes(lowered)
     if shared > MAX_SHARED_BYTES:
         return f"{shared} bytes of shared memory, more than a Hopper block's {MAX_SHARED_BYTES}"
-    return None
+    clashes = stage_clashes(lowered.kernel_source)
+    return "; ".join(clashes) if clashes else None
 
 
 def main(argv: list[str] | None = None) -> int:

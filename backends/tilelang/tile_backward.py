@@ -98,6 +98,7 @@ def tile_dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
             t = Tiles(*bw.tiles())  # (a macro returns a plain tuple)
             b_kr1 = T.alloc_shared((BC, DK), dtype, scope=m.smem)  # [BC, 16] k_j, first pass
             b_v1 = T.alloc_shared((BC, BV), dtype, scope=m.smem)  # [BC, BV] v_j, first pass
+            b_y1 = T.alloc_shared((BC, DK), dtype, scope=m.smem)  # [BC, 16] k'_j, first pass
             st = m.read_state(sc, S, z, i_s, i_h)
             if m.uses_x:
                 T.copy(q[i_b, t0 : t0 + BC, i_h, :], t.xr)
@@ -112,11 +113,13 @@ def tile_dq_kernel(BV: int, opt: KernelOptions = DEFAULT_OPTIONS) -> T.PrimFunc:
                 t.den[i] = 0.0
             if normalize:
                 m.inter_den(sc, t.den, st, t.x, t0)
-            # serial, into k, v tiles of its own: TileLang 0.1.15 stages a pipeline's copy
-            # targets, which no other loop may then use; den's row sums from the shared A (a
-            # warp reduction here came out under a thread condition that split its barrier:
-            # "ThreadSync: hoisting sync out of an if")
-            t1 = t._replace(yr=b_kr1, v=b_v1)
+            # serial, into k, k', v tiles of its own: TileLang 0.1.15 stages a pipeline's
+            # tiles, which no other loop may then use (k' shared with the second pass was
+            # indexed by stage in it but allocated once: its second stage lay on v's first,
+            # and dq went wrong on an H100 wherever a segment held two chunks, session 21);
+            # den's row sums from the shared A (a warp reduction here came out under a thread
+            # condition that split its barrier: "ThreadSync: hoisting sync out of an if")
+            t1 = t._replace(yr=b_kr1, v=b_v1, y=b_y1)
             for j in T.serial(i_c - lo + 1):
                 key_chunk(sc, t1, k, v, kw, kb, i_b, i_h, (lo + j) * BC, lo + j < i_c)
                 if normalize:

@@ -259,8 +259,12 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
             return state_block(sc, S, z, p, i_b, i_h, True)
         b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
         b_Sop = T.alloc_shared((ROWS[p], BV), dtype, scope=smem)  # [ROWS[p], BV] w_p S_p
-        for r, e in T.Parallel(ROWS[p], BV):
-            b_Sop[r, e] = T.cast(sc[p] * S[i_b, i_h, offsets[p] + r, e], dtype)
+        n = min(ROWS[p], 64)
+        b_st = T.alloc_shared((n, BV), ACC, scope=smem)  # [n, BV] fp32 rows in flight
+        for rb in T.serial(ROWS[p] // n):
+            T.copy(S[i_b, i_h, offsets[p] + rb * n : offsets[p] + rb * n + n, :], b_st)
+            for r, e in T.Parallel(n, BV):
+                b_Sop[rb * n + r, e] = T.cast(sc[p] * b_st[r, e], dtype)
         for r in T.Parallel(ROWS[p]):
             b_zp[r] = z[i_b, i_h, offsets[p] + r]
         return None, b_zp, b_Sop

@@ -22,6 +22,7 @@ from rebased_kernels.testing import random_inputs, rel_err
 OUT = sys.argv[1]
 fm = PRESETS["rebased"]
 attn = LinearAttention(fm, 0.25)
+ROUND = sys.argv[2] if len(sys.argv) > 2 else "1"
 log: dict = {"cases": [], "times": []}
 
 
@@ -30,14 +31,16 @@ def dump():
         json.dump(log, f, indent=1)
 
 
-def case(dtype, T, cfg, grads):
+def case(dtype, T, cfg, grads, name="rebased"):
+    fm = PRESETS[name]
+    attn = LinearAttention(fm, 0.25)
     x = random_inputs(2, T, 3, 16, 64, dtype, "cuda", fm, seed=T, requires_grad=False)
     inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
     leaves = {n: t.double().requires_grad_() for n, t in x.items()}
     ref = reference.quadratic(leaves["q"], leaves["k"], leaves["v"], attn,
                               tuple(leaves.get(n) for n in PARAM_NAMES))  # fmt: skip
     o = call.forward(inp, attn, cfg).o
-    row = dict(dtype=str(dtype), T=T, cfg=cfg, err_o=rel_err(o, ref[0]))
+    row = dict(name=name, dtype=str(dtype), T=T, cfg=cfg, err_o=rel_err(o, ref[0]))
     tok = ((o.double() - ref[0]).abs().amax((0, 2, 3)) / ref[0].abs().max()).cpu()  # [T]
     BC = 64 if dtype != torch.float32 else 32
     row["o_chunk_err"] = [round(float(e), 5) for e in tok.view(-1, BC).amax(1)[:24]]
@@ -63,6 +66,13 @@ CASES = [
     (torch.float32, 512, {"forward": "tiles", "segment": 256}, True),
     (torch.float32, 512, {"forward": "tiles", "segment": 32}, False),
 ]
+if ROUND == "2":  # session 21 call 3: after the dq mend, more maps and dtypes
+    CASES = [c for c in CASES if c[3]] + [
+        (torch.float16, 700, {"forward": "tiles", "segment": 256}, True),
+        (torch.bfloat16, 300, {"forward": "tiles", "segment": 128}, True, "based"),
+        (torch.float32, 300, {"forward": "tiles", "segment": 128}, True, "based"),
+        (torch.bfloat16, 333, {"forward": "tiles", "segment": 192}, True, "norm_x2"),
+    ]
 for c in CASES:
     try:
         case(*c)
@@ -74,20 +84,35 @@ for c in CASES:
 B, T, H = 4, 16384, 16
 x = random_inputs(B, T, H, 16, 64, torch.bfloat16, "cuda", fm, requires_grad=False)
 inp = Inputs(x["q"], x["k"], x["v"], *(x.get(n) for n in PARAM_NAMES))
-for cfg in ({"segment": 0}, {"forward": "tiles", "segment": 256},
-            {"forward": "tiles", "segment": 256, "num_stages": 1},
-            {"forward": "tiles", "segment": 128}, {"forward": "tiles", "segment": 64}):  # fmt: skip
+do = Outputs(torch.randn_like(x["v"]), None, None)
+
+
+def ms(fn):
+    for _ in range(2):
+        fn()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    e0.record()
+    for _ in range(5):
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / 5
+
+
+TIMED = [{"segment": 0}, {"forward": "tiles", "segment": 256},
+         {"forward": "tiles", "segment": 256, "num_stages": 1},
+         {"forward": "tiles", "segment": 128}, {"forward": "tiles", "segment": 64}]  # fmt: skip
+if ROUND == "2":
+    TIMED = [{"segment": 0}, {"forward": "tiles", "segment": 256},
+             {"forward": "tiles", "segment": 512}]  # fmt: skip
+for cfg in TIMED:
     try:
-        for _ in range(2):
-            call.forward(inp, attn, cfg)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        e0.record()
-        for _ in range(5):
-            call.forward(inp, attn, cfg)
-        e1.record()
-        torch.cuda.synchronize()
-        log["times"].append(dict(cfg=cfg, fwd_ms=e0.elapsed_time(e1) / 5))
+        log["times"].append(dict(cfg=cfg, fwd_ms=ms(lambda cfg=cfg: call.forward(inp, attn, cfg))))
+        if ROUND == "2":
+            log["times"][-1]["fwd_bwd_ms"] = ms(
+                lambda cfg=cfg: (call.forward(inp, attn, cfg), call.backward(inp, attn, cfg, do))
+            )
     except Exception as exc:
         log["times"].append(dict(cfg=cfg, error=str(exc)[:500]))
     print(log["times"][-1], flush=True)
