@@ -602,6 +602,54 @@ def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("kind", "dtype", "based"),
+    [("forward", "bfloat16", False), ("dq", "float32", False), ("dkv", "float32", False),
+     ("tile", "bfloat16", False), ("tile", "bfloat16", True), ("tile_dq", "float32", False),
+     ("tile_dkv", "float32", False)],
+)  # fmt: skip
+def test_hopper_pipeline_stages_overlap_no_live_tile(kind: str, dtype: str, based: bool) -> None:
+    """Every tile a pipelined loop indexes by stage (the TMA targets and what the compute
+    derives from them per stage) has both its stages to itself among the tiles used after
+    the warp-specialised split (``hopper.stage_clashes``). The C target runs no pipeline, so
+    only the lowering shows this: session 21's H100 found the tile dq's second pass sharing
+    k' with its first, staged but allocated once, dq 0.27 off wherever a segment held two
+    chunks."""
+    from rebased_kernels.backends.tilelang.hopper import stage_clashes, staged_buffers
+
+    src = _hopper_source(kind, dtype, based)
+    staged = dict(staged_buffers(src))
+    assert "b_v" in staged or "b_do" in staged, staged  # the loop's tiles were found
+    assert stage_clashes(src) == []
+
+
+def test_stage_clashes_finds_a_tile_in_another_s_stages() -> None:
+    """``hopper.stage_clashes`` on a lowered loop's shape: k' (``b_y``, 2,048 B a stage)
+    indexed by the pipelined loop's stage with v's tile declared in its second stage
+    (session 21's dq) is one clash; v past both stages, or used only before the split, none."""
+    from rebased_kernels.backends.tilelang.hopper import stage_clashes
+
+    def source(v_at: int, v_after_split: bool) -> str:
+        return "\n".join([
+            "  void* b_y = ((void*)((char*)buf_dyn_shmem + 1024));",
+            f"  void* b_v = ((void*)((char*)buf_dyn_shmem + {v_at}));",
+            "  ((float*)b_v)[threadIdx.x] = 0.0f;",
+            "  if (threadIdx.x < 128) {",
+            "    tl::warpgroup_reg_dealloc<24>();",
+            "  } else {",
+            "    for (int j_6 = 0; j_6 < n; ++j_6) {",
+            "      mbarrier[(j_6 & 1)].wait(((j_6 & 3) >> 1));",
+            "      ((float*)b_y)[((((j_6 & 1) * 512) + threadIdx.x))] = 1.0f;",
+            "      x += ((float*)b_v)[threadIdx.x];" if v_after_split else "",
+            "    }",
+            "  }",
+        ])  # fmt: skip
+
+    assert stage_clashes(source(3072, True)) == ["b_v (at 3072) lies in b_y's stages [1024, 5120)"]
+    assert stage_clashes(source(5120, True)) == []
+    assert stage_clashes(source(3072, False)) == []
+
+
+@pytest.mark.parametrize(
     ("dtype", "tl_dtype", "based", "gemms"),
     [("bfloat16", "kBFloat16", False, 3), ("float16", "kFloat16", False, 3),
      ("bfloat16", "kBFloat16", True, 4)],
