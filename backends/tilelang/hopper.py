@@ -115,27 +115,49 @@ def staged_buffers(source: str) -> set[tuple[str, int]]:
     return {(name, int(stride) * _BYTES[kind]) for kind, name, _, stride in found if kind in _BYTES}
 
 
+_TMA_TARGET = re.compile(r"tl::tma_load\([^;]*?\(\(\w+\*\)(\w+)\)")
+"""A tile a lowered kernel's producer fills by TMA."""
+
+
+def _pipelined_bodies(source: str) -> list[str]:
+    """The bodies of a lowered kernel's pipelined loops (producer's and consumers')."""
+    bodies = []
+    for loop in _PIPELINED.finditer(source):
+        start, depth = source.index("{", loop.start()), 0
+        for end in range(start, len(source)):
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            if depth == 0:
+                bodies.append(source[start:end])
+                break
+    return bodies
+
+
 def stage_clashes(source: str) -> list[str]:
-    """The buffers of a lowered kernel that lie inside another's pipeline stages and are used
-    after the warp-specialised split (``warpgroup_reg_dealloc``: the loop's producer and
-    consumers), where the producer's loads or the stage's writes overwrite them: one line
-    each, none when the allocation holds every stage. (TileLang 0.1.15 indexed a tile that
-    two loops shared by stage in the pipelined one but allocated it once: its second stage
-    lay on v's first, session 21.) Two stages (``j & 1``), as ``T.Pipelined`` with
-    ``num_stages=2`` lowers."""
+    """The tiles of a lowered kernel that lie inside another's pipeline stages while that
+    pipeline may overwrite them: one line each, none when every staged tile's allocation
+    holds its stages. A tile in the stages of a TMA target clashes if it is used after the
+    warp-specialised split (``warpgroup_reg_dealloc``: the producer loads while the
+    consumers run); one in the stages of a tile the consumers write per stage, if it is
+    used inside a pipelined loop. (TileLang 0.1.15 indexed a k' tile that two loops shared
+    by stage in the pipelined one but allocated it once: its second stage lay on v's
+    first, session 21.) Two stages (``j & 1``), as ``T.Pipelined`` with ``num_stages=2``
+    lowers."""
     offsets = {name: int(at) for name, at in _BUFFER.findall(source)}
     lines = source.splitlines()
     split = next((i for i, line in enumerate(lines) if "warpgroup_reg_dealloc" in line), None)
     if split is None:
         return []
     after = "\n".join(lines[split:])
+    in_loops = "\n".join(_pipelined_bodies(source))
+    loaded = set(_TMA_TARGET.findall(source))
     clashes = set()
     for name, stage in staged_buffers(source):
         if name not in offsets:
             continue
         lo, hi = offsets[name], offsets[name] + 2 * stage
+        live = after if name in loaded else in_loops
         for other, at in offsets.items():
-            used = re.search(rf"\b{other}\b(?!\s*=\s*\(\(void)", after)
+            used = re.search(rf"\b{other}\b(?!\s*=\s*\(\(void)", live)
             if other != name and lo <= at < hi and used:
                 clashes.add(f"{other} (at {at}) lies in {name}'s stages [{lo}, {hi})")
     return sorted(clashes)
