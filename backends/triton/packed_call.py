@@ -212,7 +212,8 @@ class PackedCall:
         self.state_warps = int(own.get("state_warps") or self.num_warps)
         self.state_fused = bool(config.get("state_fused"))
         self.segment_half = bool(config.get("segment_half"))
-        self.dq_onepass = bool(config.get("dq_onepass"))
+        onepass = config.get("dq_onepass")  # None: tiles' own (one pass, session 21)
+        self.dq_onepass = self.tiles if onepass is None else bool(onepass)
         if self.dq_onepass and not self.tiles:
             raise ValueError("triton dq_onepass is a tiles configuration key")
         if self.state_fused and self.state_rows != 128:
