@@ -44,6 +44,12 @@ class Block(NamedTuple):
     op: Any  # [ROWS[p], BV] dtype w_p S_p as a T.gemm operand (None for p = 0)
 
 
+STATE_READ_ROWS = 64
+"""Rows of a stored state the tile kernels read at a time (``walk.read_block``): 16 KB of
+fp32 at BV = 64, which the bf16 tile forward's lowering places where its loop's tiles go
+later (99,328 bytes of shared memory either way)."""
+
+
 def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamespace:
     """The constants and macros of one kernel's chunk walk (see the module docstring).
 
@@ -254,12 +260,15 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
     def read_block(sc, S, z, p, i_b, i_h):
         """Block p of a stored state read for products only (the tile kernels': they never
         update it): ``state_block``'s tiles, without the fp32 ``S_p`` on chip unless
-        ``exact_state`` splits its operand or p = 0 (added, not multiplied)."""
+        ``exact_state`` splits its operand or p = 0 (added, not multiplied). ``w_p S_p`` comes
+        through an fp32 tile of ``STATE_READ_ROWS`` rows at a time, a block's loads issued
+        together (read element by element, each load sat in its own guarded branch with its
+        use: 43 serial round trips a thread in the bf16 tile forward, session 21)."""
         if p == 0 or exact_state:
             return state_block(sc, S, z, p, i_b, i_h, True)
         b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
         b_Sop = T.alloc_shared((ROWS[p], BV), dtype, scope=smem)  # [ROWS[p], BV] w_p S_p
-        n = min(ROWS[p], 64)
+        n = min(ROWS[p], STATE_READ_ROWS)
         b_st = T.alloc_shared((n, BV), ACC, scope=smem)  # [n, BV] fp32 rows in flight
         for rb in T.serial(ROWS[p] // n):
             T.copy(S[i_b, i_h, offsets[p] + rb * n : offsets[p] + rb * n + n, :], b_st)
