@@ -743,8 +743,9 @@ def test_tile_forward_lowers_to_hopper_wgmma(kind: str, based: bool, gemms: int)
     """The bf16 tile forward (``tile``): its T.gemm of the input dtype (``Q^(2) (w_2 S_2)``,
     ``A_cj V_j``, and ``q' (w_1 S_1)`` for based) are wgmma call sites with fp32
     accumulators, the scores tf32 ``mma_sync`` as the walk's; the key chunks' k and v arrive
-    by TMA inside the pipelined loop (q once, by the compute threads); it reads its segment's
-    start S, z and writes o, never S or z (the host forms the final state)."""
+    by TMA inside the pipelined loop (q once, by the compute threads), and so does each
+    multiplied block of its segment's start (``read_block``: S_2, and S_1 for based, 64 rows
+    at a time); it reads S, z and writes o, never S or z (the host forms the final state)."""
     src = _hopper_source(kind, "bfloat16", based)
     calls = re.findall(r"tl::wgmma_ss<([^>]*)>", src)
     assert len(calls) == gemms, f"expected {gemms} wgmma_ss call sites, found {len(calls)}"
@@ -752,8 +753,10 @@ def test_tile_forward_lowers_to_hopper_wgmma(kind: str, based: bool, gemms: int)
         assert args.startswith("tl::DataType::kBFloat16, tl::DataType::kBFloat16, "
                                "tl::DataType::kFloat32"), args  # fmt: skip
     assert set(re.findall(r"tl::mma_sync<([^,>]*)", src)) == {"tl::DataType::kTensorFloat32"}
-    assert src.count("tl::tma_load(") == 2
-    assert _loads("S", src) and _loads("z", src) and _stores("o", src)
+    blocks = 2 if based else 1
+    assert src.count("tl::tma_load(S_desc") == blocks
+    assert src.count("tl::tma_load(") == 2 + blocks
+    assert _loads("z", src) and _stores("o", src)
     assert not _stores("S", src) and not _stores("z", src)
 
 
@@ -764,15 +767,17 @@ def test_tile_sweeps_lower_to_hopper_tf32(kind: str, dtype: str, splits: int) ->
     """The tile backward's kernels in the sweeps' fp32 (``build.SWEEP_DTYPE``): every product
     tf32 ``mma_sync``, the cancelling pair products split as the walk's sweeps' (dq: A and
     g once, v in each of its two passes over the key chunks; dk/dv: v once, g per query
-    chunk); k, v (dq) or q, dO (dk/dv) by TMA in the pipelined pass; dq writes 1 / (den +
-    eps) and r, dk/dv reads them; both read their segment's state and never write one."""
+    chunk); k, v (dq) or q, dO (dk/dv) by TMA in the pipelined pass, the state's S_2 by TMA
+    64 rows at a time; dq writes 1 / (den + eps) and r, dk/dv reads them; both read their
+    segment's state and never write one."""
     src = _hopper_source(kind, dtype)
     assert src.count("& (uint)4294959104") == splits  # 0xFFFFE000
     assert set(re.findall(r"tl::mma_sync<([^,>]*)", src)) == {"tl::DataType::kTensorFloat32"}
-    assert "wgmma" not in src and src.count("tl::tma_load(") == 2
+    assert "wgmma" not in src and src.count("tl::tma_load(") == 3
+    assert src.count("tl::tma_load(S_desc") == 1
     assert _stores("inv", src) == _stores("r", src) == (kind == "tile_dq")
     assert _loads("inv", src) == _loads("r", src) == (kind == "tile_dkv")
-    assert _loads("S", src) and _loads("z", src)
+    assert _loads("z", src)
     assert not _stores("S", src) and not _stores("z", src)
 
 

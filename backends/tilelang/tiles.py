@@ -261,9 +261,10 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         """Block p of a stored state read for products only (the tile kernels': they never
         update it): ``state_block``'s tiles, without the fp32 ``S_p`` on chip unless
         ``exact_state`` splits its operand or p = 0 (added, not multiplied). ``w_p S_p`` comes
-        through an fp32 tile of ``STATE_READ_ROWS`` rows at a time, a block's loads issued
-        together (read element by element, each load sat in its own guarded branch with its
-        use: 43 serial round trips a thread in the bf16 tile forward, session 21)."""
+        through an fp32 tile of ``STATE_READ_ROWS`` rows at a time, one TMA load each on
+        Hopper (the C target ignores the hint; read element by element, each load sat in its
+        own guarded branch with its use: 43 serial round trips a thread in the bf16 tile
+        forward, session 21; as a plain ``T.copy`` of 64 rows, 11)."""
         if p == 0 or exact_state:
             return state_block(sc, S, z, p, i_b, i_h, True)
         b_zp = T.alloc_shared((ROWS[p],), ACC, scope=smem)  # [ROWS[p]]
@@ -271,7 +272,11 @@ def walk(BV: int, opt: KernelOptions, exact_state: bool = False) -> SimpleNamesp
         n = min(ROWS[p], STATE_READ_ROWS)
         b_st = T.alloc_shared((n, BV), ACC, scope=smem)  # [n, BV] fp32 rows in flight
         for rb in T.serial(ROWS[p] // n):
-            T.copy(S[i_b, i_h, offsets[p] + rb * n : offsets[p] + rb * n + n, :], b_st)
+            T.copy(
+                S[i_b, i_h, offsets[p] + rb * n : offsets[p] + rb * n + n, :],
+                b_st,
+                annotations={"prefer_instruction": "tma"},
+            )
             for r, e in T.Parallel(n, BV):
                 b_Sop[rb * n + r, e] = T.cast(sc[p] * b_st[r, e], dtype)
         for r in T.Parallel(ROWS[p]):
