@@ -16,6 +16,7 @@ from rebased_kernels.backends.tilelang import call
 from rebased_kernels import reference
 from rebased_kernels._validate import PARAM_NAMES
 from rebased_kernels.backend import Inputs, Outputs
+from rebased_kernels.gpu_profile import kernel_table
 from rebased_kernels.spec import PRESETS, LinearAttention
 from rebased_kernels.testing import random_inputs, rel_err
 
@@ -116,6 +117,10 @@ if ROUND in ("2", "3"):
 for cfg in TIMED:
     try:
         log["times"].append(dict(cfg=cfg, fwd_ms=ms(lambda cfg=cfg: call.forward(inp, attn, cfg))))
+        if ROUND in ("2", "3") and cfg.get("forward") == "tiles":  # where the time goes
+            log["times"][-1]["fwd_kernels"] = kernel_table(
+                lambda cfg=cfg: call.forward(inp, attn, cfg), "cuda", calls=3, top=6
+            )
         if ROUND in ("2", "3"):
             log["times"][-1]["fwd_bwd_ms"] = ms(
                 lambda cfg=cfg: (call.forward(inp, attn, cfg), call.backward(inp, attn, cfg, do))
