@@ -133,7 +133,7 @@ def _pipelined_bodies(source: str) -> list[str]:
 
 
 def stage_clashes(source: str) -> list[str]:
-    """The tiles of a lowered kernel that lie inside another's pipeline stages while that
+    """The tiles of a lowered kernel that begin inside another's pipeline stages while that
     pipeline may overwrite them: one line each, none when every staged tile's allocation
     holds its stages. A tile in the stages of a TMA target clashes if it is used after the
     warp-specialised split (``warpgroup_reg_dealloc``: the producer loads while the
@@ -141,7 +141,8 @@ def stage_clashes(source: str) -> list[str]:
     used inside a pipelined loop. (TileLang 0.1.15 indexed a k' tile that two loops shared
     by stage in the pipelined one but allocated it once: its second stage lay on v's
     first, session 21.) Two stages (``j & 1``), as ``T.Pipelined`` with ``num_stages=2``
-    lowers."""
+    lowers. A tile that begins below a staged one and runs into it is not seen: the source
+    declares offsets, not sizes."""
     offsets = {name: int(at) for name, at in _BUFFER.findall(source)}
     lines = source.splitlines()
     split = next((i for i, line in enumerate(lines) if "warpgroup_reg_dealloc" in line), None)
