@@ -601,6 +601,17 @@ def test_hopper_shared_memory_fits(kind: str, dtype: str) -> None:
     assert 16_384 < shared <= MAX_SHARED_BYTES, shared
 
 
+@pytest.mark.parametrize(("kind", "dtype"), [("cotangent", "float32")])
+def test_cotangent_walk_lowers_for_hopper_writing_only_its_sums(kind: str, dtype: str) -> None:
+    """The cotangent walk (``backward.cotangent_kernel``: the dk/dv sweep without outputs)
+    stores its sums S, z and nothing it takes as an output beside them: the tile backward
+    hands it k and v in dk's and dv's places (``call._tile_backward``)."""
+    src = _hopper_source(kind, dtype)
+    assert _stores("S", src) and _stores("z", src)
+    for name in ("dk", "dv", "dkw", "dkb"):
+        assert not _stores(name, src), name
+
+
 @pytest.mark.parametrize(
     ("kind", "dtype", "based"),
     [("forward", "bfloat16", False), ("dq", "float32", False), ("dkv", "float32", False),

@@ -329,11 +329,13 @@ def _tile_backward(x: Inputs, attn: LinearAttention, config: dict | None, grads:
     Sg, zr = _state_in(grads.S, grads.z, attn, B, H, D, Dv, v)  # [B, H, R, BV], [B, H, R]
 
     def cotangent(rows, S_out, z_out):
-        outs = [torch.empty_like(rows[1]), torch.empty_like(rows[2])] + [
+        # dk, dv, dkw, dkb stay unwritten (cotangent_kernel): k and v stand in for dk and dv
+        # (no buffers of their size allocated for nothing; k's and v's shapes and dtypes)
+        unwritten = [rows[1], rows[2]] + [
             torch.empty(rows[0].shape[0], H, DK, device=dev) for _ in range(2)
-        ]  # unwritten
+        ]
         _kernel("cotangent", x, attn, config, False)(*rows[:4], *params, *sc, *rows[4:], S_out,
-                                                      z_out, *outs)  # fmt: skip
+                                                      z_out, *unwritten)  # fmt: skip
 
     own = _segment_sums(cotangent, sp, -(-T // L), [q, k, v, do, inv, r], Sg, zr)
     (ends, Sg), (zends, zr) = (exclusive_scan(t, t0 if cot else None, reverse=True)
